@@ -1,0 +1,1 @@
+"""The expert library: PEFT adapter folders on disk, SQLite metadata, a FAISS index over descriptions."""

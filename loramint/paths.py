@@ -1,0 +1,96 @@
+"""Where loramint keeps its caches, and the atomic file writes every on-disk artifact goes through."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+
+from loramint.errors import InvalidIdError
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def cache_dir(*parts: str) -> Path:
+    """The user cache dir (override with LORAMINT_CACHE), with `parts` appended and created."""
+    root = Path(os.environ.get("LORAMINT_CACHE") or user_cache_dir("loramint"))
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a safe identifier (letters, digits, '_', '.', '-'; no '..'), else raise."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
+        raise InvalidIdError(
+            f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit, and no '..'"
+        )
+    return value
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a torn write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staging_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; on success it is renamed to `final` in one step.
+
+    `final` must not exist yet (the rename would otherwise merge or fail half-way). On error the
+    temp dir is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

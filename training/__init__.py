@@ -1,0 +1,1 @@
+"""Offline jobs on Lightning: training expert LoRAs, training the generator, evaluation against baselines."""
