@@ -1,0 +1,351 @@
+"""LoRA adapters: weights + config, read and written in stock PEFT format, validated, and applied.
+
+On disk an adapter is a PEFT folder: `adapter_config.json` + `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` ([r, in]) and `.lora_B.weight` ([out, r]). Its effect on a
+linear layer is `y = x @ W.T + scaling * (x @ A.T) @ B.T`, scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from loramint import models
+from loramint.errors import AdapterError, ModelError
+from loramint.paths import atomic_write_bytes
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+MAX_ADAPTER_BYTES = 2 << 30
+
+
+@dataclass
+class AdapterConfig:
+    """What PEFT's LoraConfig records, restricted to what loramint supports (plain LoRA, no bias)."""
+
+    base_model: str
+    """Registry name, HF id or path of the base model (written as `base_model_name_or_path`)."""
+    r: int
+    """Default rank; `rank_pattern` overrides it per module (PEFT semantics)."""
+    alpha: float
+    """`lora_alpha`; scaling = alpha / r."""
+    target_modules: list[str]
+    """Leaf module names, e.g. ["q_proj", "v_proj"]."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r) instead of alpha / r."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise AdapterError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha or self.alpha <= 0:
+            raise AdapterError(f"alpha (lora_alpha) must be positive, got {self.alpha!r}")
+        if not self.target_modules:
+            raise AdapterError("target_modules is empty: name the linear layers the adapter modifies")
+
+    def _pattern_value(self, pattern: dict, module: str, default):
+        for key, value in pattern.items():  # PEFT: a key matches a module path by regex on its tail
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        return default
+
+    def scaling(self, module: str) -> float:
+        r = self._pattern_value(self.rank_pattern, module, self.r)
+        alpha = self._pattern_value(self.alpha_pattern, module, self.alpha)
+        return alpha / (r**0.5 if self.use_rslora else r)
+
+    def to_peft(self, modules: list[str]) -> dict:
+        layers = sorted({int(m.group(1)) for m in map(LAYER_RE.search, modules) if m})
+        all_layers = _all_layers(self.base_model, self.target_modules)
+        subset = bool(layers) and all_layers is not None and layers != all_layers
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": models.hf_id(self.base_model),
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "target_modules": sorted(self.target_modules),
+            "layers_to_transform": layers if subset else None,
+            "layers_pattern": "layers" if subset else None,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "use_rslora": self.use_rslora,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, cfg: dict, modules: list[str], base_model: str | None) -> AdapterConfig:
+        def refuse(what: str) -> AdapterError:
+            return AdapterError(f"unsupported adapter: {what}; loramint handles plain LoRA adapters only")
+
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise refuse(f"peft_type is {cfg.get('peft_type')!r}")
+        if cfg.get("use_dora"):
+            raise refuse("use_dora is true (DoRA)")
+        if cfg.get("bias", "none") != "none":
+            raise refuse(f"bias is {cfg.get('bias')!r} (bias tensors)")
+        if cfg.get("modules_to_save"):
+            raise refuse(f"modules_to_save={cfg['modules_to_save']} (full-weight copies; vLLM rejects them too)")
+        if cfg.get("fan_in_fan_out"):
+            raise refuse("fan_in_fan_out is true (Conv1D/GPT-2 style weights)")
+        for key in ("r", "lora_alpha"):
+            if not isinstance(cfg.get(key), int | float) or isinstance(cfg.get(key), bool):
+                raise AdapterError(f"{CONFIG_FILE}: {key!r} must be a number, got {cfg.get(key)!r}")
+        base = cfg.get("base_model_name_or_path") or base_model
+        if not base:
+            raise AdapterError(f"{CONFIG_FILE} names no base_model_name_or_path; pass the base model explicitly")
+        return cls(
+            base_model=models.canonical_name(base),
+            r=int(cfg["r"]),
+            alpha=float(cfg["lora_alpha"]),
+            target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            rank_pattern=dict(cfg.get("rank_pattern") or {}),
+            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+        )
+
+
+def _all_layers(base_model: str, targets: list[str]) -> list[int] | None:
+    try:
+        shapes = models.linear_shapes(models.canonical_name(base_model))
+    except ModelError:
+        return None
+    found = {int(m.group(1)) for name in shapes if (m := LAYER_RE.search(name)) and name.rsplit(".", 1)[-1] in targets}
+    return sorted(found) or None
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA factors per module: `weights[module path] = (A [r, in], B [out, r])`."""
+
+    config: AdapterConfig
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def random(
+        cls,
+        base_model: str,
+        r: int = 8,
+        target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+        alpha: float | None = None,
+        std: float = 0.02,
+        seed: int = 0,
+        layers: list[int] | None = None,
+    ) -> LoraAdapter:
+        """Random A and B (B non-zero, unlike a fresh PEFT init) so the adapter visibly changes outputs."""
+        gen = torch.Generator().manual_seed(seed)
+        weights = {}
+        for name, (out_f, in_f) in models.linear_shapes(models.canonical_name(base_model)).items():
+            layer = LAYER_RE.search(name)
+            if name.rsplit(".", 1)[-1] not in target_modules or (layers is not None and (not layer or int(layer.group(1)) not in layers)):
+                continue
+            a = torch.randn(r, in_f, generator=gen) * std  # A: [r, in]
+            b = torch.randn(out_f, r, generator=gen) * std  # B: [out, r]
+            weights[name] = (a, b)
+        config = AdapterConfig(models.canonical_name(base_model), r, float(alpha or 2 * r), list(target_modules))
+        adapter = cls(config, weights)
+        adapter.validate()
+        return adapter
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config: AdapterConfig) -> LoraAdapter:
+        """From PEFT-style keys (`...<module>.lora_A[.default].weight`), e.g. `get_peft_model_state_dict`."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        unknown = []
+        for key, tensor in state.items():
+            m = KEY_RE.match(key)
+            if not m:
+                unknown.append(key)
+                continue
+            parts.setdefault(m["module"], {})[m["factor"]] = tensor
+        if unknown:
+            raise AdapterError(
+                f"unexpected tensors {unknown[:3]}{'...' if len(unknown) > 3 else ''}: expected only "
+                "'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' (no bias, no modules_to_save)"
+            )
+        missing = [m for m, p in parts.items() if set(p) != {"A", "B"}]
+        if missing:
+            raise AdapterError(f"modules {missing[:3]} have lora_A without lora_B or the reverse")
+        if not parts:
+            raise AdapterError("adapter holds no LoRA tensors")
+        weights = {m: (p["A"].float().contiguous(), p["B"].float().contiguous()) for m, p in sorted(parts.items())}
+        return cls(config, weights)
+
+    # ---- properties ---------------------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        return list(self.weights)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: a.shape[0] for m, (a, _) in self.weights.items()}
+
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for module, (a, b) in self.weights.items():
+            out[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+            out[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        return out
+
+    def content_hash(self) -> str:
+        """sha256 over the config and every tensor's bytes: equal adapters hash equal."""
+        digest = hashlib.sha256(json.dumps(self.config.to_peft(self.modules), sort_keys=True).encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def delta(self, module: str) -> torch.Tensor:
+        """The dense update ΔW = scaling * B @ A: [out, in]."""
+        a, b = self.weights[module]
+        return self.config.scaling(module) * (b @ a)
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def validate(self, base_model: str | None = None) -> None:
+        """Check shapes against the base model's linear layers and that every value is finite."""
+        base = models.canonical_name(base_model or self.config.base_model)
+        if base_model and models.canonical_name(self.config.base_model) != base:
+            raise AdapterError(
+                f"adapter was made for base model {self.config.base_model!r}, not {base_model!r}"
+            )
+        try:
+            shapes = models.linear_shapes(base)
+        except ModelError as exc:
+            raise AdapterError(f"adapter names an unknown base model {base!r}: {exc}") from exc
+        for module, (a, b) in self.weights.items():
+            if module not in shapes:
+                close = [s for s in shapes if s.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]][:2]
+                raise AdapterError(
+                    f"adapter targets {module!r}, which base model {base!r} does not have"
+                    + (f" (it has e.g. {close})" if close else "")
+                )
+            out_f, in_f = shapes[module]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]"
+                )
+            if a.shape[1] != in_f or b.shape[0] != out_f:
+                raise AdapterError(
+                    f"adapter targets {module} as [out={b.shape[0]}, in={a.shape[1]}], but base model {base!r} "
+                    f"has [out={out_f}, in={in_f}]: was it trained for another base model?"
+                )
+            for name, t in (("lora_A", a), ("lora_B", b)):
+                if not t.is_floating_point():
+                    raise AdapterError(f"{module}.{name} has dtype {t.dtype}; LoRA factors must be floating point")
+                if not torch.isfinite(t).all():
+                    raise AdapterError(f"{module}.{name} contains NaN or infinite values")
+
+    # ---- PEFT folder IO -----------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write a stock PEFT folder (each file replaced atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(directory / WEIGHTS_FILE, save(self.state_dict(), metadata={"format": "pt"}))
+        config = json.dumps(self.config.to_peft(self.modules), indent=2).encode()
+        atomic_write_bytes(directory / CONFIG_FILE, config)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, base_model: str | None = None) -> LoraAdapter:
+        """Read and validate a PEFT LoRA folder; `base_model` (if given) must be the one it was made for."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise AdapterError(f"{directory} is not an adapter folder")
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"{directory} contains pickle-format files {pickles}: loramint never loads pickles; save the "
+                f"adapter as {WEIGHTS_FILE} (safetensors) and remove them"
+            )
+        cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (cfg_path, weights_path):
+            if not path.is_file():
+                raise AdapterError(f"{directory} has no {path.name}: not a PEFT adapter folder")
+        if weights_path.stat().st_size > MAX_ADAPTER_BYTES:
+            raise AdapterError(f"{weights_path} is larger than {MAX_ADAPTER_BYTES >> 20} MiB")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{cfg_path} must hold a JSON object")
+        try:
+            state = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+        modules = sorted({m["module"] for k in state if (m := KEY_RE.match(k))})
+        adapter = cls.from_state_dict(state, AdapterConfig.from_peft(cfg, modules, base_model))
+        adapter.validate(base_model)
+        return adapter
+
+
+# ----------------------------------------------------------------------------------------------------------
+# applying adapters to a torch model
+
+
+def _linear(model: nn.Module, module: str) -> nn.Linear:
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError as exc:
+        raise AdapterError(f"model has no module {module!r}") from exc
+    if not isinstance(layer, nn.Linear):
+        raise AdapterError(f"{module!r} is a {type(layer).__name__}, not nn.Linear")
+    return layer
+
+
+@contextmanager
+def apply_lora(model: nn.Module, adapter: LoraAdapter, scale: float = 1.0) -> Iterator[nn.Module]:
+    """Run `model` with the adapter active (unmerged, via forward hooks); removed on exit."""
+    handles = []
+    try:
+        for module, (a, b) in adapter.weights.items():
+            layer = _linear(model, module)
+            s = scale * adapter.config.scaling(module)
+            a_dev = a.to(layer.weight.device, layer.weight.dtype)  # A: [r, in]
+            b_dev = b.to(layer.weight.device, layer.weight.dtype)  # B: [out, r]
+
+            def hook(_mod, inputs, output, a=a_dev, b=b_dev, s=s):
+                x = inputs[0]  # x: [..., in]
+                return output + (x @ a.T) @ b.T * s  # [..., out]
+
+            handles.append(layer.register_forward_hook(hook))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, adapter: LoraAdapter, scale: float = 1.0) -> None:
+    """Add scale * ΔW into the base weights in place (`scale=-1` undoes it up to float rounding)."""
+    for module in adapter.weights:
+        layer = _linear(model, module)
+        layer.weight += (scale * adapter.delta(module)).to(layer.weight.device, layer.weight.dtype)

@@ -1,0 +1,150 @@
+"""loramint.adapters: PEFT-format round trip, validation errors, application and merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora, merge_lora
+from loramint.errors import AdapterError
+
+
+def _logits(base, text="Add the two numbers: 3 plus 4"):
+    ids = base.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return base.model(**ids).logits
+
+
+def _peft_logits(base, folder, merged: bool):
+    import copy
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(folder))
+    if merged:
+        model = model.merge_and_unload()
+    ids = base.tokenizer("Add the two numbers: 3 plus 4", return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def _check_peft_equivalence(base, adapter, tmp_path):
+    folder = adapter.save(tmp_path / "adapter")
+    before = _logits(base)
+    with apply_lora(base.model, adapter):
+        ours = _logits(base)
+    assert torch.equal(_logits(base), before), "apply_lora must leave the model as it was"
+    assert (ours - before).abs().max() > 1e-4, "the adapter must change the outputs"
+    for merged in (False, True):
+        theirs = _peft_logits(base, folder, merged)
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(r=4, target_modules=("q_proj", "v_proj")),
+        dict(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        dict(r=2, target_modules=("v_proj",), layers=[1]),
+        dict(r=16, alpha=4.0, target_modules=("down_proj",)),
+    ],
+)
+def test_peft_round_trip_tiny(tiny, tmp_path, kwargs):
+    adapter = LoraAdapter.random("tiny-llama", seed=1, std=0.2, **kwargs)
+    _check_peft_equivalence(tiny, adapter, tmp_path)
+    again = LoraAdapter.load(tmp_path / "adapter")
+    assert again.content_hash() == adapter.content_hash()
+    assert again.config.base_model == "tiny-llama"
+
+
+@pytest.mark.e2e
+def test_peft_round_trip_smollm2(smollm2, tmp_path):
+    adapter = LoraAdapter.random("smollm2-135m", r=8, seed=3, std=0.05)
+    _check_peft_equivalence(smollm2, adapter, tmp_path)
+    cfg = json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_written_config_is_vllm_friendly(tmp_path):
+    LoraAdapter.random("tiny-llama", r=4).save(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["modules_to_save"] is None and cfg["bias"] == "none"
+    assert cfg["base_model_name_or_path"] == "loramint/tiny-llama"
+    keys = load_file(tmp_path / WEIGHTS_FILE).keys()
+    assert all(k.startswith("base_model.model.model.layers.") for k in keys)
+
+
+def test_merge_equals_hooks(tiny):
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=5, std=0.2)
+    with apply_lora(tiny.model, adapter):
+        hooked = _logits(tiny)
+    before = _logits(tiny)
+    merge_lora(tiny.model, adapter)
+    try:
+        torch.testing.assert_close(_logits(tiny), hooked, atol=1e-5, rtol=1e-4)
+    finally:
+        merge_lora(tiny.model, adapter, scale=-1.0)
+    torch.testing.assert_close(_logits(tiny), before, atol=1e-5, rtol=1e-4)
+
+
+def _corrupt(folder, edit):
+    state = load_file(folder / WEIGHTS_FILE)
+    edit(state)
+    save_file(state, folder / WEIGHTS_FILE)
+
+
+def _first_a(state):
+    return next(k for k in state if k.endswith("lora_A.weight"))
+
+
+BAD_ADAPTERS = [
+    ("nan", lambda f: _corrupt(f, lambda s: s[_first_a(s)].__setitem__((0, 0), float("nan"))), "NaN"),
+    ("wrong width", lambda f: _corrupt(f, lambda s: s.__setitem__(_first_a(s), torch.zeros(4, 65))), "another base model"),
+    (
+        "unknown module",
+        lambda f: _corrupt(f, lambda s: s.update({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64), "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)})),
+        "does not have",
+    ),
+    ("A without B", lambda f: _corrupt(f, lambda s: s.pop(next(k for k in list(s) if k.endswith("lora_B.weight")))), "without"),
+    ("bias tensor", lambda f: _corrupt(f, lambda s: s.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})), "unexpected tensors"),
+    ("pickle file", lambda f: (f / "adapter_model.bin").write_bytes(b"\x80\x04K\x01."), "pickle"),
+    ("no weights", lambda f: (f / WEIGHTS_FILE).unlink(), "no adapter_model.safetensors"),
+    ("garbage weights", lambda f: (f / WEIGHTS_FILE).write_bytes(b"not safetensors"), "safetensors"),
+    ("bad json", lambda f: (f / CONFIG_FILE).write_text("{"), "not valid JSON"),
+    ("dora", lambda f: _edit_config(f, use_dora=True), "DoRA"),
+    ("modules_to_save", lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
+    ("unknown base", lambda f: _edit_config(f, base_model_name_or_path="/nonexistent/model"), "unknown base model"),
+]
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg.update(changes)
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("name,damage,message", BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
+def test_bad_adapters_are_refused_with_a_clear_error(tmp_path, name, damage, message):
+    folder = LoraAdapter.random("tiny-llama", r=4).save(tmp_path / "a")
+    damage(folder)
+    with pytest.raises(AdapterError, match=message):
+        LoraAdapter.load(folder)
+
+
+def test_wrong_base_model_is_refused(tmp_path):
+    folder = LoraAdapter.random("tiny-llama", r=4).save(tmp_path / "a")
+    with pytest.raises(AdapterError, match="made for base model"):
+        LoraAdapter.load(folder, base_model="smollm2-135m")
+
+
+def test_scaling_follows_peft_patterns():
+    adapter = LoraAdapter.random("tiny-llama", r=4, alpha=8.0)
+    module = "model.layers.0.self_attn.q_proj"
+    assert adapter.config.scaling(module) == 2.0
+    adapter.config.rank_pattern = {"q_proj": 2}
+    assert adapter.config.scaling(module) == 4.0
+    adapter.config.use_rslora = True
+    assert adapter.config.scaling(module) == pytest.approx(8.0 / 2**0.5)
