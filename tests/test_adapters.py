@@ -31,7 +31,7 @@ def _peft_logits(base, folder, merged: bool):
         return model(**ids).logits
 
 
-def _check_peft_equivalence(base, adapter, tmp_path):
+def _check_peft_equivalence(base, adapter, tmp_path, atol=1e-5):
     folder = adapter.save(tmp_path / "adapter")
     before = _logits(base)
     with apply_lora(base.model, adapter):
@@ -40,7 +40,7 @@ def _check_peft_equivalence(base, adapter, tmp_path):
     assert (ours - before).abs().max() > 1e-4, "the adapter must change the outputs"
     for merged in (False, True):
         theirs = _peft_logits(base, folder, merged)
-        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(theirs, ours, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,8 @@ def test_peft_round_trip_tiny(tiny, tmp_path, kwargs):
 @pytest.mark.e2e
 def test_peft_round_trip_smollm2(smollm2, tmp_path):
     adapter = LoraAdapter.random("smollm2-135m", r=8, seed=3, std=0.05)
-    _check_peft_equivalence(smollm2, adapter, tmp_path)
+    # 30 layers of float32 rounding on logits of magnitude ~20: 2e-4 absolute is still float noise
+    _check_peft_equivalence(smollm2, adapter, tmp_path, atol=2e-4)
     cfg = json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())
     assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
