@@ -71,7 +71,9 @@ class Encoder:
     @property
     def name(self) -> str:
         """Stable id of the embedding model (what an index must be built with)."""
-        return self.config.name if not Path(self.config.name).exists() else str(Path(self.config.name).resolve())
+        return (
+            self.config.name if not Path(self.config.name).exists() else str(Path(self.config.name).resolve())
+        )
 
     def encode(self, texts: str | Sequence[str]) -> np.ndarray:
         """[n, dim] float32, each row L2-normalised. Cached texts are not recomputed."""

@@ -106,7 +106,9 @@ class AdapterConfig:
         if cfg.get("bias", "none") != "none":
             raise refuse(f"bias is {cfg.get('bias')!r} (bias tensors)")
         if cfg.get("modules_to_save"):
-            raise refuse(f"modules_to_save={cfg['modules_to_save']} (full-weight copies; vLLM rejects them too)")
+            raise refuse(
+                f"modules_to_save={cfg['modules_to_save']} (full-weight copies; vLLM rejects them too)"
+            )
         if cfg.get("fan_in_fan_out"):
             raise refuse("fan_in_fan_out is true (Conv1D/GPT-2 style weights)")
         for key in ("r", "lora_alpha"):
@@ -114,7 +116,9 @@ class AdapterConfig:
                 raise AdapterError(f"{CONFIG_FILE}: {key!r} must be a number, got {cfg.get(key)!r}")
         base = cfg.get("base_model_name_or_path") or base_model
         if not base:
-            raise AdapterError(f"{CONFIG_FILE} names no base_model_name_or_path; pass the base model explicitly")
+            raise AdapterError(
+                f"{CONFIG_FILE} names no base_model_name_or_path; pass the base model explicitly"
+            )
         return cls(
             base_model=models.canonical_name(base),
             r=int(cfg["r"]),
@@ -131,7 +135,11 @@ def _all_layers(base_model: str, targets: list[str]) -> list[int] | None:
         shapes = models.linear_shapes(models.canonical_name(base_model))
     except ModelError:
         return None
-    found = {int(m.group(1)) for name in shapes if (m := LAYER_RE.search(name)) and name.rsplit(".", 1)[-1] in targets}
+    found = {
+        int(m.group(1))
+        for name in shapes
+        if (m := LAYER_RE.search(name)) and name.rsplit(".", 1)[-1] in targets
+    }
     return sorted(found) or None
 
 
@@ -159,12 +167,16 @@ class LoraAdapter:
         weights = {}
         for name, (out_f, in_f) in models.linear_shapes(models.canonical_name(base_model)).items():
             layer = LAYER_RE.search(name)
-            if name.rsplit(".", 1)[-1] not in target_modules or (layers is not None and (not layer or int(layer.group(1)) not in layers)):
+            if name.rsplit(".", 1)[-1] not in target_modules or (
+                layers is not None and (not layer or int(layer.group(1)) not in layers)
+            ):
                 continue
             a = torch.randn(r, in_f, generator=gen) * std  # A: [r, in]
             b = torch.randn(out_f, r, generator=gen) * std  # B: [out, r]
             weights[name] = (a, b)
-        config = AdapterConfig(models.canonical_name(base_model), r, float(alpha or 2 * r), list(target_modules))
+        config = AdapterConfig(
+            models.canonical_name(base_model), r, float(alpha or 2 * r), list(target_modules)
+        )
         adapter = cls(config, weights)
         adapter.validate()
         return adapter
@@ -190,7 +202,9 @@ class LoraAdapter:
             raise AdapterError(f"modules {missing[:3]} have lora_A without lora_B or the reverse")
         if not parts:
             raise AdapterError("adapter holds no LoRA tensors")
-        weights = {m: (p["A"].float().contiguous(), p["B"].float().contiguous()) for m, p in sorted(parts.items())}
+        weights = {
+            m: (p["A"].float().contiguous(), p["B"].float().contiguous()) for m, p in sorted(parts.items())
+        }
         return cls(config, weights)
 
     # ---- properties ---------------------------------------------------------------------------------------
@@ -259,7 +273,9 @@ class LoraAdapter:
                 )
             for name, t in (("lora_A", a), ("lora_B", b)):
                 if not t.is_floating_point():
-                    raise AdapterError(f"{module}.{name} has dtype {t.dtype}; LoRA factors must be floating point")
+                    raise AdapterError(
+                        f"{module}.{name} has dtype {t.dtype}; LoRA factors must be floating point"
+                    )
                 if not torch.isfinite(t).all():
                     raise AdapterError(f"{module}.{name} contains NaN or infinite values")
 

