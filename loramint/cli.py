@@ -1,0 +1,233 @@
+"""The `loramint` command: each subcommand is a plain typed function (jsonargparse turns it into a CLI)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from loramint.errors import LoramintError
+
+console = Console()
+DEFAULT_LIBRARY = Path("data/library")
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def models_list() -> None:
+    """List the registry's base models (any HF id or local path works too)."""
+    from loramint.models import REGISTRY
+
+    table = Table("name", "hf id (written into adapters)", "what")
+    for spec in REGISTRY.values():
+        table.add_row(spec.name, spec.hf_id, spec.summary)
+    console.print(table)
+
+
+def models_prepare(name: str = "smollm2-135m") -> None:
+    """Download/convert/verify a base model into the cache, then load it once to check it.
+
+    Args:
+        name: registry name, HF id or local path.
+    """
+    import time
+
+    from loramint.models import load_base_model, prepare
+
+    started = time.perf_counter()
+    path = prepare(name)
+    base = load_base_model(name)
+    n = sum(p.numel() for p in base.model.parameters())
+    console.print(f"{base.name}: {n / 1e6:.1f}M parameters, ready in {time.perf_counter() - started:.1f}s ({path or 'built in code'})")
+
+
+# ---- tasks --------------------------------------------------------------------------------------------------
+def tasks_import_bigbench(names: list[str], out: Path, max_examples: int | None = None) -> None:
+    """Import BIG-bench tasks (fetches the bigbench==1.0.0 sdist once) into a task JSONL file.
+
+    Args:
+        names: task selectors: "natural_instructions" (all 61 subtasks), a subtask ("subtask004" or its full
+            name), or a JSON task ("sports_understanding", "arithmetic/2_digit_multiplication").
+        out: JSONL file to write.
+        max_examples: keep at most this many examples per task.
+    """
+    from loramint.bigbench import import_tasks
+    from loramint.tasks import save_tasks
+
+    tasks = import_tasks(names, max_examples=max_examples)
+    save_tasks(tasks, out)
+    table = Table("task", "family", "examples", "metric")
+    for t in tasks:
+        table.add_row(t.name, t.family, str(len(t.examples)), t.metric)
+    console.print(table)
+    console.print(f"wrote {len(tasks)} tasks to {out}")
+
+
+def tasks_list_bigbench(contains: str = "") -> None:
+    """List BIG-bench task names available for import.
+
+    Args:
+        contains: only names containing this text.
+    """
+    from loramint.bigbench import list_tasks
+
+    for name in list_tasks():
+        if contains in name:
+            print(name)
+
+
+# ---- library ------------------------------------------------------------------------------------------------
+def _open(library: Path):
+    from loramint.index import ExpertLibrary
+
+    return ExpertLibrary.open(library)
+
+
+def library_add(
+    adapter: Path,
+    name: str,
+    description: str,
+    family: str = "",
+    id: str | None = None,
+    library: Path = DEFAULT_LIBRARY,
+) -> None:
+    """Validate a PEFT LoRA folder and add it to the library as an expert.
+
+    Args:
+        adapter: PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+        name: human-readable name.
+        description: what the expert does (embedded for retrieval).
+        family: task family, for filtering.
+        id: expert id (default: derived from the name).
+        library: library folder.
+    """
+    with _open(library) as lib:
+        expert = lib.add(adapter, id=id, name=name, description=description, family=family)
+    console.print(f"added {expert.id} ({expert.base_model}, rank {expert.rank}) to {library}")
+
+
+def library_list(library: Path = DEFAULT_LIBRARY, family: str | None = None, limit: int = 50, offset: int = 0) -> None:
+    """List experts.
+
+    Args:
+        library: library folder.
+        family: only this family.
+        limit: at most this many rows.
+        offset: skip this many rows.
+    """
+    with _open(library) as lib:
+        experts = lib.list(family=family, offset=offset, limit=limit)
+        total = len(lib)
+    table = Table("id", "family", "base model", "rank", "description")
+    for e in experts:
+        table.add_row(e.id, e.family, e.base_model, str(e.rank), e.description[:80])
+    console.print(table)
+    console.print(f"{len(experts)} of {total} experts")
+
+
+def library_search(query: str, k: int = 5, library: Path = DEFAULT_LIBRARY, family: str | None = None) -> None:
+    """Find the experts whose descriptions are closest to `query` (cosine of sentence embeddings).
+
+    Args:
+        query: a task description, e.g. "classify the sentiment of a review".
+        k: number of results.
+        library: library folder.
+        family: only this family.
+    """
+    with _open(library) as lib:
+        hits = lib.search(query, k=k, family=family)
+    table = Table("score", "id", "family", "description")
+    for expert, score in hits:
+        table.add_row(f"{score:.3f}", expert.id, expert.family, expert.description[:90])
+    console.print(table)
+
+
+def library_remove(id: str, library: Path = DEFAULT_LIBRARY) -> None:
+    """Remove an expert (its row, its vector and its adapter folder).
+
+    Args:
+        id: expert id.
+        library: library folder.
+    """
+    with _open(library) as lib:
+        lib.remove(id)
+    console.print(f"removed {id}")
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+def train_experts(
+    tasks: Path,
+    library: Path = DEFAULT_LIBRARY,
+    base_model: str = "smollm2-135m",
+    steps: int = 50,
+    rank: int = 8,
+    alpha: float = 16.0,
+    lr: float = 5e-4,
+    batch_size: int = 8,
+    max_length: int = 128,
+    target_modules: list[str] | None = None,
+    only: list[str] | None = None,
+) -> None:
+    """Train one LoRA expert per task and add each to the library (skips experts already built identically).
+
+    Args:
+        tasks: task JSONL file (e.g. from `loramint tasks import-bigbench`).
+        library: library folder.
+        base_model: registry name, HF id or local path.
+        steps: optimizer steps per expert.
+        rank: LoRA rank.
+        alpha: LoRA alpha.
+        lr: learning rate.
+        batch_size: examples per step.
+        max_length: tokens per example.
+        target_modules: linear layers that get a LoRA (default q_proj, v_proj).
+        only: train only these task names.
+    """
+    from loramint.models import load_base_model
+    from loramint.tasks import load_tasks
+    from loramint.training.build import build_library
+    from loramint.training.experts import ExpertTrainConfig
+
+    task_list = [t for t in load_tasks(tasks) if not only or t.name in only]
+    config = ExpertTrainConfig(
+        rank=rank,
+        alpha=alpha,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        target_modules=target_modules or ["q_proj", "v_proj"],
+    )
+    base = load_base_model(base_model)
+    with _open(library) as lib:
+        report = build_library(lib, task_list, base, config)
+        table = Table("expert", "answer NLL before", "after", "train s")
+        for eid in report.trained + report.skipped:
+            m = lib.get(eid).metrics
+            table.add_row(eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}", str(m["train_seconds"]))
+    console.print(table)
+    console.print(f"trained {len(report.trained)}, skipped {len(report.skipped)} (unchanged) in {report.wall_s:.0f}s")
+
+
+COMMANDS = {
+    "models": {"list": models_list, "prepare": models_prepare},
+    "tasks": {"import-bigbench": tasks_import_bigbench, "list-bigbench": tasks_list_bigbench},
+    "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
+    "train-experts": train_experts,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jsonargparse import CLI
+
+    try:
+        CLI(COMMANDS, args=argv, as_positional=True)
+    except LoramintError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""How task examples become model inputs: chat-formatted prompt, answer tokens as the only labels.
+
+The model sees the example's input (with the task's own prefix, if any) and never the task description;
+the description goes to the library and the generator only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from loramint.tasks import Example, Task
+
+IGNORE = -100
+
+
+def prompt_text(tokenizer, task: Task, example: Example) -> str:
+    """Chat-formatted prompt ending where the assistant's answer starts."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": task.prompt(example)}], add_generation_prompt=True, tokenize=False
+    )
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens: the loss is on answer tokens only
+
+
+def encode_example(tokenizer, task: Task, example: Example, max_length: int, answer: str | None = None) -> Encoded:
+    """Tokenise prompt + answer + end-of-turn; truncate the prompt from the left so the answer survives."""
+    prompt = tokenizer(prompt_text(tokenizer, task, example), add_special_tokens=False).input_ids
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    target = tokenizer(answer if answer is not None else example.output, add_special_tokens=False).input_ids
+    target = (target + end)[: max(1, max_length // 2)]
+    prompt = prompt[-(max_length - len(target)) :]
+    return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids/attention_mask/labels, all [B, T]."""
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[row, :n] = torch.tensor(it.input_ids)
+        labels[row, :n] = torch.tensor(it.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per answer token (lower is better)."""
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
+    for start in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        labels = batch["labels"][:, 1:]  # predict token t+1 from position t
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+        keep = labels != IGNORE
+        total -= picked[keep].sum().item()
+        count += int(keep.sum())
+    return total / max(count, 1)
