@@ -29,6 +29,7 @@ run: setup
 	$(BIN)/loramint library search "Rewrite the sentence in other words" --library $(LIBRARY) --k 3
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup

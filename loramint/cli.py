@@ -39,7 +39,9 @@ def models_prepare(name: str = "smollm2-135m") -> None:
     path = prepare(name)
     base = load_base_model(name)
     n = sum(p.numel() for p in base.model.parameters())
-    console.print(f"{base.name}: {n / 1e6:.1f}M parameters, ready in {time.perf_counter() - started:.1f}s ({path or 'built in code'})")
+    console.print(
+        f"{base.name}: {n / 1e6:.1f}M parameters, ready in {time.perf_counter() - started:.1f}s ({path or 'built in code'})"
+    )
 
 
 # ---- tasks --------------------------------------------------------------------------------------------------
@@ -77,6 +79,21 @@ def tasks_list_bigbench(contains: str = "") -> None:
             print(name)
 
 
+def tasks_synthetic(out: Path, n_examples: int = 64, seed: int = 0) -> None:
+    """Write the built-in synthetic suite (6 tiny tasks in 3 families, no download) to a JSONL file.
+
+    Args:
+        out: JSONL file to write.
+        n_examples: examples per task.
+        seed: generator seed.
+    """
+    from loramint.tasks import save_tasks, synthetic_suite
+
+    tasks = synthetic_suite(n_examples=n_examples, seed=seed)
+    save_tasks(tasks, out)
+    console.print(f"wrote {len(tasks)} synthetic tasks to {out}")
+
+
 # ---- library ------------------------------------------------------------------------------------------------
 def _open(library: Path):
     from loramint.index import ExpertLibrary
@@ -107,7 +124,9 @@ def library_add(
     console.print(f"added {expert.id} ({expert.base_model}, rank {expert.rank}) to {library}")
 
 
-def library_list(library: Path = DEFAULT_LIBRARY, family: str | None = None, limit: int = 50, offset: int = 0) -> None:
+def library_list(
+    library: Path = DEFAULT_LIBRARY, family: str | None = None, limit: int = 50, offset: int = 0
+) -> None:
     """List experts.
 
     Args:
@@ -126,7 +145,9 @@ def library_list(library: Path = DEFAULT_LIBRARY, family: str | None = None, lim
     console.print(f"{len(experts)} of {total} experts")
 
 
-def library_search(query: str, k: int = 5, library: Path = DEFAULT_LIBRARY, family: str | None = None) -> None:
+def library_search(
+    query: str, k: int = 5, library: Path = DEFAULT_LIBRARY, family: str | None = None
+) -> None:
     """Find the experts whose descriptions are closest to `query` (cosine of sentence embeddings).
 
     Args:
@@ -205,14 +226,22 @@ def train_experts(
         table = Table("expert", "answer NLL before", "after", "train s")
         for eid in report.trained + report.skipped:
             m = lib.get(eid).metrics
-            table.add_row(eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}", str(m["train_seconds"]))
+            table.add_row(
+                eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}", str(m["train_seconds"])
+            )
     console.print(table)
-    console.print(f"trained {len(report.trained)}, skipped {len(report.skipped)} (unchanged) in {report.wall_s:.0f}s")
+    console.print(
+        f"trained {len(report.trained)}, skipped {len(report.skipped)} (unchanged) in {report.wall_s:.0f}s"
+    )
 
 
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
-    "tasks": {"import-bigbench": tasks_import_bigbench, "list-bigbench": tasks_list_bigbench},
+    "tasks": {
+        "import-bigbench": tasks_import_bigbench,
+        "list-bigbench": tasks_list_bigbench,
+        "synthetic": tasks_synthetic,
+    },
     "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
     "train-experts": train_experts,
 }

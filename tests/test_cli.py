@@ -1,0 +1,60 @@
+"""The `loramint` CLI end to end on tiny-llama and the synthetic suite; every YAML preset parses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loramint.adapters import LoraAdapter
+from loramint.cli import main
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_preset_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-experts", "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "base_model" in capsys.readouterr().out
+
+
+def test_models_list(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "tiny-llama" in out
+
+
+def test_library_round_trip_and_resume(tmp_path, capsys):
+    tasks, library = tmp_path / "tasks.jsonl", tmp_path / "lib"
+    assert main(["tasks", "synthetic", "--out", str(tasks), "--n_examples", "40"]) == 0
+    args = ["train-experts", "--config", "configs/experts/tiny.yaml", "--tasks", str(tasks), "--library", str(library), "--steps", "3"]
+    assert main(args) == 0
+    assert "trained 6, skipped 0" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "trained 0, skipped 6" in capsys.readouterr().out, "an unchanged rerun must skip every expert"
+
+    assert main(["library", "search", "Add two numbers together", "--library", str(library), "--k", "2"]) == 0
+    hits = [line for line in capsys.readouterr().out.splitlines() if "expert-" in line]
+    assert "expert-arith_add" in hits[0]
+
+    folder = LoraAdapter.random("tiny-llama", r=2).save(tmp_path / "upload")
+    assert main(["library", "add", str(folder), "--name", "mine", "--description", "my own expert", "--id", "mine", "--library", str(library)]) == 0
+    assert main(["library", "list", "--library", str(library)]) == 0
+    assert "7 of 7 experts" in capsys.readouterr().out
+    assert main(["library", "remove", "mine", "--library", str(library)]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["library", "remove", "no-such-expert"], "no-such-expert"),
+        (["library", "remove", "../etc"], "invalid"),
+        (["library", "add", "/nonexistent", "--name", "x", "--description", "y"], "not an adapter folder"),
+    ],
+)
+def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    assert main([*argv, "--library", str(tmp_path / "lib")]) == 2
+    assert message in capsys.readouterr().out
