@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/loramint models prepare smollm2-135m
 	$(BIN)/loramint tasks import-bigbench $(DEMO_TASKS) --out $(TASKS) --max_examples 300
-	$(BIN)/loramint train-experts $(TASKS) --library $(LIBRARY) --steps 30
+	$(BIN)/loramint train-experts --config configs/experts/demo.yaml --tasks $(TASKS) --library $(LIBRARY)
 	$(BIN)/loramint library list --library $(LIBRARY)
 	$(BIN)/loramint library search "Answer questions about how long everyday events last" --library $(LIBRARY) --k 3
 	$(BIN)/loramint library search "Is this sentence about sports plausible?" --library $(LIBRARY) --k 3
