@@ -45,7 +45,9 @@ def models_prepare(name: str = "smollm2-135m") -> None:
 
 
 # ---- tasks --------------------------------------------------------------------------------------------------
-def tasks_import_bigbench(names: list[str], out: Path, max_examples: int | None = None) -> None:
+def tasks_import_bigbench(
+    names: list[str], out: Path = Path("data/tasks/tasks.jsonl"), max_examples: int | None = None
+) -> None:
     """Import BIG-bench tasks (fetches the bigbench==1.0.0 sdist once) into a task JSONL file.
 
     Args:
@@ -79,7 +81,7 @@ def tasks_list_bigbench(contains: str = "") -> None:
             print(name)
 
 
-def tasks_synthetic(out: Path, n_examples: int = 64, seed: int = 0) -> None:
+def tasks_synthetic(out: Path = Path("data/tasks/tiny.jsonl"), n_examples: int = 64, seed: int = 0) -> None:
     """Write the built-in synthetic suite (6 tiny tasks in 3 families, no download) to a JSONL file.
 
     Args:
@@ -103,8 +105,8 @@ def _open(library: Path):
 
 def library_add(
     adapter: Path,
-    name: str,
     description: str,
+    name: str | None = None,
     family: str = "",
     id: str | None = None,
     library: Path = DEFAULT_LIBRARY,
@@ -113,14 +115,14 @@ def library_add(
 
     Args:
         adapter: PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
-        name: human-readable name.
         description: what the expert does (embedded for retrieval).
+        name: human-readable name (default: the folder's name).
         family: task family, for filtering.
         id: expert id (default: derived from the name).
         library: library folder.
     """
     with _open(library) as lib:
-        expert = lib.add(adapter, id=id, name=name, description=description, family=family)
+        expert = lib.add(adapter, id=id, name=name or adapter.name, description=description, family=family)
     console.print(f"added {expert.id} ({expert.base_model}, rank {expert.rank}) to {library}")
 
 

@@ -40,7 +40,7 @@ def test_library_round_trip_and_resume(tmp_path, capsys):
     assert "expert-arith_add" in hits[0]
 
     folder = LoraAdapter.random("tiny-llama", r=2).save(tmp_path / "upload")
-    assert main(["library", "add", str(folder), "--name", "mine", "--description", "my own expert", "--id", "mine", "--library", str(library)]) == 0
+    assert main(["library", "add", str(folder), "my own expert", "--name", "mine", "--id", "mine", "--library", str(library)]) == 0
     assert main(["library", "list", "--library", str(library)]) == 0
     assert "7 of 7 experts" in capsys.readouterr().out
     assert main(["library", "remove", "mine", "--library", str(library)]) == 0
@@ -52,7 +52,7 @@ def test_library_round_trip_and_resume(tmp_path, capsys):
     [
         (["library", "remove", "no-such-expert"], "no-such-expert"),
         (["library", "remove", "../etc"], "invalid"),
-        (["library", "add", "/nonexistent", "--name", "x", "--description", "y"], "not an adapter folder"),
+        (["library", "add", "/nonexistent", "an expert"], "not an adapter folder"),
     ],
 )
 def test_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
