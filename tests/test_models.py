@@ -17,7 +17,9 @@ def test_tiny_llama_is_deterministic_and_has_a_real_tokenizer():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     text = "Ünïcode 😀 and 12 + 30 = 42"
     assert tok.decode(tok(text).input_ids) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     c, _ = models.tiny_llama(seed=1)
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loramint import bigbench
-from loramint.errors import InvalidIdError, NotFoundError, TaskError
+from loramint import bigbench, paths
+from loramint.errors import FetchError, InvalidIdError, NotFoundError, TaskError
 from loramint.paths import sha256_file
 from loramint.tasks import Example, Task, load_tasks, save_tasks, synthetic_suite
 
@@ -508,7 +508,7 @@ def test_fetch_sdist_with_pip(tmp_path, monkeypatch, pip_version, pinned_pip):
             (dest / bigbench.SDIST_NAME).write_bytes(fake.read_bytes())
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
+    monkeypatch.setattr(paths.subprocess, "run", fake_pip)
     cache = tmp_path / "cache"
     path = bigbench.fetch_sdist(cache)
     assert path == cache / bigbench.SDIST_NAME and sha256_file(path) == sha256_file(fake)
@@ -535,8 +535,8 @@ def test_fetch_sdist_rejects_a_wrong_checksum(tmp_path, monkeypatch):
         (Path(cmd[cmd.index("-d") + 1]) / bigbench.SDIST_NAME).write_bytes(b"not the sdist")
         return type("Done", (), {"returncode": 0})()
 
-    monkeypatch.setattr(bigbench.subprocess, "run", fake_pip)
-    with pytest.raises(TaskError, match="does not match its pinned sha256"):
+    monkeypatch.setattr(paths.subprocess, "run", fake_pip)
+    with pytest.raises(FetchError, match="does not match its pinned sha256"):
         bigbench.fetch_sdist(tmp_path)
     assert not (tmp_path / bigbench.SDIST_NAME).exists()
 
@@ -544,17 +544,9 @@ def test_fetch_sdist_rejects_a_wrong_checksum(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- end to end
 
 
-def _real_sdist_available() -> bool:
-    if os.environ.get(bigbench.SDIST_ENV):
-        return Path(os.environ[bigbench.SDIST_ENV]).is_file()
-    from loramint.paths import cache_dir
-
-    return (cache_dir("bigbench") / bigbench.SDIST_NAME).is_file()
-
-
 @pytest.mark.e2e
-@pytest.mark.skipif(not _real_sdist_available(), reason="needs the real sdist: set LORAMINT_BIGBENCH_SDIST")
 def test_real_bigbench_import():
+    """Fetches the real sdist (358 MB, once per cache) unless LORAMINT_BIGBENCH_SDIST points at a copy."""
     tasks = bigbench.import_tasks(
         ["subtask004", "sports_understanding", "arithmetic/2_digit_multiplication"], max_examples=300
     )

@@ -9,8 +9,16 @@ from loramint.tasks import synthetic_suite
 from loramint.training.data import IGNORE, collate, encode_example
 from loramint.training.experts import ExpertTrainConfig, train_expert
 
-FAST = ExpertTrainConfig(rank=4, alpha=8.0, steps=30, lr=3e-3, batch_size=8, max_length=64, n_eval=16,
-                         target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+FAST = ExpertTrainConfig(
+    rank=4,
+    alpha=8.0,
+    steps=30,
+    lr=3e-3,
+    batch_size=8,
+    max_length=64,
+    n_eval=16,
+    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +32,10 @@ def test_labels_cover_only_the_answer(tiny, suite):
     enc = encode_example(tiny.tokenizer, task, ex, max_length=64)
     answer_ids = [t for t in enc.labels if t != IGNORE]
     assert tiny.tokenizer.decode(answer_ids) == ex.output + tiny.tokenizer.eos_token
-    assert enc.input_ids[-len(answer_ids):] == answer_ids
-    batch = collate([enc, encode_example(tiny.tokenizer, task, task.examples[1], 64)], tiny.tokenizer.pad_token_id)
+    assert enc.input_ids[-len(answer_ids) :] == answer_ids
+    batch = collate(
+        [enc, encode_example(tiny.tokenizer, task, task.examples[1], 64)], tiny.tokenizer.pad_token_id
+    )
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE)).all()
 

@@ -29,7 +29,9 @@ class Encoded:
     labels: list[int]  # IGNORE on prompt tokens: the loss is on answer tokens only
 
 
-def encode_example(tokenizer, task: Task, example: Example, max_length: int, answer: str | None = None) -> Encoded:
+def encode_example(
+    tokenizer, task: Task, example: Example, max_length: int, answer: str | None = None
+) -> Encoded:
     """Tokenise prompt + answer + end-of-turn; truncate the prompt from the left so the answer survives."""
     prompt = tokenizer(prompt_text(tokenizer, task, example), add_special_tokens=False).input_ids
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -54,15 +56,22 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def answer_nll(model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8) -> float:
+def answer_nll(
+    model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+) -> float:
     """Mean negative log-likelihood per answer token (lower is better)."""
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
     encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
     for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        batch = {
+            k: v.to(device)
+            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits  # [B, T, V]
         labels = batch["labels"][:, 1:]  # predict token t+1 from position t
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]

@@ -69,21 +69,30 @@ class ExpertModule(L.LightningModule):
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
 
 
-def train_expert(base: BaseModel, task: Task, config: ExpertTrainConfig | None = None) -> tuple[LoraAdapter, dict]:
+def train_expert(
+    base: BaseModel, task: Task, config: ExpertTrainConfig | None = None
+) -> tuple[LoraAdapter, dict]:
     """Fit a LoRA on `task`'s training split; metrics hold answer NLL before/after on held-out examples."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     config = config or ExpertTrainConfig()
     train, held_out = task.split(n_eval=min(config.n_eval, len(task.examples) // 2), seed=config.seed)
     if not train:
-        raise ValueError(f"task {task.name!r} has no training examples left after holding out {config.n_eval}")
+        raise ValueError(
+            f"task {task.name!r} has no training examples left after holding out {config.n_eval}"
+        )
     tok = base.tokenizer
     nll_before = answer_nll(base.model, tok, task, held_out, config.max_length)
 
     L.seed_everything(config.seed, verbose=False)
     peft_model = get_peft_model(
         base.model,
-        LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules), lora_dropout=0.0),
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            target_modules=list(config.target_modules),
+            lora_dropout=0.0,
+        ),
     )
     encoded = [encode_example(tok, task, ex, config.max_length) for ex in train]
     loader = DataLoader(
