@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LIBRARY ?= data/library
 TASKS ?= data/tasks/demo.jsonl
 # A few BIG-bench natural-instructions tasks from different families, plus two JSON tasks.
-DEMO_TASKS ?= subtask004 subtask033 subtask041 subtask045 sports_understanding date_understanding
+DEMO_TASKS ?= subtask004,subtask033,subtask041,subtask045,sports_understanding,date_understanding
 
 .PHONY: setup run test lint bench clean
 

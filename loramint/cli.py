@@ -46,12 +46,12 @@ def models_prepare(name: str = "smollm2-135m") -> None:
 
 # ---- tasks --------------------------------------------------------------------------------------------------
 def tasks_import_bigbench(
-    names: list[str], out: Path = Path("data/tasks/tasks.jsonl"), max_examples: int | None = None
+    names: str | list[str], out: Path = Path("data/tasks/tasks.jsonl"), max_examples: int | None = None
 ) -> None:
     """Import BIG-bench tasks (fetches the bigbench==1.0.0 sdist once) into a task JSONL file.
 
     Args:
-        names: task selectors: "natural_instructions" (all 61 subtasks), a subtask ("subtask004" or its full
+        names: comma-separated task selectors (a list in YAML): "natural_instructions" (all 61 subtasks), a subtask ("subtask004" or its full
             name), or a JSON task ("sports_understanding", "arithmetic/2_digit_multiplication").
         out: JSONL file to write.
         max_examples: keep at most this many examples per task.
@@ -59,7 +59,8 @@ def tasks_import_bigbench(
     from loramint.bigbench import import_tasks
     from loramint.tasks import save_tasks
 
-    tasks = import_tasks(names, max_examples=max_examples)
+    selectors = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else names
+    tasks = import_tasks(selectors, max_examples=max_examples)
     save_tasks(tasks, out)
     table = Table("task", "family", "examples", "metric")
     for t in tasks:
@@ -180,7 +181,7 @@ def library_remove(id: str, library: Path = DEFAULT_LIBRARY) -> None:
 
 # ---- training -----------------------------------------------------------------------------------------------
 def train_experts(
-    tasks: Path,
+    tasks: Path = Path("data/tasks/tasks.jsonl"),
     library: Path = DEFAULT_LIBRARY,
     base_model: str = "smollm2-135m",
     steps: int = 50,

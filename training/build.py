@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from rich.progress import Progress
+from tqdm.auto import tqdm
 
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
@@ -44,13 +44,12 @@ def build_library(
     config = config or ExpertTrainConfig()
     report = BuildReport()
     started = time.perf_counter()
-    with Progress() as progress:
-        overall = progress.add_task("experts", total=len(tasks))
+    with tqdm(total=len(tasks), desc="experts", unit="expert") as overall:
         for task in tasks:
             eid, chash = expert_id(task), config_hash(task, base, config)
             if eid in library and library.get(eid).metrics.get("config_hash") == chash:
                 report.skipped.append(eid)
-                progress.advance(overall)
+                overall.update()
                 continue
             t0 = time.perf_counter()
             adapter, metrics = train_expert(base, task, config)
@@ -66,6 +65,6 @@ def build_library(
             )
             report.trained.append(eid)
             report.seconds[eid] = round(time.perf_counter() - t0, 2)
-            progress.advance(overall)
+            overall.update()
     report.wall_s = round(time.perf_counter() - started, 2)
     return report

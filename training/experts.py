@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from loramint.adapters import AdapterConfig, LoraAdapter
@@ -110,6 +111,8 @@ def train_expert(
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=True,
+        # tqdm, not rich: a rich bar cannot nest inside the overall per-expert bar of a library build
+        callbacks=[TQDMProgressBar(leave=False)],
         num_sanity_val_steps=0,
     )
     started = time.perf_counter()
