@@ -10,7 +10,8 @@ from rich.table import Table
 
 from loramint.errors import LoramintError
 
-console = Console()
+# Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 DEFAULT_LIBRARY = Path("data/library")
 
 

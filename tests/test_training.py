@@ -16,7 +16,7 @@ FAST = ExpertTrainConfig(
     lr=3e-3,
     batch_size=8,
     max_length=64,
-    n_eval=16,
+    n_metric_eval=16,
     target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
 )
 
@@ -54,3 +54,24 @@ def test_trained_expert_lowers_its_task_loss_and_leaves_the_base_alone(tiny, sui
 def test_bad_training_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ExpertTrainConfig(**{field: value})
+
+
+def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, suite, monkeypatch):
+    from loramint.training import data, experts
+
+    seen_inputs = []
+    original = experts.encode_example
+
+    def spy(tok, task, ex, max_length, answer=None):
+        seen_inputs.append((task.name, ex.input))
+        return original(tok, task, ex, max_length, answer)
+
+    monkeypatch.setattr(experts, "encode_example", spy)
+    tasks = suite[2:4]
+    adapter, metrics = experts.train_lora(tiny, tasks, FAST)
+    assert metrics["tasks"] == [t.name for t in tasks]
+    assert metrics["answer_nll_after"] < metrics["answer_nll_before"] - 0.1
+    assert {name for name, _ in seen_inputs} == {t.name for t in tasks}
+    for task in tasks:
+        held_out = {ex.input for ex in data.eval_split(task)[1]}
+        assert not held_out & {inp for name, inp in seen_inputs if name == task.name}

@@ -14,6 +14,13 @@ import torch
 from loramint.tasks import Example, Task
 
 IGNORE = -100
+EVAL_SIZE = 200
+"""Examples per task held out for evaluation (half the task when it has fewer than 2 * EVAL_SIZE)."""
+
+
+def eval_split(task: Task, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples. Every job uses this one split: experts never train on evaluation examples."""
+    return task.split(n_eval=min(EVAL_SIZE, len(task.examples) // 2), seed=seed)
 
 
 def prompt_text(tokenizer, task: Task, example: Example) -> str:

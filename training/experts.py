@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.models import BaseModel
 from loramint.tasks import Task
-from loramint.training.data import answer_nll, collate, encode_example
+from loramint.training.data import answer_nll, collate, encode_example, eval_split
 
 
 @dataclass
@@ -32,8 +33,8 @@ class ExpertTrainConfig:
     batch_size: int = 8
     max_length: int = 128
     """Tokens per example (prompt truncated from the left, answer kept)."""
-    n_eval: int = 16
-    """Held-out examples for the before/after answer NLL stored in the expert's metrics."""
+    n_metric_eval: int = 32
+    """Examples of the task's evaluation split scored before/after training for the expert's metrics."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,7 +45,7 @@ class ExpertTrainConfig:
             "lr": self.lr > 0,
             "batch_size": self.batch_size >= 1,
             "max_length": self.max_length >= 8,
-            "n_eval": self.n_eval >= 1,
+            "n_metric_eval": self.n_metric_eval >= 1,
             "target_modules": bool(self.target_modules),
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -73,18 +74,39 @@ class ExpertModule(L.LightningModule):
 def train_expert(
     base: BaseModel, task: Task, config: ExpertTrainConfig | None = None
 ) -> tuple[LoraAdapter, dict]:
-    """Fit a LoRA on `task`'s training split; metrics hold answer NLL before/after on held-out examples."""
+    """Fit a LoRA on one task's training split (see `eval_split`)."""
+    return train_lora(base, [task], config)
+
+
+def train_lora(
+    base: BaseModel, tasks: Sequence[Task], config: ExpertTrainConfig | None = None
+) -> tuple[LoraAdapter, dict]:
+    """Fit one LoRA on the training splits of `tasks` (several tasks: a multi-task LoRA).
+
+    Metrics hold the mean answer NLL before/after on the first `n_metric_eval` evaluation examples of each
+    task; evaluation examples are never trained on.
+    """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     config = config or ExpertTrainConfig()
-    train, held_out = task.split(n_eval=min(config.n_eval, len(task.examples) // 2), seed=config.seed)
-    if not train:
-        raise ValueError(
-            f"task {task.name!r} has no training examples left after holding out {config.n_eval}"
-        )
+    if not tasks:
+        raise ValueError("train_lora needs at least one task")
+    splits = [(task, *eval_split(task, seed=config.seed)) for task in tasks]
     tok = base.tokenizer
-    nll_before = answer_nll(base.model, tok, task, held_out, config.max_length)
+    encoded = [encode_example(tok, task, ex, config.max_length) for task, train, _ in splits for ex in train]
+    if not encoded:
+        raise ValueError(
+            f"tasks {[t.name for t in tasks]} have no training examples outside their evaluation split"
+        )
 
+    def held_out_nll(model) -> float:
+        scores = [
+            answer_nll(model, tok, task, ev[: config.n_metric_eval], config.max_length)
+            for task, _, ev in splits
+        ]
+        return sum(scores) / len(scores)
+
+    nll_before = held_out_nll(base.model)
     L.seed_everything(config.seed, verbose=False)
     peft_model = get_peft_model(
         base.model,
@@ -95,7 +117,6 @@ def train_expert(
             lora_dropout=0.0,
         ),
     )
-    encoded = [encode_example(tok, task, ex, config.max_length) for ex in train]
     loader = DataLoader(
         encoded,
         batch_size=config.batch_size,
@@ -121,7 +142,7 @@ def train_expert(
         trainer.fit(ExpertModule(peft_model, config.lr), train_dataloaders=loader)
         seconds = time.perf_counter() - started
         peft_model.eval()
-        nll_after = answer_nll(peft_model, tok, task, held_out, config.max_length)
+        nll_after = held_out_nll(peft_model)
         state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         state = {k: v.detach().cpu() for k, v in state.items()}
     finally:
@@ -134,8 +155,8 @@ def train_expert(
         "answer_nll_before": round(nll_before, 5),
         "answer_nll_after": round(nll_after, 5),
         "train_seconds": round(seconds, 2),
-        "train_examples": len(train),
-        "eval_examples": len(held_out),
+        "train_examples": len(encoded),
+        "tasks": [t.name for t in tasks],
         "config": asdict(config),
     }
     return adapter, metrics
