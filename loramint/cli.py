@@ -98,17 +98,17 @@ def tasks_synthetic(out: Path = Path("data/tasks/tiny.jsonl"), n_examples: int =
     console.print(f"wrote {len(tasks)} synthetic tasks to {out}")
 
 
-def suite_prepare(config: Path, force_split: bool = False) -> None:
+def suite_prepare(suite_file: Path, force_split: bool = False) -> None:
     """Import a suite's tasks (if missing) and fix its seen/unseen split file (written once, then enforced).
 
     Args:
-        config: suite YAML, e.g. configs/suites/ni-family.yaml.
+        suite_file: suite YAML, e.g. configs/suites/ni-family.yaml.
         force_split: rewrite the split file even if it disagrees (only for a new study: experts and the
             generator trained on the old split become invalid).
     """
     from loramint.training.suites import SuiteConfig, prepare_suite
 
-    suite = prepare_suite(SuiteConfig.from_yaml(config), force_split=force_split)
+    suite = prepare_suite(SuiteConfig.from_yaml(suite_file), force_split=force_split)
     console.print(f"suite {suite.name}: {len(suite.seen)} seen, {len(suite.unseen)} unseen tasks ({suite.tasks_file})")
     console.print("unseen: " + ", ".join(suite.unseen))
 
