@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Main job: a library round trip on the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2).
 run: setup
-	$(BIN)/loramint models prepare smollm2-135m
+	$(BIN)/loramint models prepare --name smollm2-135m
 	$(BIN)/loramint tasks import-bigbench $(DEMO_TASKS) --out $(TASKS) --max_examples 300
 	$(BIN)/loramint train-experts --config configs/experts/demo.yaml --tasks $(TASKS) --library $(LIBRARY)
 	$(BIN)/loramint library list --library $(LIBRARY)
