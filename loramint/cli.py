@@ -254,6 +254,104 @@ def train_experts(
     )
 
 
+def evaluate(
+    suite: Path | None = None,
+    tasks: Path | None = None,
+    seen: list[str] | None = None,
+    unseen: list[str] | None = None,
+    splits: list[str] | None = None,
+    library: Path = DEFAULT_LIBRARY,
+    base_model: str = "smollm2-135m",
+    methods: list[str] | None = None,
+    out: Path = Path("benchmarks/results"),
+    n_generate: int = 32,
+    max_new_tokens: int = 32,
+    max_length: int = 512,
+    batch_size: int = 8,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    top_k: int = 3,
+    topk_weights: str = "similarity",
+    tau: float = 0.1,
+    train_config: Path | None = None,
+    multitask_steps: int | None = None,
+    multitask_dir: Path = Path("data/eval/multitask"),
+    oracle_library: Path = Path("data/eval/oracle-library"),
+) -> None:
+    """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
+
+    Args:
+        suite: suite YAML (configs/suites/) naming the tasks file and the seen/unseen split; or give tasks + names.
+        tasks: task JSONL file (when no suite is given).
+        seen: task names with experts in the library (default: every task not in `unseen`).
+        unseen: held-out task names (default: every task not in `seen`).
+        splits: task sets to score, each to its own files: unseen and/or seen (default: unseen).
+        library: expert library of the seen tasks.
+        base_model: registry name, HF id or local path.
+        methods: method names (default: base, base+description, top1, topk, uniform, multitask, oracle).
+        out: output folder.
+        n_generate: free-text tasks: greedy answers generated for this many evaluation examples (0: none).
+        max_new_tokens: longest generated answer.
+        max_length: tokens per scored sequence (prompt cut from the left).
+        batch_size: sequences per forward pass.
+        n_bootstrap: bootstrap resamples per confidence interval.
+        seed: bootstrap seed.
+        cache_dir: folder keeping each task's per-example scores, so a rerun scores only what changed.
+        top_k: experts mixed by `topk`.
+        topk_weights: `similarity` (cosines normalised to sum 1) or `softmax` (softmax(cos / tau)).
+        tau: softmax temperature.
+        train_config: experts YAML (configs/experts/) whose training settings the oracle and multi-task LoRAs
+            use (default: the config the library's experts recorded).
+        multitask_steps: steps of the multi-task LoRA (default: n_seen * the experts' steps, the library's budget).
+        multitask_dir: PEFT folder caching the multi-task LoRA.
+        oracle_library: expert library caching the oracle LoRAs.
+    """
+    from loramint.models import load_base_model
+    from loramint.training import evaluate as harness
+    from loramint.training.methods import MethodConfig, train_config_from_yaml
+
+    by_name, names = harness.select_tasks(suite, tasks, seen, unseen)
+    splits = splits or ["unseen"]
+    if bad := [s for s in splits if s not in names]:
+        raise LoramintError(f"splits must be 'seen' and/or 'unseen', got {bad}")
+    scoring = harness.ScoringConfig(
+        max_length=max_length,
+        batch_size=batch_size,
+        n_generate=n_generate,
+        max_new_tokens=max_new_tokens,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        cache_dir=cache_dir,
+    )
+    options = MethodConfig(
+        top_k=top_k,
+        topk_weights=topk_weights,
+        tau=tau,
+        train=train_config_from_yaml(train_config) if train_config else None,
+        multitask_steps=multitask_steps,
+        multitask_dir=multitask_dir,
+        oracle_library=oracle_library,
+    )
+    base = load_base_model(base_model)
+    with _open(library) as lib:
+        for split in splits:
+            result = harness.evaluate(
+                base,
+                [by_name[n] for n in names[split]],
+                methods or harness.ALL_METHODS,
+                library=lib,
+                seen=[by_name[n] for n in names["seen"]],
+                scoring=scoring,
+                method_config=options,
+                out=out,
+                split=split,
+                extra_config={"suite": suite and str(suite), "tasks_file": tasks and str(tasks)},
+            )
+            console.print(harness.markdown(result))
+    console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
+
+
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
     "tasks": {
@@ -264,6 +362,7 @@ COMMANDS = {
     "suite": {"prepare": suite_prepare},
     "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
     "train-experts": train_experts,
+    "eval": evaluate,
 }
 
 

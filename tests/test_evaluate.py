@@ -1,0 +1,416 @@
+"""loramint.training.evaluate/methods/metrics: answer metrics against hand-computed values, bootstrap CIs,
+multiple-choice scoring, mixtures equal to the weighted sum of deltas, and every baseline end to end on a
+tiny library (4 seen synthetic tasks, 2 unseen)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loramint.adapters import LoraAdapter, apply_lora
+from loramint.cli import main
+from loramint.index import ExpertLibrary
+from loramint.tasks import Example, Task, save_tasks, synthetic_suite
+from loramint.training import data, methods
+from loramint.training.build import build_library
+from loramint.training.evaluate import (
+    ALL_METHODS,
+    ScoringConfig,
+    answer_logprobs,
+    evaluate,
+    generate_answers,
+    score_task,
+)
+from loramint.training.experts import ExpertTrainConfig
+from loramint.training.methods import Intervention, MethodConfig, MethodContext, apply_mixture, build_methods
+from loramint.training.metrics import (
+    bootstrap_ci,
+    bootstrap_task_means,
+    exact_match,
+    hierarchical_ci,
+    lcs_length,
+    rouge_l,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+UNSEEN = ["arith_double", "classify_parity"]  # one free-text, one multiple-choice task
+FAST = ExpertTrainConfig(
+    rank=4,
+    alpha=8.0,
+    steps=20,
+    lr=3e-3,
+    batch_size=8,
+    max_length=64,
+    n_metric_eval=8,
+    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+)
+SCORING = ScoringConfig(max_length=64, batch_size=16, n_generate=8, max_new_tokens=6, n_bootstrap=200)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread, and does not slow to a crawl when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- answer metrics --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prediction,targets,expected",
+    [
+        ("the cat sat on the mat", ["the cat is on the mat"], 5 / 6),  # LCS 5 of 6 and 6 words
+        ("a b c d", ["a c"], 2 * 0.5 * 1.0 / 1.5),  # LCS 2: precision 2/4, recall 2/2
+        ("x y z", ["z y x"], 1 / 3),  # order matters: LCS 1
+        ("Hello, World!", ["hello world"], 1.0),  # lowercased, punctuation is not a word
+        ("red apple", ["green pear", "red apple pie"], 0.8),  # best target: precision 1, recall 2/3
+        ("", ["anything"], 0.0),
+        ("completely different", ["nothing shared"], 0.0),
+    ],
+)
+def test_rouge_l_matches_hand_computed_f1(prediction, targets, expected):
+    assert rouge_l(prediction, targets) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "prediction,targets,expected",
+    [
+        ("The Cat.", ["cat"], 1.0),  # case, punctuation and articles are normalised away
+        ("  an apple ", ["apple"], 1.0),
+        ("cats", ["cat"], 0.0),
+        ("yes", ["no", "Yes!"], 1.0),  # any acceptable target
+        ("blue sky", ["sky blue"], 0.0),
+    ],
+)
+def test_exact_match_normalises(prediction, targets, expected):
+    assert exact_match(prediction, targets) == expected
+
+
+def test_lcs_length_classic_case():
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+    assert lcs_length([], list("abc")) == 0
+
+
+# ---- bootstrap -------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_contains_the_mean_and_narrows_with_more_data():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (20, 200, 2000):
+        values = rng.normal(1.0, 1.0, size=n)
+        ci = bootstrap_ci(values, n_resamples=500, seed=0)
+        assert ci["mean"] == pytest.approx(values.mean())
+        assert ci["ci_low"] < ci["mean"] < ci["ci_high"]
+        widths.append(ci["ci_high"] - ci["ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+    assert bootstrap_ci(values, 500, seed=3) == bootstrap_ci(values, 500, seed=3)  # seeded
+
+
+def test_hierarchical_and_paired_intervals():
+    rng = np.random.default_rng(1)
+    tasks = [rng.normal(mu, 1.0, size=n) for mu, n in ((1.0, 50), (3.0, 80))]
+    ci = hierarchical_ci(tasks, n_resamples=500)
+    assert ci["mean"] == pytest.approx((tasks[0].mean() + tasks[1].mean()) / 2)
+    assert ci["ci_low"] < ci["mean"] < ci["ci_high"]
+    # Same sizes and seed -> same resampled examples: a method compared with a copy of itself is exactly 0.
+    assert np.array_equal(bootstrap_task_means(tasks, 100, seed=5), bootstrap_task_means(tasks, 100, seed=5))
+    # Pairing removes the between-example spread: a consistent small gain is significant when paired,
+    # though each method's own interval is much wider than the gain.
+    better = [t - 0.1 + rng.normal(0, 0.01, size=t.size) for t in tasks]
+    gain = hierarchical_ci([b - m for b, m in zip(tasks, better, strict=True)], n_resamples=500)
+    assert 0 < gain["ci_low"] < gain["mean"] < gain["ci_high"] < 0.12
+    assert hierarchical_ci(better, n_resamples=500)["ci_high"] > ci["ci_low"]
+
+
+# ---- scoring on the tiny model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return {t.name: t for t in synthetic_suite(n_examples=48)}
+
+
+def test_answer_logprobs_agree_with_the_training_nll(tiny, suite):
+    task = suite["arith_add"]
+    examples = data.eval_split(task)[1][:5]
+    sums, counts = answer_logprobs(tiny, task, [(ex, None) for ex in examples], max_length=64, batch_size=3)
+    for ex, s, n in zip(examples, sums, counts, strict=True):  # the reference: full logits, one example
+        assert -s / n == pytest.approx(data.answer_nll(tiny.model, tiny.tokenizer, task, [ex], 64), rel=1e-4)
+
+
+@pytest.mark.parametrize("boosted", [0, 1])
+def test_multiple_choice_picks_the_choice_the_model_is_biased_to(tiny, boosted):
+    choices = ["zebra", "apple"]
+    examples = [Example(f"item {i}", choices=choices, answer=i % 2) for i in range(12)]
+    task = Task("mc_probe", "Pick one.", "probe", examples, prefix="Input: ", output_prefix="\nOutput: ")
+    first = tiny.tokenizer(choices[boosted], add_special_tokens=False).input_ids[0]
+
+    def bias(_module, _inputs, logits):
+        logits[..., first] += 30.0  # every position now strongly predicts the boosted choice's first token
+        return logits
+
+    handle = tiny.model.get_output_embeddings().register_forward_hook(bias)
+    try:
+        scores = score_task(tiny, task, Intervention(), SCORING)
+    finally:
+        handle.remove()
+    answers = np.array([ex.answer for ex in data.eval_split(task)[1]])
+    assert 0 < answers.sum() < len(answers)  # both choices are right somewhere
+    assert np.array_equal(scores.values["accuracy"], (answers == boosted).astype(float))
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny, suite):
+    task = suite["copy_reverse"]
+    examples = list(task.examples[:6])
+    examples[0] = Example("a much longer input than the others here", target="x")  # forces left padding
+    batched = generate_answers(tiny, task, examples, max_new_tokens=5, batch_size=6)
+    single = [generate_answers(tiny, task, [ex], max_new_tokens=5, batch_size=1)[0] for ex in examples]
+    assert batched == single
+
+
+def test_score_cache_is_reused_and_keyed_by_the_intervention(tiny, suite, tmp_path, monkeypatch):
+    from loramint.training import evaluate as harness
+
+    task, scoring = suite["copy_repeat"], replace(SCORING, cache_dir=tmp_path)
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=3)
+    interventions = {
+        "base": lambda t: Intervention(),
+        "adapter": lambda t: Intervention(mixture=[(adapter, 1.0)]),
+    }
+    first = harness.score_methods(tiny, [task], interventions, scoring)
+    assert len(list(tmp_path.glob("copy_repeat-*.json"))) == 2  # one entry per distinct intervention
+    monkeypatch.setattr(harness, "score_task", lambda *a: pytest.fail("a cached score was recomputed"))
+    again = harness.score_methods(tiny, [task], interventions, scoring)
+    for name in interventions:
+        for metric, values in first[name][task.name].values.items():
+            assert np.array_equal(again[name][task.name].values[metric], values)
+
+
+def test_mixture_equals_the_weighted_sum_of_deltas_and_the_base_comes_back_exactly(tiny):
+    adapters = [
+        LoraAdapter.random("tiny-llama", r=4, seed=1, std=0.05),
+        LoraAdapter.random("tiny-llama", r=2, seed=2, std=0.05, target_modules=("v_proj", "down_proj")),
+    ]
+    weights = [0.7, 0.3]
+    before = {n: p.clone() for n, p in tiny.model.named_parameters()}
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    with apply_mixture(tiny.model, list(zip(adapters, weights, strict=True))):
+        merged = {n: p.clone() for n, p in tiny.model.named_parameters()}
+        logits = tiny.model(ids).logits
+    for name, weight in before.items():
+        module = name.removesuffix(".weight")
+        expected = weight + sum(
+            (w * a.delta(module) for a, w in zip(adapters, weights, strict=True) if module in a.weights),
+            torch.zeros_like(weight),
+        )
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+    with (
+        apply_lora(tiny.model, adapters[0], scale=weights[0]),
+        apply_lora(tiny.model, adapters[1], weights[1]),
+    ):
+        hooked = tiny.model(ids).logits  # the unmerged path: base output + each expert's scaled delta
+    torch.testing.assert_close(logits, hooked, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())
+
+
+# ---- every method end to end on a tiny library -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tiny, suite, tmp_path_factory):
+    """A 4-expert library on the seen tasks, then every method on the 2 unseen ones (train_lora spied on)."""
+    from loramint.encoders.text import Encoder
+
+    root = tmp_path_factory.mktemp("eval")
+    seen = [t for name, t in suite.items() if name not in UNSEEN]
+    unseen = [suite[name] for name in UNSEEN]
+    library = ExpertLibrary.open(root / "library", encoder=Encoder())
+    build_library(library, seen, tiny, FAST)
+    config = MethodConfig(
+        multitask_steps=20, multitask_dir=root / "multitask", oracle_library=root / "oracles"
+    )
+    calls = []
+    original = methods.train_lora
+
+    def spy(base, tasks, cfg):
+        calls.append((tasks, cfg))
+        return original(base, tasks, cfg)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(methods, "train_lora", spy)
+        result = evaluate(
+            tiny,
+            unseen,
+            ALL_METHODS,
+            library=library,
+            seen=seen,
+            scoring=SCORING,
+            method_config=config,
+            out=root / "out",
+        )
+    yield {
+        "result": result,
+        "library": library,
+        "seen": seen,
+        "unseen": unseen,
+        "config": config,
+        "root": root,
+        "multitask_calls": calls,
+    }
+    library.close()
+
+
+def per_task(run, method):
+    return run["result"]["methods"][method]["per_task"]
+
+
+def test_result_json_has_the_required_shape(run):
+    path = run["root"] / "out" / "eval_unseen.json"
+    result = json.loads(path.read_text())
+    assert {"metric", "tasks", "methods", "machine", "config"} <= set(result)
+    assert result["metric"] == "answer_nll" and result["tasks"] == UNSEEN
+    assert list(result["methods"]) == list(ALL_METHODS)
+    for method in result["methods"].values():
+        assert {"mean", "ci_low", "ci_high", "per_task", "vs_base"} <= set(method)
+        assert method["ci_low"] <= method["mean"] <= method["ci_high"]
+        assert {"mean", "ci_low", "ci_high"} <= set(method["vs_base"])
+        for name, cell in method["per_task"].items():
+            assert {"mean", "ci_low", "ci_high"} <= set(cell)
+            assert ("accuracy" in cell) == (name == "classify_parity")
+            assert ("rougeL" in cell and "exact_match" in cell) == (name == "arith_double")
+    assert result["methods"]["base"]["vs_base"]["mean"] == 0.0
+    assert result["methods"]["oracle"]["frac_oracle_gain"]["mean"] == pytest.approx(1.0)
+    for suffix in (".md", "_tasks.png", "_oracle_gain.png"):
+        assert (run["root"] / "out" / f"eval_unseen{suffix}").stat().st_size > 0
+    assert "| oracle |" in (run["root"] / "out" / "eval_unseen.md").read_text()
+
+
+def test_oracle_lowers_the_unseen_tasks_nll(run):
+    base, oracle = per_task(run, "base"), per_task(run, "oracle")
+    for name in UNSEEN:
+        assert oracle[name]["mean"] < base[name]["mean"] - 0.1
+        assert oracle[name]["vs_base"]["ci_low"] > 0
+        assert oracle[name]["info"] == {"experts": [f"expert-{name}"], "source": "trained"}
+
+
+def test_top1_and_topk_follow_description_similarity(run):
+    library, seen = run["library"], run["seen"]
+    experts = [e for e in library.list() if e.name in {t.name for t in seen}]
+    for task in run["unseen"]:
+        cos = library.encoder.encode([e.description for e in experts]) @ library.encoder.encode(
+            task.description
+        )
+        ranked = [experts[i].id for i in np.argsort(-cos)]
+        top1, topk = per_task(run, "top1")[task.name]["info"], per_task(run, "topk")[task.name]["info"]
+        assert top1["experts"] == ranked[:1] and top1["weights"] == [1.0]
+        assert topk["experts"] == ranked[:3]
+        expected = np.sort(cos)[::-1][:3]
+        assert topk["weights"] == pytest.approx(expected / expected.sum(), abs=1e-5)
+
+
+def test_topk_mixture_output_equals_the_weighted_sum_of_deltas(run, tiny):
+    context = MethodContext(tiny, run["library"], run["seen"], run["config"])
+    intervention = build_methods(["topk"], context)["topk"](run["unseen"][0])
+    assert len(intervention.mixture) == 3 and sum(w for _, w in intervention.mixture) == pytest.approx(1.0)
+    module = "model.layers.1.mlp.down_proj"
+    weight = tiny.model.get_submodule(module).weight
+    before = weight.clone()
+    with apply_mixture(tiny.model, intervention.mixture):
+        expected = before + sum(w * a.delta(module) for a, w in intervention.mixture)
+        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
+    assert torch.equal(weight, before)
+
+
+def test_uniform_uses_every_seen_expert_with_equal_weights(run):
+    seen_ids = sorted(f"expert-{t.name}" for t in run["seen"])
+    for info in (cell["info"] for cell in per_task(run, "uniform").values()):
+        assert sorted(info["experts"]) == seen_ids
+        assert info["weights"] == [0.25] * 4
+
+
+def test_only_base_plus_description_changes_the_prompt(run, tiny):
+    context = MethodContext(tiny, run["library"], run["seen"], run["config"])
+    built = build_methods(ALL_METHODS, context)
+    task = run["unseen"][0]
+    example = task.examples[0]
+    for name, method in built.items():
+        prompt = method(task).shown(task).prompt(example)
+        assert (task.description in prompt) == (name == "base+description"), name
+        assert prompt.endswith(task.prompt(example))
+    base, described = per_task(run, "base"), per_task(run, "base+description")
+    assert all(base[n]["mean"] != described[n]["mean"] for n in UNSEEN)  # the model did read it
+    assert all(not cell["info"] for cell in described.values())  # and no adapter was used
+
+
+def test_multitask_trains_once_on_all_seen_tasks_and_is_reused_from_its_cache(run, tiny, monkeypatch):
+    ((tasks, config),) = run["multitask_calls"]  # one training run for both unseen tasks
+    assert sorted(t.name for t in tasks) == sorted(t.name for t in run["seen"])
+    assert config.steps == 20 and config.rank == FAST.rank  # same rank as the library's experts
+    first = per_task(run, "multitask")
+    assert not first[UNSEEN[0]]["info"]["cached"]
+    monkeypatch.setattr(
+        methods, "train_lora", lambda *a: pytest.fail("the cached multi-task LoRA was retrained")
+    )
+    context = MethodContext(tiny, run["library"], run["seen"], run["config"])
+    again = build_methods(["multitask"], context)["multitask"](run["unseen"][1])
+    assert again.info["cached"] and again.info["key"] == first[UNSEEN[1]]["info"]["key"]
+
+
+def test_oracle_is_reused_from_the_oracle_library(run, tiny, monkeypatch):
+    from loramint.training import build
+
+    monkeypatch.setattr(build, "train_expert", lambda *a: pytest.fail("the cached oracle was retrained"))
+    context = MethodContext(tiny, run["library"], run["seen"], run["config"])
+    oracle = build_methods(["oracle"], context)["oracle"]
+    assert oracle(run["unseen"][0]).info["source"] == "oracle_library"
+    assert oracle(run["seen"][0]).info["source"] == "library"  # a seen task's expert is its oracle
+    explicit = MethodContext(tiny, run["library"], run["seen"], replace(run["config"], train=FAST))
+    assert build_methods(["oracle"], explicit)["oracle"](run["seen"][0]).info["source"] == "library"
+
+
+def test_training_config_from_an_experts_preset():
+    config = methods.train_config_from_yaml(ROOT / "configs" / "experts" / "tiny.yaml")
+    assert (config.rank, config.steps, config.target_modules) == (
+        4,
+        30,
+        ["q_proj", "v_proj", "up_proj", "down_proj"],
+    )
+
+
+def test_unknown_method_is_refused(tiny):
+    with pytest.raises(ValueError, match="unknown method"):
+        build_methods(["base", "nope"], MethodContext(tiny, None, []))
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
+    tasks = tmp_path / "tasks.jsonl"
+    save_tasks(suite.values(), tasks)
+    config = run["config"]
+    args = [
+        "eval",
+        "--tasks",
+        str(tasks),
+        "--unseen",
+        json.dumps(UNSEEN),
+        "--library",
+        str(run["library"].root),
+    ]
+    args += ["--base_model", "tiny-llama", "--methods", '["base", "top1", "oracle"]', "--out", str(tmp_path)]
+    args += ["--max_length", "64", "--n_generate", "4", "--max_new_tokens", "4", "--n_bootstrap", "100"]
+    args += ["--oracle_library", str(config.oracle_library)]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "eval_unseen.json").read_text())
+    assert list(out["methods"]) == ["base", "top1", "oracle"] and out["tasks"] == UNSEEN
+    assert "fraction of oracle gain" in capsys.readouterr().out

@@ -1,0 +1,566 @@
+"""The evaluation harness: score methods on tasks' held-out examples, with bootstrap CIs; JSON, Markdown, plots.
+
+Each task is scored on its evaluation split (`eval_split(task)[1]`) with the model reading only the chat-
+formatted `task.prompt(example)`:
+- `answer_nll` (primary): mean over examples of the reference answer's negative log-likelihood per token
+  (answer tokens + end-of-turn, as in training); every example weighs the same, whatever its length.
+- multiple choice: `accuracy`, the choice with the highest mean log-probability per token (same tokens) wins.
+- free text: greedy generation on the first `n_generate` examples -> `exact_match` and `rougeL`.
+Gains are `base_nll - method_nll` (positive: better than the base model), with paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loramint.errors import TaskError
+from loramint.index.library import ExpertLibrary
+from loramint.models import BaseModel
+from loramint.paths import atomic_write_bytes
+from loramint.tasks import Example, Task, load_tasks
+from loramint.training.data import IGNORE, collate, encode_example, eval_split, prompt_text
+from loramint.training.methods import (
+    Intervention,
+    Method,
+    MethodConfig,
+    MethodContext,
+    apply_mixture,
+    build_methods,
+)
+from loramint.training.metrics import (
+    bootstrap_ci,
+    bootstrap_task_means,
+    exact_match,
+    hierarchical_ci,
+    interval,
+    rouge_l,
+)
+
+METRIC = "answer_nll"
+ALL_METHODS = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
+SECONDARY = ("accuracy", "exact_match", "rougeL")
+N_SAMPLES = 3
+"""Generated answers kept per task in the JSON, to eyeball."""
+SCORES_VERSION = 1
+"""Part of every cache key (ScoringConfig.cache_dir): bump it when a change to the scoring code changes scores."""
+
+
+@dataclass
+class ScoringConfig:
+    """How each task is scored."""
+
+    max_length: int = 512
+    """Tokens per scored sequence (the prompt is cut from the left, the answer kept)."""
+    batch_size: int = 8
+    n_generate: int = 32
+    """Free-text tasks: greedy answers generated for the first this-many evaluation examples (0: none)."""
+    max_new_tokens: int = 32
+    """Longest generated answer."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples for every confidence interval."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+    cache_dir: Path | None = None
+    """Keep each (task, intervention)'s per-example scores here, so a rerun (after a crash, or with a method
+    added) scores only what is new. Keyed by the task's content, the adapters' content hashes, the
+    instruction, the base model and these settings. None: no cache."""
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+        checks = {
+            "max_length": self.max_length >= 16,
+            "batch_size": self.batch_size >= 1,
+            "n_generate": self.n_generate >= 0,
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "n_bootstrap": self.n_bootstrap >= 10,
+        }
+        if bad := [name for name, ok in checks.items() if not ok]:
+            raise ValueError(f"invalid ScoringConfig field(s) {bad}: {self}")
+
+
+@dataclass
+class TaskScores:
+    """One method on one task: per-example values of each metric, what the method chose, and timings."""
+
+    values: dict[str, np.ndarray]
+    """metric -> [n] (answer_nll, accuracy: every evaluation example; exact_match, rougeL: the generated ones)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {k: v.tolist() for k, v in self.values.items()}
+        return {"values": values, "info": self.info, "samples": self.samples, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskScores:
+        values = {k: np.asarray(v, dtype=np.float64) for k, v in data["values"].items()}
+        return cls(values, data["info"], data["samples"], data["seconds"])
+
+
+# ---- scoring one task ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def answer_logprobs(
+    base: BaseModel,
+    task: Task,
+    items: Sequence[tuple[Example, str | None]],
+    max_length: int = 512,
+    batch_size: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log-probabilities [n], token count [n]) of each answer (None: the reference) after its prompt.
+
+    Logits are computed only where answer tokens are predicted (the vocabulary projection of every prompt
+    position would dominate the cost); this assumes logits = lm_head(last hidden state), as in Llama-style
+    models.
+    """
+    model, tok = base.model, base.tokenizer
+    encoded = [encode_example(tok, task, ex, max_length, answer) for ex, answer in items]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding per batch
+    sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded))
+    body, head = model.base_model, model.get_output_embeddings()
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {
+            k: v.to(base.device) for k, v in collate([encoded[i] for i in rows], tok.pad_token_id).items()
+        }
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        labels = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
+        keep = labels != IGNORE  # [B, T-1]
+        logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # [N, V], N answer tokens
+        picked = logp.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)  # [N]
+        per_row = torch.zeros(len(rows), device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
+        sums[rows] = per_row.cpu().numpy()
+        counts[rows] = keep.sum(dim=1).cpu().numpy()
+    return sums, counts
+
+
+@torch.no_grad()
+def generate_answers(
+    base: BaseModel,
+    task: Task,
+    examples: Sequence[Example],
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> list[str]:
+    """Greedy answers (KV cache, left-padded batches), decoded without special tokens and stripped."""
+    from transformers import GenerationConfig
+
+    model, tok = base.model, base.tokenizer
+    prompts = [
+        tok(prompt_text(tok, task, ex), add_special_tokens=False).input_ids[-(max_length - max_new_tokens) :]
+        for ex in examples
+    ]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)  # [B, T], left padded
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]) :] = 1
+        out = model.generate(
+            input_ids=ids.to(base.device), attention_mask=mask.to(base.device), generation_config=config
+        )  # [B, T + new]
+        for r, text in zip(rows, tok.batch_decode(out[:, width:], skip_special_tokens=True), strict=True):
+            answers[r] = text.strip()
+    return answers
+
+
+def score_task(base: BaseModel, task: Task, intervention: Intervention, config: ScoringConfig) -> TaskScores:
+    """Every metric of `task` with the method's intervention in place (the base model is restored after)."""
+    examples = eval_split(task)[1]
+    score = _score_choices if task.is_multiple_choice else _score_free_text
+    started = time.perf_counter()
+    with apply_mixture(base.model, intervention.mixture):
+        values, samples = score(base, intervention.shown(task), examples, config)
+    seconds = {"score_s": round(time.perf_counter() - started, 3)}
+    return TaskScores(values, dict(intervention.info), samples, seconds)
+
+
+def _score_choices(
+    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig
+) -> tuple[dict[str, np.ndarray], list]:
+    """answer_nll of the correct choice and accuracy of the best choice by mean log-probability per token."""
+    items = [(ex, choice) for ex in examples for choice in ex.choices]
+    sums, counts = answer_logprobs(base, task, items, config.max_length, config.batch_size)
+    nll, correct, at = [], [], 0
+    for ex in examples:
+        mean_logp = sums[at : at + len(ex.choices)] / counts[at : at + len(ex.choices)]  # [n choices]
+        nll.append(-mean_logp[ex.answer])
+        correct.append(float(np.argmax(mean_logp) == ex.answer))
+        at += len(ex.choices)
+    return {"answer_nll": np.array(nll), "accuracy": np.array(correct)}, []
+
+
+def _score_free_text(
+    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig
+) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+    """answer_nll of the reference on every example; exact match and ROUGE-L of greedy answers on a prefix."""
+    sums, counts = answer_logprobs(
+        base, task, [(ex, None) for ex in examples], config.max_length, config.batch_size
+    )
+    values = {"answer_nll": -sums / counts}
+    generated = examples[: config.n_generate]
+    answers = generate_answers(
+        base, task, generated, config.max_new_tokens, config.batch_size, config.max_length
+    )
+    pairs = list(zip(answers, generated, strict=True))
+    if pairs:
+        values["exact_match"] = np.array([exact_match(a, ex.targets) for a, ex in pairs])
+        values["rougeL"] = np.array([rouge_l(a, ex.targets) for a, ex in pairs])
+    samples = [
+        {"input": ex.input[:200], "target": ex.target or "", "output": a} for a, ex in pairs[:N_SAMPLES]
+    ]
+    return values, samples
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+
+def select_tasks(
+    suite: str | Path | None = None,
+    tasks: str | Path | None = None,
+    seen: Sequence[str] | None = None,
+    unseen: Sequence[str] | None = None,
+) -> tuple[dict[str, Task], dict[str, list[str]]]:
+    """({name: Task}, {"seen": names, "unseen": names}) from a suite file, or a task file plus either list
+    (the other one is then every remaining task)."""
+    if suite is not None:
+        from loramint.training.suites import load_suite
+
+        fixed = load_suite(suite)
+        by_name, seen, unseen = fixed.tasks(), fixed.seen, fixed.unseen
+    elif tasks is not None:
+        by_name = {t.name: t for t in load_tasks(tasks)}
+        if seen is None and unseen is None:
+            raise TaskError("name the held-out tasks: give a suite, or `unseen` (or `seen`) task names")
+        seen = list(seen) if seen is not None else [n for n in by_name if n not in set(unseen or ())]
+        unseen = list(unseen) if unseen is not None else [n for n in by_name if n not in set(seen)]
+    else:
+        raise TaskError("give a suite file (`suite`) or a task file (`tasks`) with seen/unseen names")
+    if missing := [n for n in [*seen, *unseen] if n not in by_name]:
+        raise TaskError(f"tasks {missing[:5]} are not in the task file")
+    if both := set(seen) & set(unseen):
+        raise TaskError(f"tasks {sorted(both)[:5]} are both seen and unseen")
+    return by_name, {"seen": list(seen), "unseen": list(unseen)}
+
+
+def evaluate(
+    base: BaseModel,
+    tasks: Sequence[Task],
+    methods: Sequence[str] = ALL_METHODS,
+    *,
+    library: ExpertLibrary | None = None,
+    seen: Sequence[Task] = (),
+    scoring: ScoringConfig | None = None,
+    method_config: MethodConfig | None = None,
+    out: str | Path | None = None,
+    split: str = "unseen",
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score every method on every task; write `<out>/eval_<split>.json|.md|_*.png` if `out` is given.
+
+    `seen` are the tasks that have experts in `library` (retrieval candidates, multi-task training data).
+    `base` is always scored: every gain is measured against it.
+    """
+    scoring = scoring or ScoringConfig()
+    method_config = method_config or MethodConfig()
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    names = ["base", *[m for m in dict.fromkeys(methods) if m != "base"]]
+    context = MethodContext(base, library, list(seen), method_config)
+    try:
+        raw = score_methods(base, tasks, build_methods(names, context), scoring, split)
+        train_config = context.train_config() if {"multitask", "oracle"} & set(names) else None
+    finally:
+        context.close()
+    result = summarize(raw, [t.name for t in tasks], scoring)
+    result["split"] = split
+    result["machine"] = machine()
+    result["config"] = {
+        "base_model": base.name,
+        "library": str(library.root) if library is not None else None,
+        "seen": [t.name for t in seen],
+        "methods": names,
+        "scoring": asdict(scoring),
+        "method_config": _jsonable(asdict(method_config)),
+        "train_config": asdict(train_config) if train_config else None,
+        "eval_examples": "training.data.eval_split(task)[1] (seed 0)",
+        **(extra_config or {}),
+    }
+    if out is not None:
+        write_report(result, Path(out), split)
+    return result
+
+
+def score_methods(
+    base: BaseModel,
+    tasks: Sequence[Task],
+    methods: dict[str, Method],
+    scoring: ScoringConfig,
+    split: str = "",
+) -> dict[str, dict[str, TaskScores]]:
+    """{method: {task: scores}}; `setup_s` times the method itself (retrieval, training), `score_s` the scoring."""
+    raw: dict[str, dict[str, TaskScores]] = {}
+    hashes: dict[int, str] = {}  # id(adapter) -> content hash; methods hand out the same adapter objects
+    with tqdm(total=len(methods) * len(tasks), desc=f"eval {split}".strip(), unit="task") as bar:
+        for name, method in methods.items():
+            raw[name] = {}
+            for task in tasks:
+                bar.set_postfix_str(f"{name} · {task.name[:40]}")
+                started = time.perf_counter()
+                intervention = method(task)
+                setup_s = round(time.perf_counter() - started, 3)
+                raw[name][task.name] = _cached_score(base, task, intervention, scoring, hashes)
+                raw[name][task.name].seconds["setup_s"] = setup_s
+                bar.update()
+    return raw
+
+
+def _cached_score(
+    base: BaseModel, task: Task, intervention: Intervention, scoring: ScoringConfig, hashes: dict[int, str]
+) -> TaskScores:
+    """`score_task`, read from / written to `scoring.cache_dir` when there is one."""
+    if scoring.cache_dir is None:
+        return score_task(base, task, intervention, scoring)
+    for adapter, _ in intervention.mixture:
+        if id(adapter) not in hashes:
+            hashes[id(adapter)] = adapter.content_hash()
+    settings = asdict(scoring)
+    key = {
+        "version": SCORES_VERSION,
+        "base": base.name,
+        "task": task.to_dict(),
+        "instruction": intervention.instruction,
+        "mixture": [(hashes[id(a)], float(w)) for a, w in intervention.mixture],
+        "scoring": {k: settings[k] for k in ("max_length", "batch_size", "n_generate", "max_new_tokens")},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = scoring.cache_dir / f"{task.name}-{digest}.json"
+    if path.is_file():
+        return TaskScores.from_dict({**json.loads(path.read_text()), "info": dict(intervention.info)})
+    scores = score_task(base, task, intervention, scoring)
+    atomic_write_bytes(path, json.dumps(scores.to_dict()).encode())
+    return scores
+
+
+def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], config: ScoringConfig) -> dict:
+    """The result dict: per method the mean NLL over tasks, its gain over `base`, and per-task detail."""
+    boot = {"n_resamples": config.n_bootstrap, "seed": config.seed}
+    base_nll = [raw["base"][t].values[METRIC] for t in tasks]
+    oracle_gain = None
+    if "oracle" in raw:
+        oracle_gain = [b - raw["oracle"][t].values[METRIC] for b, t in zip(base_nll, tasks, strict=True)]
+    methods = {}
+    for name, by_task in raw.items():
+        nll = [by_task[t].values[METRIC] for t in tasks]
+        gain = [b - m for b, m in zip(base_nll, nll, strict=True)]
+        per_task = {}
+        for t, task_nll, task_gain in zip(tasks, nll, gain, strict=True):
+            scores = by_task[t]
+            entry: dict[str, Any] = {**bootstrap_ci(task_nll, **boot), "n_examples": len(task_nll)}
+            entry["vs_base"] = bootstrap_ci(task_gain, **boot)
+            for metric in SECONDARY:
+                if metric in scores.values:
+                    entry[metric] = {
+                        **bootstrap_ci(scores.values[metric], **boot),
+                        "n": len(scores.values[metric]),
+                    }
+            entry.update(info=scores.info, seconds=scores.seconds)
+            if scores.samples:
+                entry["samples"] = scores.samples
+            per_task[t] = entry
+        summary: dict[str, Any] = {**hierarchical_ci(nll, **boot), "per_task": per_task}
+        summary["vs_base"] = {
+            **hierarchical_ci(gain, **boot),
+            "definition": "base_nll - method_nll, paired (positive: better than base)",
+            "n_tasks_better": sum(e["vs_base"]["ci_low"] > 0 for e in per_task.values()),
+            "n_tasks_worse": sum(e["vs_base"]["ci_high"] < 0 for e in per_task.values()),
+        }
+        for metric in SECONDARY:
+            have = [by_task[t].values[metric] for t in tasks if metric in by_task[t].values]
+            if have:
+                summary[metric] = {**hierarchical_ci(have, **boot), "n_tasks": len(have)}
+        if oracle_gain is not None:
+            summary["frac_oracle_gain"] = oracle_fraction(gain, oracle_gain, **boot)
+        summary["seconds"] = round(sum(sum(s.seconds.values()) for s in by_task.values()), 2)
+        methods[name] = summary
+    return {"metric": METRIC, "tasks": list(tasks), "methods": methods}
+
+
+def oracle_fraction(
+    gain: Sequence[np.ndarray], oracle_gain: Sequence[np.ndarray], n_resamples: int = 1000, seed: int = 0
+) -> dict[str, float | None] | None:
+    """mean gain / mean oracle gain (means over tasks) with a paired 95% interval; None when the oracle gains
+    nothing on average (no ratio then), and no interval when some resample has the oracle gaining nothing."""
+    oracle_mean = float(np.mean([g.mean() for g in oracle_gain]))
+    if oracle_mean <= 0:
+        return None
+    point = float(np.mean([g.mean() for g in gain])) / oracle_mean
+    # same seed and task sizes: both draw the same resampled examples
+    num = bootstrap_task_means(gain, n_resamples, seed).mean(axis=1)  # [R]
+    den = bootstrap_task_means(oracle_gain, n_resamples, seed).mean(axis=1)  # [R]
+    if (den <= 0).any():
+        return {"mean": point, "ci_low": None, "ci_high": None}
+    return interval(point, num / den)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+
+def write_report(result: dict, out: Path, split: str) -> list[Path]:
+    """eval_<split>.json, .md, _tasks.png (per-task gains) and _oracle_gain.png (the headline)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"eval_{split}"
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    atomic_write_bytes(paths[0], (json.dumps(_jsonable(result), indent=2) + "\n").encode())
+    atomic_write_bytes(paths[1], markdown(result).encode())
+    paths += plot(result, stem)
+    return paths
+
+
+def _ci(entry: dict | None, digits: int = 3) -> str:
+    if not entry:
+        return "–"
+    if entry.get("ci_low") is None:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+
+
+def markdown(result: dict) -> str:
+    methods = result["methods"]
+    lines = [
+        f"## {len(result['tasks'])} {result.get('split', '')} tasks · metric: answer NLL per token (lower is better)",
+        "",
+        "| method | answer NLL [95% CI] | gain vs base [95% CI] | tasks better / worse | accuracy (MC) "
+        "| ROUGE-L (free text) | fraction of oracle gain [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        vs = m["vs_base"]
+        cells = [
+            name,
+            _ci(m),
+            _ci(vs),
+            f"{vs['n_tasks_better']} / {vs['n_tasks_worse']}",
+            _ci(m.get("accuracy")),
+            _ci(m.get("rougeL")),
+            _ci(m.get("frac_oracle_gain"), 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per task: answer NLL (lower is better)", ""]
+    lines.append("| task | " + " | ".join(methods) + " |")
+    lines.append("|---" * (len(methods) + 1) + "|")
+    for t in result["tasks"]:
+        lines.append(
+            f"| {t} | " + " | ".join(f"{m['per_task'][t]['mean']:.3f}" for m in methods.values()) + " |"
+        )
+    lines += [
+        "",
+        "CIs: 95% percentile bootstrap over evaluation examples (within each task; the task set is fixed); "
+        "gains are paired (base_nll - method_nll on the same resampled examples). A task is better/worse when "
+        "its own gain CI excludes 0.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, stem: Path) -> list[Path]:
+    """Grouped per-task gain bars, and the fraction of oracle gain each method recovers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, methods = result["tasks"], {k: v for k, v in result["methods"].items() if k != "base"}
+    paths = []
+    if methods:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(tasks) * max(1, len(methods)) ** 0.5 + 3), 4.5))
+        width = 0.8 / len(methods)
+        x = np.arange(len(tasks))
+        for i, (name, m) in enumerate(methods.items()):
+            cells = [m["per_task"][t]["vs_base"] for t in tasks]
+            mean = np.array([c["mean"] for c in cells])
+            err = np.array(
+                [[c["mean"] - c["ci_low"] for c in cells], [c["ci_high"] - c["mean"] for c in cells]]
+            )
+            ax.bar(x + (i - (len(methods) - 1) / 2) * width, mean, width, yerr=err, label=name, capsize=1.5)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [t.removeprefix("ni_")[:28] for t in tasks], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("answer NLL gain over base (nats/token)")
+        ax.set_title(f"Per-task gain over the base model ({result.get('split', '')} tasks, 95% CI)")
+        ax.legend(fontsize=7, ncol=min(4, len(methods)))
+        fig.tight_layout()
+        paths.append(stem.with_name(stem.name + "_tasks.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    fractions = {
+        k: v["frac_oracle_gain"] for k, v in methods.items() if v.get("frac_oracle_gain") and k != "oracle"
+    }
+    if fractions:
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.0 * len(fractions) + 1.5), 4))
+        mean = np.array([f["mean"] for f in fractions.values()])
+        low = np.array([f["mean"] if f["ci_low"] is None else f["ci_low"] for f in fractions.values()])
+        high = np.array([f["mean"] if f["ci_high"] is None else f["ci_high"] for f in fractions.values()])
+        ax.bar(list(fractions), mean, yerr=[mean - low, high - mean], capsize=3, color="tab:blue")
+        ax.axhline(1, color="tab:green", linestyle="--", linewidth=1, label="oracle")
+        ax.axhline(0, color="black", linewidth=0.8, label="base")
+        ax.set_ylabel("fraction of oracle gain recovered")
+        ax.set_title(f"Answer NLL gain / oracle gain ({result.get('split', '')} tasks)")
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(stem.with_name(stem.name + "_oracle_gain.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,344 @@
+"""Evaluation methods: for one task, what the base model runs with — nothing, a prompt change, one adapter,
+or a weighted mixture of adapters — and `apply_mixture`, which applies such a mixture for a while.
+
+`METHODS` maps a method name to a factory `(MethodContext) -> (Task -> Intervention)`; add one with
+`@register("name")`. Only `base+description` lets the task description into the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from loramint.adapters import LoraAdapter, merge_lora
+from loramint.index.library import Expert, ExpertLibrary
+from loramint.models import BaseModel
+from loramint.paths import atomic_write_bytes
+from loramint.tasks import Task
+from loramint.training.build import build_library, config_hash, expert_id
+from loramint.training.experts import ExpertTrainConfig, train_lora
+
+log = logging.getLogger(__name__)
+
+Mixture = list[tuple[LoraAdapter, float]]
+TRAIN_RECORD = "loramint_train.json"
+"""Written next to the cached multi-task adapter: what it was trained on, so a rerun can reuse it."""
+
+
+@dataclass
+class MethodConfig:
+    """Settings of the methods that retrieve or train adapters."""
+
+    top_k: int = 3
+    """Experts mixed by `topk`."""
+    topk_weights: str = "similarity"
+    """`similarity`: w_i = max(cos_i, 0) / sum_j max(cos_j, 0) (the issue's "similarity weights");
+    `softmax`: w = softmax(cos / tau) (the generator's semantic prior)."""
+    tau: float = 0.1
+    """Temperature of `softmax` weights."""
+    train: ExpertTrainConfig | None = None
+    """Training config of `oracle` and `multitask` (rank, steps, ...). None: the one the library's seen
+    experts recorded, so the oracle is trained exactly like a library expert."""
+    multitask_steps: int | None = None
+    """Optimizer steps of the multi-task LoRA. None: the same budget as the library, i.e. the steps of all
+    seen experts together (n_seen * train.steps at the same batch size: the same examples seen in total)."""
+    multitask_dir: Path = Path("data/eval/multitask")
+    """PEFT folder caching the multi-task LoRA (reused while its tasks, base model and config are unchanged)."""
+    oracle_library: Path = Path("data/eval/oracle-library")
+    """Expert library caching oracle LoRAs (kept apart from the main library, which must not hold unseen tasks)."""
+
+    def __post_init__(self) -> None:
+        self.multitask_dir, self.oracle_library = Path(self.multitask_dir), Path(self.oracle_library)
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.topk_weights not in ("similarity", "softmax"):
+            raise ValueError(f"topk_weights must be 'similarity' or 'softmax', got {self.topk_weights!r}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.multitask_steps is not None and self.multitask_steps < 1:
+            raise ValueError(f"multitask_steps must be >= 1 or null, got {self.multitask_steps}")
+
+
+@dataclass
+class Intervention:
+    """What a method changes for one task."""
+
+    instruction: str = ""
+    """Text put before the example in the user message (only `base+description` sets it)."""
+    mixture: Mixture = field(default_factory=list)
+    """(adapter, weight) pairs; the model runs with W + sum_k weight_k * ΔW_k. Empty: the base weights."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """What was chosen (expert ids, similarities, weights, cache hits), recorded in the results."""
+
+    def shown(self, task: Task) -> Task:
+        """The task as the model sees it: the instruction, if any, goes in front of the task's own prefix."""
+        if not self.instruction:
+            return task
+        return replace(task, prefix=f"{self.instruction}\n\n{task.prefix}")
+
+
+Method = Callable[[Task], Intervention]
+
+
+@contextmanager
+def apply_mixture(model: nn.Module, mixture: Mixture) -> Iterator[nn.Module]:
+    """Run `model` with sum_k w_k * ΔW_k merged into its weights; the original weights come back exactly.
+
+    Merging costs one [out, in] add per module and expert, once; the forward pass then costs nothing extra
+    however many experts are mixed (hooks would add a low-rank product per expert per layer to every step).
+    """
+    modules = sorted({m for adapter, _ in mixture for m in adapter.weights})
+    saved = {m: model.get_submodule(m).weight.detach().clone() for m in modules}  # W: [out, in] each
+    try:
+        for adapter, weight in mixture:
+            merge_lora(model, adapter, scale=weight)
+        yield model
+    finally:
+        with torch.no_grad():
+            for module, weight in saved.items():
+                model.get_submodule(module).weight.copy_(weight)
+
+
+def _train_config(settings: dict[str, Any]) -> ExpertTrainConfig:
+    known = {f.name for f in fields(ExpertTrainConfig)}
+    return ExpertTrainConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+def train_config_from_yaml(path: str | Path) -> ExpertTrainConfig:
+    """The training settings in an experts YAML (configs/experts/); its other keys (tasks, library) are ignored."""
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a mapping of `loramint train-experts` arguments")
+    return _train_config(settings)
+
+
+# ---- context shared by the methods of one run ----------------------------------------------------------------
+
+
+@dataclass
+class MethodContext:
+    """What methods draw on: the base model, the expert library, the seen tasks and the settings."""
+
+    base: BaseModel
+    library: ExpertLibrary | None
+    seen: list[Task]
+    """Tasks that have experts; retrieval and `uniform` use only their experts, `multitask` trains on them."""
+    config: MethodConfig = field(default_factory=MethodConfig)
+    _adapters: dict[str, LoraAdapter] = field(default_factory=dict, repr=False)
+    _oracles: ExpertLibrary | None = field(default=None, repr=False)
+    _train_config: ExpertTrainConfig | None = field(default=None, repr=False)
+
+    def seen_experts(self) -> list[Expert]:
+        """Library experts whose name is a seen task, in insertion order."""
+        if self.library is None:
+            raise ValueError("this method needs an expert library: pass library=...")
+        names = {t.name for t in self.seen}
+        experts = [e for e in self.library.list() if e.name in names]
+        if not experts:
+            raise ValueError(
+                f"library {self.library.root} holds no expert for any of the {len(names)} seen tasks: build it "
+                "with `loramint train-experts` on the seen tasks"
+            )
+        return experts
+
+    def retrieve(self, text: str, k: int) -> list[tuple[Expert, float]]:
+        """The k seen experts whose descriptions are closest to `text`, as (expert, cosine), best first."""
+        names = {e.name for e in self.seen_experts()}
+        hits = self.library.search(text, k=len(self.library))  # type: ignore[union-attr]
+        return [(e, s) for e, s in hits if e.name in names][:k]
+
+    def adapter(self, expert: Expert) -> LoraAdapter:
+        key = str(expert.path)  # not the id: the oracle library reuses the main library's ids
+        if key not in self._adapters:
+            self._adapters[key] = LoraAdapter.load(expert.path, self.base.name)
+        return self._adapters[key]
+
+    def train_config(self) -> ExpertTrainConfig:
+        """The oracle's and multi-task LoRA's config: given, else the library experts' own, else the default."""
+        if self._train_config is None:
+            self._train_config = self._resolve_train_config()
+        return self._train_config
+
+    def _resolve_train_config(self) -> ExpertTrainConfig:
+        config = self.config.train
+        if config is None and self.library is not None:
+            recorded = [e.metrics["config"] for e in self.seen_experts() if "config" in e.metrics]
+            if recorded:
+                if any(r != recorded[0] for r in recorded):
+                    log.warning("seen experts were trained with different configs; using the first one's")
+                config = _train_config(recorded[0])
+        config = config or ExpertTrainConfig()
+        if config.seed != 0:
+            # train_lora draws each task's evaluation split with config.seed; the harness scores split seed 0
+            raise ValueError(
+                f"training seed is {config.seed}, but train_lora holds out evaluation examples by that seed and "
+                "the harness scores the seed-0 split: LoRAs would train on evaluation examples. Use seed 0"
+            )
+        return config
+
+    def oracle_library(self) -> ExpertLibrary:
+        if self._oracles is None:
+            encoder = self.library.encoder if self.library is not None else None
+            self._oracles = ExpertLibrary.open(self.config.oracle_library, encoder=encoder)
+        return self._oracles
+
+    def close(self) -> None:
+        """Close the oracle library if this context opened it (the main library belongs to the caller)."""
+        if self._oracles is not None:
+            self._oracles.close()
+            self._oracles = None
+
+    def mixture(self, experts: Sequence[Expert], weights: Sequence[float], **info: Any) -> Intervention:
+        mixture = [(self.adapter(e), float(w)) for e, w in zip(experts, weights, strict=True)]
+        info = {"experts": [e.id for e in experts], "weights": [round(float(w), 6) for w in weights], **info}
+        return Intervention(mixture=mixture, info=info)
+
+
+# ---- the methods -------------------------------------------------------------------------------------------
+
+METHODS: dict[str, Callable[[MethodContext], Method]] = {}
+"""name -> factory; the factory runs once per evaluation run, its method once per task."""
+
+
+def register(name: str) -> Callable[[Callable[[MethodContext], Method]], Callable[[MethodContext], Method]]:
+    def add(factory: Callable[[MethodContext], Method]) -> Callable[[MethodContext], Method]:
+        METHODS[name] = factory
+        return factory
+
+    return add
+
+
+def build_methods(names: Sequence[str], context: MethodContext) -> dict[str, Method]:
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+    return {name: METHODS[name](context) for name in names}
+
+
+@register("base")
+def base_method(ctx: MethodContext) -> Method:
+    return lambda task: Intervention()
+
+
+@register("base+description")
+def description_method(ctx: MethodContext) -> Method:
+    return lambda task: Intervention(instruction=task.description)
+
+
+@register("top1")
+def top1_method(ctx: MethodContext) -> Method:
+    def method(task: Task) -> Intervention:
+        (expert, cos), *_ = ctx.retrieve(task.description, k=1)
+        return ctx.mixture([expert], [1.0], similarities=[round(cos, 6)])
+
+    return method
+
+
+def topk_weights(similarities: Sequence[float], rule: str = "similarity", tau: float = 0.1) -> list[float]:
+    """Mixture weights (summing to 1) from cosine similarities; see MethodConfig.topk_weights."""
+    if rule == "softmax":
+        top = max(similarities)
+        scores = [math.exp((s - top) / tau) for s in similarities]
+    else:
+        scores = [max(s, 0.0) for s in similarities]
+        if sum(scores) == 0:  # nothing is similar at all: no reason to prefer one
+            scores = [1.0] * len(similarities)
+    return [s / sum(scores) for s in scores]
+
+
+@register("topk")
+def topk_method(ctx: MethodContext) -> Method:
+    def method(task: Task) -> Intervention:
+        hits = ctx.retrieve(task.description, k=ctx.config.top_k)
+        cos = [s for _, s in hits]
+        weights = topk_weights(cos, ctx.config.topk_weights, ctx.config.tau)
+        return ctx.mixture([e for e, _ in hits], weights, similarities=[round(s, 6) for s in cos])
+
+    return method
+
+
+@register("uniform")
+def uniform_method(ctx: MethodContext) -> Method:
+    def method(task: Task) -> Intervention:
+        experts = ctx.seen_experts()
+        return ctx.mixture(experts, [1.0 / len(experts)] * len(experts))
+
+    return method
+
+
+def _tasks_key(tasks: Sequence[Task], base: BaseModel, config: ExpertTrainConfig) -> str:
+    body = {"base": base.name, "config": asdict(config), "tasks": [t.to_dict() for t in tasks]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
+    """One LoRA trained on all seen tasks' training splits; cached in `multitask_dir` under a content key."""
+    base_config = ctx.train_config()
+    steps = ctx.config.multitask_steps or len(ctx.seen) * base_config.steps
+    config = replace(base_config, steps=steps)
+    seen = sorted(ctx.seen, key=lambda t: t.name)
+    key = _tasks_key(seen, ctx.base, config)
+    folder, record = ctx.config.multitask_dir, ctx.config.multitask_dir / TRAIN_RECORD
+    info = {"tasks": [t.name for t in seen], "steps": steps, "key": key, "path": str(folder)}
+    if record.is_file() and json.loads(record.read_text()).get("key") == key:
+        return LoraAdapter.load(folder, ctx.base.name), {**info, "cached": True}
+    log.info("training the multi-task LoRA on %d seen tasks for %d steps", len(seen), steps)
+    adapter, metrics = train_lora(ctx.base, seen, config)
+    record.unlink(missing_ok=True)  # a crash while saving must not leave an old record over new weights
+    adapter.save(folder)
+    body = {"key": key, "base_model": ctx.base.name, "tasks": info["tasks"], "metrics": metrics}
+    atomic_write_bytes(record, (json.dumps(body, indent=2) + "\n").encode())
+    return adapter, {**info, "cached": False}
+
+
+@register("multitask")
+def multitask_method(ctx: MethodContext) -> Method:
+    trained: list[tuple[LoraAdapter, dict[str, Any]]] = []  # trained (or loaded) on first use, then reused
+
+    def method(task: Task) -> Intervention:
+        if not trained:
+            trained.append(multitask_adapter(ctx))
+        adapter, info = trained[0]
+        return Intervention(mixture=[(adapter, 1.0)], info=info)
+
+    return method
+
+
+@register("oracle")
+def oracle_method(ctx: MethodContext) -> Method:
+    """A LoRA trained on the task itself with the library experts' config: the upper bound.
+
+    A task the library holds an expert for (a seen task) has that expert as its oracle, unless an explicit
+    `train` config asks for another run. Other tasks are trained once into the oracle library and reused
+    while the task, base model and config are unchanged (build_library's config hash).
+    """
+
+    def method(task: Task) -> Intervention:
+        config, eid = ctx.train_config(), expert_id(task)
+        lib, source = ctx.library, "library"
+        own = lib is not None and eid in lib
+        if not own or (ctx.config.train is not None and not _trained_as(lib, task, ctx.base, config)):
+            lib = ctx.oracle_library()
+            source = "oracle_library" if _trained_as(lib, task, ctx.base, config) else "trained"
+            build_library(lib, [task], ctx.base, config)  # skips an expert already built identically
+        expert = lib.get(eid)  # type: ignore[union-attr]
+        return Intervention(mixture=[(ctx.adapter(expert), 1.0)], info={"experts": [eid], "source": source})
+
+    return method
+
+
+def _trained_as(lib: ExpertLibrary, task: Task, base: BaseModel, config: ExpertTrainConfig) -> bool:
+    """Whether `lib` holds the task's expert trained on exactly this task, base model and config."""
+    eid = expert_id(task)
+    return eid in lib and lib.get(eid).metrics.get("config_hash") == config_hash(task, base, config)
