@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,3 +365,22 @@ def merge_lora(model: nn.Module, adapter: LoraAdapter, scale: float = 1.0) -> No
     for module in adapter.weights:
         layer = _linear(model, module)
         layer.weight += (scale * adapter.delta(module)).to(layer.weight.device, layer.weight.dtype)
+
+
+@contextmanager
+def apply_mixture(model: nn.Module, mixture: Sequence[tuple[LoraAdapter, float]]) -> Iterator[nn.Module]:
+    """Run `model` with sum_k w_k * ΔW_k merged into its weights; the original weights come back exactly.
+
+    Merging costs one [out, in] add per module and expert, once; the forward pass then costs nothing extra
+    however many experts are mixed (hooks would add a low-rank product per expert per layer to every step).
+    """
+    modules = sorted({m for adapter, _ in mixture for m in adapter.weights})
+    saved = {m: model.get_submodule(m).weight.detach().clone() for m in modules}  # W: [out, in] each
+    try:
+        for adapter, weight in mixture:
+            merge_lora(model, adapter, scale=weight)
+        yield model
+    finally:
+        with torch.no_grad():
+            for module, weight in saved.items():
+                model.get_submodule(module).weight.copy_(weight)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from loramint.adapters import LoraAdapter, apply_lora
+from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
 from loramint.cli import main
 from loramint.index import ExpertLibrary
 from loramint.tasks import Example, Task, save_tasks, synthetic_suite
@@ -27,7 +27,7 @@ from loramint.training.evaluate import (
     score_task,
 )
 from loramint.training.experts import ExpertTrainConfig
-from loramint.training.methods import Intervention, MethodConfig, MethodContext, apply_mixture, build_methods
+from loramint.training.methods import Intervention, MethodConfig, MethodContext, build_methods
 from loramint.training.metrics import (
     bootstrap_ci,
     bootstrap_task_means,

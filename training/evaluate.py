@@ -11,11 +11,8 @@ Gains are `base_nll - method_nll` (positive: better than the base model), with p
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,10 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from loramint.adapters import apply_mixture
 from loramint.errors import TaskError
 from loramint.index.library import ExpertLibrary
 from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
+from loramint.sysinfo import machine
 from loramint.tasks import Example, Task, load_tasks
 from loramint.training.data import IGNORE, collate, encode_example, eval_split, prompt_text
 from loramint.training.methods import (
@@ -37,7 +36,6 @@ from loramint.training.methods import (
     Method,
     MethodConfig,
     MethodContext,
-    apply_mixture,
     build_methods,
 )
 from loramint.training.metrics import (
@@ -427,25 +425,6 @@ def oracle_fraction(
     if (den <= 0).any():
         return {"mean": point, "ci_low": None, "ci_high": None}
     return interval(point, num / den)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,5 +1,5 @@
 """Evaluation methods: for one task, what the base model runs with — nothing, a prompt change, one adapter,
-or a weighted mixture of adapters — and `apply_mixture`, which applies such a mixture for a while.
+or a weighted mixture of adapters (applied with `loramint.adapters.apply_mixture`).
 
 `METHODS` maps a method name to a factory `(MethodContext) -> (Task -> Intervention)`; add one with
 `@register("name")`. Only `base+description` lets the task description into the prompt.
@@ -11,17 +11,14 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from torch import nn
 
-from loramint.adapters import LoraAdapter, merge_lora
+from loramint.adapters import LoraAdapter
 from loramint.index.library import Expert, ExpertLibrary
 from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
@@ -89,25 +86,6 @@ class Intervention:
 
 
 Method = Callable[[Task], Intervention]
-
-
-@contextmanager
-def apply_mixture(model: nn.Module, mixture: Mixture) -> Iterator[nn.Module]:
-    """Run `model` with sum_k w_k * ΔW_k merged into its weights; the original weights come back exactly.
-
-    Merging costs one [out, in] add per module and expert, once; the forward pass then costs nothing extra
-    however many experts are mixed (hooks would add a low-rank product per expert per layer to every step).
-    """
-    modules = sorted({m for adapter, _ in mixture for m in adapter.weights})
-    saved = {m: model.get_submodule(m).weight.detach().clone() for m in modules}  # W: [out, in] each
-    try:
-        for adapter, weight in mixture:
-            merge_lora(model, adapter, scale=weight)
-        yield model
-    finally:
-        with torch.no_grad():
-            for module, weight in saved.items():
-                model.get_submodule(module).weight.copy_(weight)
 
 
 def _train_config(settings: dict[str, Any]) -> ExpertTrainConfig:
