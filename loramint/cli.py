@@ -109,7 +109,9 @@ def suite_prepare(suite_file: Path, force_split: bool = False) -> None:
     from loramint.training.suites import SuiteConfig, prepare_suite
 
     suite = prepare_suite(SuiteConfig.from_yaml(suite_file), force_split=force_split)
-    console.print(f"suite {suite.name}: {len(suite.seen)} seen, {len(suite.unseen)} unseen tasks ({suite.tasks_file})")
+    console.print(
+        f"suite {suite.name}: {len(suite.seen)} seen, {len(suite.unseen)} unseen tasks ({suite.tasks_file})"
+    )
     console.print("unseen: " + ", ".join(suite.unseen))
 
 
@@ -208,6 +210,7 @@ def train_experts(
     max_length: int = 128,
     target_modules: list[str] | None = None,
     only: list[str] | None = None,
+    suite: Path | None = None,
 ) -> None:
     """Train one LoRA expert per task and add each to the library (skips experts already built identically).
 
@@ -223,13 +226,20 @@ def train_experts(
         max_length: tokens per example.
         target_modules: linear layers that get a LoRA (default q_proj, v_proj).
         only: train only these task names.
+        suite: a suite YAML (configs/suites/): train its SEEN tasks only, from its tasks file (overrides
+            `tasks`; combined with `only`).
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
     from loramint.training.build import build_library
     from loramint.training.experts import ExpertTrainConfig
 
-    task_list = [t for t in load_tasks(tasks) if not only or t.name in only]
+    if suite is not None:
+        from loramint.training.suites import load_suite
+
+        fixed = load_suite(suite)
+        tasks, only = fixed.tasks_file, [n for n in fixed.seen if not only or n in only]
+    task_list = [t for t in load_tasks(tasks) if only is None or t.name in only]
     config = ExpertTrainConfig(
         rank=rank,
         alpha=alpha,
