@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from loramint.models import tiny_llama
 from loramint.tasks import synthetic_suite
-from loramint.training.data import IGNORE, collate, encode_example
+from loramint.training import fast
+from loramint.training.data import IGNORE, answer_logits, answer_nll, answer_targets, collate, encode_example
 from loramint.training.experts import ExpertTrainConfig, train_expert
 
 FAST = ExpertTrainConfig(
@@ -18,6 +24,7 @@ FAST = ExpertTrainConfig(
     max_length=64,
     n_metric_eval=16,
     target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+    trained_layers=1,  # of tiny-llama's 2: layer 0 runs once per example, layer 1 trains
 )
 
 
@@ -40,20 +47,118 @@ def test_labels_cover_only_the_answer(tiny, suite):
     assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE)).all()
 
 
-def test_trained_expert_lowers_its_task_loss_and_leaves_the_base_alone(tiny, suite):
+def mixed_batch(tokenizer, suite, max_length=64):
+    """Examples of several tasks, so rows differ in length and the batch has right padding."""
+    encoded = [encode_example(tokenizer, t, ex, max_length) for t in suite[:4] for ex in t.examples[:3]]
+    batch = collate(encoded, tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()
+    return encoded, batch
+
+
+@pytest.mark.parametrize("first_layer", [0, 1, 3, 4])
+def test_cached_lower_layers_then_upper_layers_give_the_full_forward_logits(suite, first_layer):
+    model, tok = tiny_llama(num_layers=4)
+    encoded, batch = mixed_batch(tok, suite)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+        cached = fast.collate_cached(fast.cache(model, encoded, first_layer, tok.pad_token_id))
+        core, head = fast.decoder_parts(model)
+        h = fast.run_layers(core, cached["hidden"], cached["attention_mask"], core.layers[first_layer:])
+        logits = head(core.norm(h))  # [B, T, V]
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def test_answer_only_loss_is_the_full_loss_on_answer_tokens(tiny, suite):
+    encoded, batch = mixed_batch(tiny.tokenizer, suite)
+    with torch.no_grad():
+        full = tiny.model(**batch)  # transformers' shifted loss over non-IGNORE labels; logits [B, T, V]
+        keep, targets = answer_targets(batch["labels"])
+        logits, targets2 = answer_logits(tiny.model, batch)  # [N, V]
+        hidden = tiny.model.model.embed_tokens(batch["input_ids"])
+        loss = fast.answer_loss(tiny.model, hidden, batch["attention_mask"], batch["labels"], first_layer=0)
+    n_answer = sum(len(e) - e.labels.count(IGNORE) for e in encoded)
+    assert torch.equal(targets, targets2) and logits.shape == (n_answer, full.logits.shape[-1])
+    torch.testing.assert_close(logits, full.logits[keep])
+    torch.testing.assert_close(F.cross_entropy(logits, targets), full.loss)
+    torch.testing.assert_close(loss, full.loss)
+
+
+def test_answer_nll_matches_the_slow_reference(tiny, suite):
+    task = suite[3]
+    examples = task.examples[:10]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:  # one example at a time, log-softmax over every position
+            batch = collate([encode_example(tiny.tokenizer, task, ex, 64)], tiny.tokenizer.pad_token_id)
+            logp = torch.log_softmax(tiny.model(input_ids=batch["input_ids"]).logits[0, :-1], dim=-1)
+            labels = batch["labels"][0, 1:]
+            total -= logp[labels != IGNORE].gather(-1, labels[labels != IGNORE, None]).sum().item()
+            count += int((labels != IGNORE).sum())
+    assert answer_nll(tiny.model, tiny.tokenizer, task, examples, 64, batch_size=4) == pytest.approx(
+        total / count, rel=1e-5
+    )
+
+
+def test_length_buckets_visit_every_example_once_per_epoch_with_little_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 100) for _ in range(203)]
+    sampler = fast.LengthBuckets(lengths, batch_size=8, seed=0)
+    epochs = [list(sampler), list(sampler)]
+    for epoch in epochs:
+        assert sorted(i for b in epoch for i in b) == list(range(len(lengths)))
+        assert len(epoch) == len(sampler)
+        padded = sum(max(lengths[i] for i in b) * len(b) for b in epoch)
+        assert padded < 1.1 * sum(lengths)
+    assert epochs[0] != epochs[1], "each epoch is a fresh random order"
+    assert list(fast.LengthBuckets(lengths, batch_size=8, seed=0)) == epochs[0]
+
+
+@pytest.mark.parametrize("config", [FAST, FAST.reference()], ids=["fast", "plain-peft"])
+def test_trained_expert_lowers_its_task_loss_and_leaves_the_base_alone(tiny, suite, config):
     before = [p.clone() for p in tiny.model.parameters()]
-    adapter, metrics = train_expert(tiny, suite[2], FAST)
+    adapter, metrics = train_expert(tiny, suite[2], config)
     assert metrics["answer_nll_after"] < metrics["answer_nll_before"] - 0.1
     assert all(torch.equal(p, q) for p, q in zip(before, tiny.model.parameters(), strict=True))
     assert not any("lora" in n for n, _ in tiny.model.named_modules())
     adapter.validate("tiny-llama")
-    assert set(adapter.config.target_modules) == set(FAST.target_modules)
+    assert set(adapter.config.target_modules) == set(config.target_modules)
+    layers = {int(m.split(".layers.")[1].split(".")[0]) for m in adapter.modules}
+    assert layers == ({1} if config.trained_layers == 1 else {0, 1})
 
 
-@pytest.mark.parametrize("field,value", [("rank", 0), ("steps", 0), ("lr", -1.0), ("target_modules", [])])
-def test_bad_training_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        ExpertTrainConfig(**{field: value})
+@pytest.mark.parametrize("trained_layers", [0, 1])
+def test_fast_path_trains_the_same_adapter_as_the_full_forward(tiny, suite, trained_layers):
+    """Same batches (no length buckets): cached lower layers + answer-only logits change nothing but speed."""
+    config = replace(FAST, steps=6, trained_layers=trained_layers, length_buckets=False)
+    full = replace(config, cache_lower=False, answer_only_logits=trained_layers > 0)
+    if trained_layers == 0:
+        full = config.reference()
+    fast_adapter, fast_metrics = train_expert(tiny, suite[4], config)
+    full_adapter, full_metrics = train_expert(tiny, suite[4], full)
+    assert fast_adapter.modules == full_adapter.modules
+    for module, (a, b) in fast_adapter.weights.items():
+        torch.testing.assert_close(a, full_adapter.weights[module][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, full_adapter.weights[module][1], atol=1e-5, rtol=1e-4)
+    for key in ("answer_nll_before", "answer_nll_after"):
+        assert fast_metrics[key] == pytest.approx(full_metrics[key], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "fields,named",
+    [
+        ({"rank": 0}, "rank"),
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"target_modules": []}, "target_modules"),
+        ({"trained_layers": -1}, "trained_layers"),
+        ({"train_examples": -1}, "train_examples"),
+        ({"answer_only_logits": False, "cache_lower": True}, "cache_lower"),
+    ],
+)
+def test_bad_training_config_names_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        ExpertTrainConfig(**fields)
 
 
 def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, suite, monkeypatch):

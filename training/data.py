@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from loramint.tasks import Example, Task
 
@@ -34,6 +35,9 @@ def prompt_text(tokenizer, task: Task, example: Example) -> str:
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE on prompt tokens: the loss is on answer tokens only
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 def encode_example(
@@ -62,6 +66,27 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def answer_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [B, T] bool, targets [N]): position t is kept when token t+1 is an answer token.
+
+    `model(..., logits_to_keep=keep).logits` is then [N, V], row n predicting targets[n] (row-major order).
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, V], targets [N]) at the N answer-predicting positions of a `collate` batch.
+
+    Only those positions go through the vocabulary projection (transformers' `logits_to_keep`): on prompt
+    tokens the [V, d] lm_head would cost as much as several decoder layers.
+    """
+    keep, targets = answer_targets(batch["labels"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    return out.logits, targets
+
+
 @torch.no_grad()
 def answer_nll(
     model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
@@ -71,18 +96,13 @@ def answer_nll(
     total, count = 0.0, 0
     device = next(model.parameters()).device
     encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
+    encoded.sort(key=lambda enc: len(enc.input_ids))  # similar lengths per batch: little padding
     for start in range(0, len(encoded), batch_size):
         batch = {
             k: v.to(device)
             for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
         }
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # [B, T, V]
-        labels = batch["labels"][:, 1:]  # predict token t+1 from position t
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-        keep = labels != IGNORE
-        total -= picked[keep].sum().item()
-        count += int(keep.sum())
+        logits, targets = answer_logits(model, batch)  # [N, V], [N]
+        total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        count += targets.numel()
     return total / max(count, 1)

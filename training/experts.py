@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
+import random
+import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.models import BaseModel
 from loramint.tasks import Task
-from loramint.training.data import answer_nll, collate, encode_example, eval_split
+from loramint.training.data import answer_logits, answer_nll, collate, encode_example, eval_split
+from loramint.training.fast import (
+    LengthBuckets,
+    answer_loss,
+    cache,
+    cache_examples,
+    cached_nll,
+    collate_cached,
+)
 
 
 @dataclass
 class ExpertTrainConfig:
-    """Hyper-parameters of one expert's training run (YAML files under configs/experts/ mirror it)."""
+    """Hyper-parameters of one expert's training run (YAML files under configs/experts/ mirror it).
+
+    The defaults are the fast CPU path (see `training/fast.py` and benchmarks/bench_train.py); `reference()`
+    gives the same run on the plain PEFT path it is measured against.
+    """
 
     rank: int = 8
     """LoRA rank r."""
@@ -36,6 +52,19 @@ class ExpertTrainConfig:
     n_metric_eval: int = 32
     """Examples of the task's evaluation split scored before/after training for the expert's metrics."""
     seed: int = 0
+    trained_layers: int = 0
+    """LoRA only on the last `trained_layers` decoder layers (0: every layer). Backward stops below them."""
+    train_examples: int = 0
+    """Distinct training examples, drawn at random (seeded) from the tasks' training splits; the steps cycle
+    through them. 0: steps * batch_size, i.e. each example seen once (fewer if the tasks have fewer)."""
+    answer_only_logits: bool = True
+    """Vocabulary projection only at positions that predict an answer token. False: the plain PEFT forward,
+    logits at every position (the reference path)."""
+    cache_lower: bool = True
+    """Run the frozen layers below the trained ones once per example and train on their cached output
+    (Llama-style models; needs answer_only_logits). False: the whole forward at every step."""
+    length_buckets: bool = True
+    """Batch examples of similar length, so little compute goes to padding. False: uniformly random batches."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -47,22 +76,54 @@ class ExpertTrainConfig:
             "max_length": self.max_length >= 8,
             "n_metric_eval": self.n_metric_eval >= 1,
             "target_modules": bool(self.target_modules),
+            "trained_layers": self.trained_layers >= 0,
+            "train_examples": self.train_examples >= 0,
+            "cache_lower (needs answer_only_logits)": self.answer_only_logits or not self.cache_lower,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid ExpertTrainConfig field(s) {bad}: {self}")
 
+    def reference(self) -> ExpertTrainConfig:
+        """The same run on the plain PEFT path: LoRA on every layer, full logits, random batches."""
+        return replace(
+            self, trained_layers=0, answer_only_logits=False, cache_lower=False, length_buckets=False
+        )
+
+
+def first_trained_layer(model: torch.nn.Module, trained_layers: int) -> int:
+    """Index of the lowest decoder layer that gets a LoRA (0: every layer)."""
+    n_layers = model.config.num_hidden_layers
+    return max(0, n_layers - trained_layers) if trained_layers else 0
+
 
 class ExpertModule(L.LightningModule):
-    """The PEFT-wrapped base model; only LoRA parameters train, loss on answer tokens only."""
+    """The PEFT-wrapped base model; only LoRA parameters train, loss on answer tokens only.
 
-    def __init__(self, model: torch.nn.Module, lr: float) -> None:
+    A batch is either token ids (`data.collate`) or the cached input of the first trained layer
+    (`fast.collate_cached`, which carries `hidden` instead of `input_ids`).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, lr: float, first_layer: int = 0, answer_only_logits: bool = True
+    ):
         super().__init__()
         self.model = model
         self.lr = lr
+        self.first_layer = first_layer
+        self.answer_only_logits = answer_only_logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        if "hidden" in batch:  # [B, T, d] entering layer first_layer
+            net = self.model.get_base_model()
+            loss = answer_loss(
+                net, batch["hidden"], batch["attention_mask"], batch["labels"], self.first_layer
+            )
+        elif self.answer_only_logits:
+            logits, targets = answer_logits(self.model, batch)  # [N, V], [N]
+            loss = F.cross_entropy(logits.float(), targets)
+        else:  # the plain PEFT reference: logits [B, T, V], transformers' shifted loss
+            loss = self.model(**batch).loss
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -91,23 +152,42 @@ def train_lora(
     config = config or ExpertTrainConfig()
     if not tasks:
         raise ValueError("train_lora needs at least one task")
+    started = time.perf_counter()
     splits = [(task, *eval_split(task, seed=config.seed)) for task in tasks]
-    tok = base.tokenizer
-    encoded = [encode_example(tok, task, ex, config.max_length) for task, train, _ in splits for ex in train]
-    if not encoded:
+    pool = [(task, ex) for task, train, _ in splits for ex in train]
+    if not pool:
         raise ValueError(
             f"tasks {[t.name for t in tasks]} have no training examples outside their evaluation split"
         )
+    random.Random(config.seed).shuffle(pool)
+    pool = pool[: config.train_examples or config.steps * config.batch_size]
+    tok = base.tokenizer
+    encoded = [encode_example(tok, task, ex, config.max_length) for task, ex in pool]
+    first = first_trained_layer(base.model, config.trained_layers)
+    metric_sets = [(task, ev[: config.n_metric_eval]) for task, _, ev in splits]
+    # get_peft_model injects LoRA into base.model in place, so base.model is the expert once wrapped
+    held_out_nll = _held_out_scorer(base, metric_sets, config, first)
 
-    def held_out_nll(model) -> float:
-        scores = [
-            answer_nll(model, tok, task, ev[: config.n_metric_eval], config.max_length)
-            for task, _, ev in splits
-        ]
-        return sum(scores) / len(scores)
-
-    nll_before = held_out_nll(base.model)
+    nll_before = held_out_nll()
+    cache_started = time.perf_counter()
+    if config.cache_lower:
+        items, collate_fn = cache(base.model, encoded, first, tok.pad_token_id), collate_cached
+    else:
+        items, collate_fn = encoded, partial(collate, pad_id=tok.pad_token_id)
+    cache_seconds = time.perf_counter() - cache_started
+    if config.length_buckets:
+        sampler = LengthBuckets([len(it) for it in items], config.batch_size, config.seed)
+        loader = DataLoader(items, batch_sampler=sampler, collate_fn=collate_fn)
+    else:
+        loader = DataLoader(
+            items,
+            batch_size=config.batch_size,
+            shuffle=True,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
     L.seed_everything(config.seed, verbose=False)
+    n_layers = base.model.config.num_hidden_layers
     peft_model = get_peft_model(
         base.model,
         LoraConfig(
@@ -115,14 +195,9 @@ def train_lora(
             lora_alpha=config.alpha,
             target_modules=list(config.target_modules),
             lora_dropout=0.0,
+            layers_to_transform=list(range(first, n_layers)) if first else None,
+            layers_pattern="layers" if first else None,
         ),
-    )
-    loader = DataLoader(
-        encoded,
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=lambda items: collate(items, tok.pad_token_id),
-        generator=torch.Generator().manual_seed(config.seed),
     )
     trainer = L.Trainer(
         max_steps=config.steps,
@@ -136,13 +211,14 @@ def train_lora(
         callbacks=[TQDMProgressBar(leave=False)],
         num_sanity_val_steps=0,
     )
-    started = time.perf_counter()
+    fit_started = time.perf_counter()
     try:
         peft_model.train()
-        trainer.fit(ExpertModule(peft_model, config.lr), train_dataloaders=loader)
-        seconds = time.perf_counter() - started
+        module = ExpertModule(peft_model, config.lr, first, config.answer_only_logits)
+        trainer.fit(module, train_dataloaders=loader)
+        fit_seconds = time.perf_counter() - fit_started
         peft_model.eval()
-        nll_after = held_out_nll(peft_model)
+        nll_after = held_out_nll()
         state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
         state = {k: v.detach().cpu() for k, v in state.items()}
     finally:
@@ -154,9 +230,36 @@ def train_lora(
     metrics = {
         "answer_nll_before": round(nll_before, 5),
         "answer_nll_after": round(nll_after, 5),
-        "train_seconds": round(seconds, 2),
+        "train_seconds": round(cache_seconds + fit_seconds, 2),
+        "cache_seconds": round(cache_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
         "train_examples": len(encoded),
+        "first_trained_layer": first,
         "tasks": [t.name for t in tasks],
         "config": asdict(config),
     }
     return adapter, metrics
+
+
+def _held_out_scorer(
+    base: BaseModel, metric_sets: list[tuple[Task, list]], config: ExpertTrainConfig, first: int
+) -> Callable[[], float]:
+    """A function giving base.model's mean answer NLL over the tasks' metric examples, as it is now.
+
+    With `cache_lower`, the frozen lower layers run once here and each call runs the trained layers only.
+    """
+    tok = base.tokenizer
+    if not config.cache_lower:
+        return lambda: statistics.fmean(
+            answer_nll(base.model, tok, task, examples, config.max_length) for task, examples in metric_sets
+        )
+    cached = [
+        cache_examples(base.model, tok, task, examples, config.max_length, first)
+        for task, examples in metric_sets
+    ]
+
+    def score() -> float:
+        base.model.eval()
+        return statistics.fmean(cached_nll(base.model, items, first) for items in cached)
+
+    return score
