@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loramint.errors import LoramintError
+from loramint.training.config import ExpertTrainConfig
 
 # Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -202,15 +203,10 @@ def train_experts(
     tasks: Path = Path("data/tasks/tasks.jsonl"),
     library: Path = DEFAULT_LIBRARY,
     base_model: str = "smollm2-135m",
-    steps: int = 50,
-    rank: int = 8,
-    alpha: float = 16.0,
-    lr: float = 5e-4,
-    batch_size: int = 8,
-    max_length: int = 128,
-    target_modules: list[str] | None = None,
+    train: ExpertTrainConfig | None = None,
     only: list[str] | None = None,
     suite: Path | None = None,
+    report: Path | None = None,
 ) -> None:
     """Train one LoRA expert per task and add each to the library (skips experts already built identically).
 
@@ -218,21 +214,19 @@ def train_experts(
         tasks: task JSONL file (e.g. from `loramint tasks import-bigbench`).
         library: library folder.
         base_model: registry name, HF id or local path.
-        steps: optimizer steps per expert.
-        rank: LoRA rank.
-        alpha: LoRA alpha.
-        lr: learning rate.
-        batch_size: examples per step.
-        max_length: tokens per example.
-        target_modules: linear layers that get a LoRA (default q_proj, v_proj).
+        train: training hyper-parameters of every expert (`--train.steps 30`, or a `train:` mapping in YAML;
+            defaults: the fast CPU path, see `ExpertTrainConfig`).
         only: train only these task names.
         suite: a suite YAML (configs/suites/): train its SEEN tasks only, from its tasks file (overrides
             `tasks`; combined with `only`).
+        report: write the build's JSON report here (n_experts, wall_s, per_expert_s, per-expert metrics,
+            machine), e.g. benchmarks/results/experts_build.json.
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
-    from loramint.training.build import build_library
-    from loramint.training.experts import ExpertTrainConfig
+    from loramint.training.build import build_library, write_report
+
+    report_path = report
 
     if suite is not None:
         from loramint.training.suites import load_suite
@@ -240,27 +234,22 @@ def train_experts(
         fixed = load_suite(suite)
         tasks, only = fixed.tasks_file, [n for n in fixed.seen if not only or n in only]
     task_list = [t for t in load_tasks(tasks) if only is None or t.name in only]
-    config = ExpertTrainConfig(
-        rank=rank,
-        alpha=alpha,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        max_length=max_length,
-        target_modules=target_modules or ["q_proj", "v_proj"],
-    )
+    config = train or ExpertTrainConfig()
     base = load_base_model(base_model)
     with _open(library) as lib:
-        report = build_library(lib, task_list, base, config)
+        build = build_library(lib, task_list, base, config)
         table = Table("expert", "answer NLL before", "after", "train s")
-        for eid in report.trained + report.skipped:
+        for eid in build.trained + build.skipped:
             m = lib.get(eid).metrics
             table.add_row(
                 eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}", str(m["train_seconds"])
             )
+        if report_path is not None:
+            write_report(report_path, build, lib, base, config)
     console.print(table)
     console.print(
-        f"trained {len(report.trained)}, skipped {len(report.skipped)} (unchanged) in {report.wall_s:.0f}s"
+        f"trained {len(build.trained)}, skipped {len(build.skipped)} (unchanged) in {build.wall_s:.0f}s"
+        + (f"; report: {report_path}" if report_path is not None else "")
     )
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from loramint.adapters import LoraAdapter
 from loramint.cli import main
+from loramint.tasks import load_tasks
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
 COMMAND_OF_FOLDER = {"experts": "train-experts", "eval": "eval"}  # configs/<folder>/*.yaml -> CLI command
@@ -45,13 +47,27 @@ def test_library_round_trip_and_resume(tmp_path, capsys):
         str(tasks),
         "--library",
         str(library),
-        "--steps",
+        "--train.steps",
         "3",
         "--suite",
         "null",  # the preset names the tiny suite (seen tasks only); train all 6 tasks of our own file
+        "--report",
+        str(tmp_path / "build.json"),
     ]
     assert main(args) == 0
     assert "trained 6, skipped 0" in capsys.readouterr().out
+    report = json.loads((tmp_path / "build.json").read_text())
+    assert (
+        report["n_experts"] == report["n_trained"] == 6
+        and report["wall_s"] > 0
+        and report["per_expert_s"] > 0
+    )
+    # the YAML's `train:` mapping reached the trainer, with the command-line override on top
+    assert (
+        report["config"]["steps"] == 3 and report["config"]["rank"] == 4 and report["config"]["lr"] == 0.003
+    )
+    assert set(report["experts"]) == {f"expert-{t.name}" for t in load_tasks(tasks)}
+    assert report["machine"]["cores"] >= 1
     assert main(args) == 0
     assert "trained 0, skipped 6" in capsys.readouterr().out, "an unchanged rerun must skip every expert"
 

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
-from loramint.paths import validate_id
+from loramint.paths import atomic_write_bytes, validate_id
 from loramint.tasks import Task
 from loramint.training.experts import ExpertTrainConfig, train_expert
 
@@ -68,3 +70,45 @@ def build_library(
             overall.update()
     report.wall_s = round(time.perf_counter() - started, 2)
     return report
+
+
+def write_report(
+    path: str | Path, report: BuildReport, library: ExpertLibrary, base: BaseModel, config: ExpertTrainConfig
+) -> dict:
+    """Write one build's JSON report: sizes and times of this run, and each expert's held-out answer NLL.
+
+    `wall_s` and `per_expert_s` time this run only (experts trained now, skipped ones cost ~0); each expert's
+    own `train_seconds` / `wall_seconds` are as recorded when it was trained.
+    """
+    from loramint.sysinfo import machine
+
+    ids = report.trained + report.skipped
+    experts = {}
+    for eid in ids:
+        m = library.get(eid).metrics
+        experts[eid] = {
+            "answer_nll_before": m["answer_nll_before"],
+            "answer_nll_after": m["answer_nll_after"],
+            "train_seconds": m["train_seconds"],
+            "wall_seconds": m["wall_seconds"],
+            "trained_now": eid in report.seconds,
+        }
+    gains = [e["answer_nll_before"] - e["answer_nll_after"] for e in experts.values()]
+    trained = list(report.seconds.values())
+    result = {
+        "n_experts": len(ids),
+        "n_trained": len(report.trained),
+        "n_skipped": len(report.skipped),
+        "wall_s": report.wall_s,
+        "per_expert_s": round(statistics.fmean(trained), 2) if trained else None,
+        "per_expert_s_max": max(trained) if trained else None,
+        "base_model": base.name,
+        "config": asdict(config),
+        "held_out_metric": f"answer NLL per token on the first {config.n_metric_eval} evaluation examples",
+        "mean_nll_gain": round(statistics.fmean(gains), 4) if gains else None,
+        "n_improved": sum(g > 0 for g in gains),
+        "experts": experts,
+        "machine": machine(),
+    }
+    atomic_write_bytes(Path(path), (json.dumps(result, indent=2) + "\n").encode())
+    return result

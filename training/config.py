@@ -1,0 +1,68 @@
+"""Training hyper-parameters as plain dataclasses: importable without torch or Lightning (the CLI builds its
+parser from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass
+class ExpertTrainConfig:
+    """Hyper-parameters of one expert's training run (YAML files under configs/experts/ mirror it).
+
+    The defaults are the fast CPU path (see `training/fast.py` and benchmarks/bench_train.py); `reference()`
+    gives the same run on the plain PEFT path it is measured against.
+    """
+
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: float = 16.0
+    """lora_alpha; the update is scaled by alpha / rank."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Leaf names of the linear layers that get a LoRA."""
+    steps: int = 50
+    """Optimizer steps."""
+    lr: float = 5e-4
+    batch_size: int = 8
+    max_length: int = 128
+    """Tokens per example (prompt truncated from the left, answer kept)."""
+    n_metric_eval: int = 32
+    """Examples of the task's evaluation split scored before/after training for the expert's metrics."""
+    seed: int = 0
+    trained_layers: int = 0
+    """LoRA only on the last `trained_layers` decoder layers (0: every layer). Backward stops below them."""
+    train_examples: int = 0
+    """Distinct training examples, drawn at random (seeded) from the tasks' training splits; the steps cycle
+    through them. 0: steps * batch_size, i.e. each example seen once (fewer if the tasks have fewer)."""
+    answer_only_logits: bool = True
+    """Vocabulary projection only at positions that predict an answer token. False: the plain PEFT forward,
+    logits at every position (the reference path)."""
+    cache_lower: bool = True
+    """Run the frozen layers below the trained ones once per example and train on their cached output
+    (Llama-style models; needs answer_only_logits). False: the whole forward at every step."""
+    length_buckets: bool = True
+    """Batch examples of similar length, so little compute goes to padding. False: uniformly random batches."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rank": self.rank >= 1,
+            "alpha": self.alpha > 0,
+            "steps": self.steps >= 1,
+            "lr": self.lr > 0,
+            "batch_size": self.batch_size >= 1,
+            "max_length": self.max_length >= 8,
+            "n_metric_eval": self.n_metric_eval >= 1,
+            "target_modules": bool(self.target_modules),
+            "trained_layers": self.trained_layers >= 0,
+            "train_examples": self.train_examples >= 0,
+            "cache_lower (needs answer_only_logits)": self.answer_only_logits or not self.cache_lower,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid ExpertTrainConfig field(s) {bad}: {self}")
+
+    def reference(self) -> ExpertTrainConfig:
+        """The same run on the plain PEFT path: LoRA on every layer, full logits, random batches."""
+        return replace(
+            self, trained_layers=0, answer_only_logits=False, cache_lower=False, length_buckets=False
+        )
