@@ -80,7 +80,10 @@ def write_report(
     `wall_s` and `per_expert_s` time this run only (experts trained now, skipped ones cost ~0); each expert's
     own `train_seconds` / `wall_seconds` are as recorded when it was trained.
     """
+    import numpy as np
+
     from loramint.sysinfo import machine
+    from loramint.training.metrics import bootstrap_ci
 
     ids = report.trained + report.skipped
     experts = {}
@@ -93,7 +96,11 @@ def write_report(
             "wall_seconds": m["wall_seconds"],
             "trained_now": eid in report.seconds,
         }
+        if "answer_nll_before_examples" in m:  # paired per-example gains: before - after (> 0 is better)
+            gain = np.subtract(m["answer_nll_before_examples"], m["answer_nll_after_examples"])
+            experts[eid]["gain_ci"] = {k: round(v, 4) for k, v in bootstrap_ci(gain).items()}
     gains = [e["answer_nll_before"] - e["answer_nll_after"] for e in experts.values()]
+    with_ci = [e for e in experts.values() if "gain_ci" in e]
     trained = list(report.seconds.values())
     result = {
         "n_experts": len(ids),
@@ -107,6 +114,9 @@ def write_report(
         "held_out_metric": f"answer NLL per token on the first {config.n_metric_eval} evaluation examples",
         "mean_nll_gain": round(statistics.fmean(gains), 4) if gains else None,
         "n_improved": sum(g > 0 for g in gains),
+        "n_improved_significantly": sum(e["gain_ci"]["ci_low"] > 0 for e in with_ci),
+        "n_worse_significantly": sum(e["gain_ci"]["ci_high"] < 0 for e in with_ci),
+        "significance": "paired 95% bootstrap CI of the per-example NLL gain over the metric examples excludes 0",
         "experts": experts,
         "machine": machine(),
     }

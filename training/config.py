@@ -20,9 +20,10 @@ class ExpertTrainConfig:
     """lora_alpha; the update is scaled by alpha / rank."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Leaf names of the linear layers that get a LoRA."""
-    steps: int = 50
-    """Optimizer steps."""
-    lr: float = 5e-4
+    steps: int = 10
+    """Optimizer steps. 10 steps at lr 2e-3 match 15 steps at 1e-3 of plain PEFT on held-out answer NLL in
+    half the time (benchmarks/bench_train.py)."""
+    lr: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
     """Tokens per example (prompt truncated from the left, answer kept)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,21 +89,46 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
+def answer_logprob_sums(
+    model, items: Sequence[Encoded], pad_id: int, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the answer tokens' log-probabilities [n], answer token count [n]) of each encoded example.
+
+    Batches run in length order (little padding); results come back in the items' order.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    sums, counts = np.zeros(len(items)), np.zeros(len(items))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([items[i] for i in rows], pad_id).items()}
+        logits, targets = answer_logits(model, batch)  # [N, V], [N]
+        logp = -F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+        sums[rows], counts[rows] = per_row(logp, answer_targets(batch["labels"])[0])
+    return sums, counts
+
+
+def per_row(values: torch.Tensor, keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Row sums and counts of `values` [N], the entries of a [B, T] mask `keep` in row-major order."""
+    rows = keep.nonzero()[:, 0]  # [N]
+    sums = torch.zeros(keep.shape[0], device=values.device).index_add_(0, rows, values.float())
+    return sums.cpu().numpy(), keep.sum(dim=1).cpu().numpy()
+
+
+def answer_nll_per_example(
+    model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+) -> np.ndarray:
+    """[n]: each example's negative log-likelihood per answer token (the harness's `answer_nll` values)."""
+    encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
+    sums, counts = answer_logprob_sums(model, encoded, tokenizer.pad_token_id, batch_size)
+    return -sums / counts
+
+
 def answer_nll(
     model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
 ) -> float:
-    """Mean negative log-likelihood per answer token (lower is better)."""
-    model.eval()
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
+    """Mean negative log-likelihood per answer token over all answer tokens (lower is better)."""
     encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
-    encoded.sort(key=lambda enc: len(enc.input_ids))  # similar lengths per batch: little padding
-    for start in range(0, len(encoded), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
-        }
-        logits, targets = answer_logits(model, batch)  # [N, V], [N]
-        total += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        count += targets.numel()
-    return total / max(count, 1)
+    sums, counts = answer_logprob_sums(model, encoded, tokenizer.pad_token_id, batch_size)
+    return float(-sums.sum() / max(counts.sum(), 1))

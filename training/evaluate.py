@@ -30,7 +30,7 @@ from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
 from loramint.sysinfo import machine
 from loramint.tasks import Example, Task, load_tasks
-from loramint.training.data import IGNORE, collate, encode_example, eval_split, prompt_text
+from loramint.training.data import answer_logprob_sums, encode_example, eval_split, prompt_text
 from loramint.training.methods import (
     Intervention,
     Method,
@@ -112,7 +112,6 @@ class TaskScores:
 # ---- scoring one task ----------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def answer_logprobs(
     base: BaseModel,
     task: Task,
@@ -122,29 +121,11 @@ def answer_logprobs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log-probabilities [n], token count [n]) of each answer (None: the reference) after its prompt.
 
-    Logits are computed only where answer tokens are predicted (the vocabulary projection of every prompt
-    position would dominate the cost); this assumes logits = lm_head(last hidden state), as in Llama-style
-    models.
+    Logits are computed only where answer tokens are predicted (`data.answer_logits`): the vocabulary
+    projection of every prompt position would dominate the cost.
     """
-    model, tok = base.model, base.tokenizer
-    encoded = [encode_example(tok, task, ex, max_length, answer) for ex, answer in items]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding per batch
-    sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded))
-    body, head = model.base_model, model.get_output_embeddings()
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = {
-            k: v.to(base.device) for k, v in collate([encoded[i] for i in rows], tok.pad_token_id).items()
-        }
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        labels = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
-        keep = labels != IGNORE  # [B, T-1]
-        logp = torch.log_softmax(head(hidden[:, :-1][keep]).float(), dim=-1)  # [N, V], N answer tokens
-        picked = logp.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)  # [N]
-        per_row = torch.zeros(len(rows), device=picked.device).index_add_(0, keep.nonzero()[:, 0], picked)
-        sums[rows] = per_row.cpu().numpy()
-        counts[rows] = keep.sum(dim=1).cpu().numpy()
-    return sums, counts
+    encoded = [encode_example(base.tokenizer, task, ex, max_length, answer) for ex, answer in items]
+    return answer_logprob_sums(base.model, encoded, base.tokenizer.pad_token_id, batch_size)
 
 
 @torch.no_grad()

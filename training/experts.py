@@ -19,13 +19,13 @@ from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.models import BaseModel
 from loramint.tasks import Task
 from loramint.training.config import ExpertTrainConfig
-from loramint.training.data import answer_logits, answer_nll, collate, encode_example, eval_split
+from loramint.training.data import answer_logits, answer_nll_per_example, collate, encode_example, eval_split
 from loramint.training.fast import (
     LengthBuckets,
     answer_loss,
     cache,
     cache_examples,
-    cached_nll,
+    cached_nll_per_example,
     collate_cached,
 )
 
@@ -83,8 +83,8 @@ def train_lora(
 ) -> tuple[LoraAdapter, dict]:
     """Fit one LoRA on the training splits of `tasks` (several tasks: a multi-task LoRA).
 
-    Metrics hold the mean answer NLL before/after on the first `n_metric_eval` evaluation examples of each
-    task; evaluation examples are never trained on.
+    Metrics hold the answer NLL per token before/after on the first `n_metric_eval` evaluation examples of
+    each task (per example, and their mean); evaluation examples are never trained on.
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
@@ -167,8 +167,11 @@ def train_lora(
     adapter = LoraAdapter.from_state_dict(state, adapter_config)
     adapter.validate()
     metrics = {
-        "answer_nll_before": round(nll_before, 5),
-        "answer_nll_after": round(nll_after, 5),
+        "answer_nll_before": round(statistics.fmean(nll_before), 5),
+        "answer_nll_after": round(statistics.fmean(nll_after), 5),
+        # per metric example, for paired confidence intervals of the gain (mean over examples, as the harness)
+        "answer_nll_before_examples": [round(v, 4) for v in nll_before],
+        "answer_nll_after_examples": [round(v, 4) for v in nll_after],
         "train_seconds": round(cache_seconds + fit_seconds, 2),
         "cache_seconds": round(cache_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
@@ -182,23 +185,28 @@ def train_lora(
 
 def _held_out_scorer(
     base: BaseModel, metric_sets: list[tuple[Task, list]], config: ExpertTrainConfig, first: int
-) -> Callable[[], float]:
-    """A function giving base.model's mean answer NLL over the tasks' metric examples, as it is now.
-
-    With `cache_lower`, the frozen lower layers run once here and each call runs the trained layers only.
-    """
+) -> Callable[[], list[float]]:
+    """A function giving base.model's answer NLL per token of each metric example (all tasks, in order), as
+    the model is now. With `cache_lower`, the frozen lower layers run once here and each call runs the
+    trained layers only."""
     tok = base.tokenizer
     if not config.cache_lower:
-        return lambda: statistics.fmean(
-            answer_nll(base.model, tok, task, examples, config.max_length) for task, examples in metric_sets
-        )
+
+        def score() -> list[float]:
+            return [
+                float(v)
+                for task, examples in metric_sets
+                for v in answer_nll_per_example(base.model, tok, task, examples, config.max_length)
+            ]
+
+        return score
     cached = [
         cache_examples(base.model, tok, task, examples, config.max_length, first)
         for task, examples in metric_sets
     ]
 
-    def score() -> float:
+    def score_cached() -> list[float]:
         base.model.eval()
-        return statistics.fmean(cached_nll(base.model, items, first) for items in cached)
+        return [float(v) for items in cached for v in cached_nll_per_example(base.model, items, first)]
 
-    return score
+    return score_cached

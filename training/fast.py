@@ -13,13 +13,14 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
 from loramint.tasks import Example, Task
-from loramint.training.data import IGNORE, Encoded, answer_targets, collate, encode_example
+from loramint.training.data import IGNORE, Encoded, answer_targets, collate, encode_example, per_row
 
 
 def decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -141,20 +142,21 @@ def cache_examples(
 
 
 @torch.no_grad()
-def cached_nll(model: nn.Module, items: Sequence[Cached], first_layer: int, batch_size: int = 16) -> float:
-    """Mean NLL per answer token of cached items (== data.answer_nll of the same examples)."""
+def cached_nll_per_example(
+    model: nn.Module, items: Sequence[Cached], first_layer: int, batch_size: int = 16
+) -> np.ndarray:
+    """[n]: each cached item's NLL per answer token (== data.answer_nll_per_example of the same examples)."""
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    total, count = 0.0, 0
+    sums, counts = np.zeros(len(items)), np.zeros(len(items))
     for start in range(0, len(order), batch_size):
-        batch = collate_cached([items[i] for i in order[start : start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_cached([items[i] for i in rows]).items()}
         nll = answer_loss(
-            model, batch["hidden"], batch["attention_mask"], batch["labels"], first_layer, "sum"
-        )
-        total += nll.item()
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    return total / max(count, 1)
+            model, batch["hidden"], batch["attention_mask"], batch["labels"], first_layer, "none"
+        )  # [N]
+        sums[rows], counts[rows] = per_row(nll, answer_targets(batch["labels"])[0])
+    return sums / counts
 
 
 class LengthBuckets(Sampler[list[int]]):

@@ -97,7 +97,9 @@ def train_config_from_yaml(path: str | Path) -> ExpertTrainConfig:
     """The training settings in an experts YAML (configs/experts/); its other keys (tasks, library) are ignored."""
     settings = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(settings, dict) or not isinstance(settings.get("train", {}), dict):
-        raise ValueError(f"{path}: expected a mapping of `loramint train-experts` arguments with a `train:` mapping")
+        raise ValueError(
+            f"{path}: expected a mapping of `loramint train-experts` arguments with a `train:` mapping"
+        )
     return _train_config(settings.get("train", {}))
 
 
