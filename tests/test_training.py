@@ -142,6 +142,34 @@ def test_fast_path_trains_the_same_adapter_as_the_full_forward(tiny, suite, trai
         torch.testing.assert_close(b, full_adapter.weights[module][1], atol=1e-5, rtol=1e-4)
     for key in ("answer_nll_before", "answer_nll_after"):
         assert fast_metrics[key] == pytest.approx(full_metrics[key], abs=1e-4)
+        per_example = fast_metrics[f"{key}_examples"]
+        assert len(per_example) == config.n_metric_eval
+        assert per_example == pytest.approx(full_metrics[f"{key}_examples"], abs=2e-4)
+        assert fast_metrics[key] == pytest.approx(sum(per_example) / len(per_example), abs=1e-4)
+
+
+def test_build_report_times_the_run_and_tests_each_gain(tiny, suite, tmp_path):
+    """Resumed build: the report covers every expert, times only what ran, and a real expert's gain is
+    significant (paired CI over its metric examples)."""
+    import json
+
+    from loramint.index import ExpertLibrary
+    from loramint.training.build import build_library, write_report
+
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        build_library(library, suite[:1], tiny, FAST)
+        build = build_library(library, suite[:2], tiny, FAST)
+        assert build.skipped == [f"expert-{suite[0].name}"] and build.trained == [f"expert-{suite[1].name}"]
+        result = write_report(tmp_path / "build.json", build, library, tiny, FAST)
+    assert json.loads((tmp_path / "build.json").read_text()) == result
+    assert result["n_experts"] == 2 and result["n_trained"] == 1 and result["n_skipped"] == 1
+    assert result["per_expert_s"] == build.seconds[f"expert-{suite[1].name}"] > 0
+    assert result["n_improved_significantly"] == 2 and result["n_worse_significantly"] == 0
+    for entry in result["experts"].values():
+        assert 0 < entry["gain_ci"]["ci_low"] <= entry["gain_ci"]["mean"] <= entry["gain_ci"]["ci_high"]
+        assert entry["gain_ci"]["mean"] == pytest.approx(
+            entry["answer_nll_before"] - entry["answer_nll_after"], abs=1e-3
+        )
 
 
 @pytest.mark.parametrize(
