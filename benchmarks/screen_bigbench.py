@@ -17,12 +17,13 @@ Writes benchmarks/results/screen_bigbench.json; passing tasks go into configs/su
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 import warnings
 from dataclasses import asdict
 
-from common import machine, markdown_table, write_result
+from common import RESULTS, machine, markdown_table, write_result
 
 from loramint.bigbench import import_tasks
 from loramint.models import load_base_model
@@ -95,19 +96,22 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     base = load_base_model("smollm2-135m")
     config, scoring = ExpertTrainConfig(), ScoringConfig(n_generate=0)
-    rows = []
+    path = RESULTS / "screen_bigbench.json"
+    # earlier screens' rows are kept (a candidate screened again replaces its row); written after each task
+    rows = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.is_file() else {}
     for name in args.tasks:
-        rows.append(screen(base, name, config, scoring, args.max_examples))
-        print(rows[-1], flush=True)
-    result = {
-        "rule": "paired 95% bootstrap CI of the expert's gain over base on the headline metric excludes 0 "
-        "(accuracy for multiple choice, answer NLL per token for free text), on the evaluation split",
-        "passed": [r["task"] for r in rows if r["passes"]],
-        "tasks": rows,
-        "train_config": asdict(config),
-        "machine": machine(),
-    }
-    write_result("screen_bigbench", result)
+        row = screen(base, name, config, scoring, args.max_examples)
+        rows[row["task"]] = row
+        print(row, flush=True)
+        result = {
+            "rule": "paired 95% bootstrap CI of the expert's gain over base on the headline metric excludes 0 "
+            "(accuracy for multiple choice, answer NLL per token for free text), on the evaluation split",
+            "passed": [r["task"] for r in rows.values() if r["passes"]],
+            "tasks": list(rows.values()),
+            "train_config": asdict(config),
+            "machine": machine(),
+        }
+        write_result("screen_bigbench", result)
     table = [
         {
             "task": r["task"],
@@ -117,7 +121,7 @@ def main() -> None:
             "gain CI": f"[{r[r['headline']]['gain_ci']['ci_low']:.3f}, {r[r['headline']]['gain_ci']['ci_high']:.3f}]",
             "passes": r["passes"],
         }
-        for r in rows
+        for r in rows.values()
     ]
     print(markdown_table(table))
     print(f"passed {len(result['passed'])} of {len(rows)}:", result["passed"])
