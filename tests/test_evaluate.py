@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
 from loramint.cli import main
@@ -26,7 +27,6 @@ from loramint.training.evaluate import (
     generate_answers,
     score_task,
 )
-from loramint.training.experts import ExpertTrainConfig
 from loramint.training.methods import Intervention, MethodConfig, MethodContext, build_methods
 from loramint.training.metrics import (
     bootstrap_ci,
@@ -39,16 +39,7 @@ from loramint.training.metrics import (
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSEEN = ["arith_double", "classify_parity"]  # one free-text, one multiple-choice task
-FAST = ExpertTrainConfig(
-    rank=4,
-    alpha=8.0,
-    steps=20,
-    lr=3e-3,
-    batch_size=8,
-    max_length=64,
-    n_metric_eval=8,
-    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-)
+FAST = replace(TINY_TRAIN, steps=20, n_metric_eval=8)
 SCORING = ScoringConfig(max_length=64, batch_size=16, n_generate=8, max_new_tokens=6, n_bootstrap=200)
 
 

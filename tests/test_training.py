@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TRAIN
 
 from loramint.models import tiny_llama
 from loramint.tasks import synthetic_suite
@@ -15,17 +16,9 @@ from loramint.training import fast
 from loramint.training.data import IGNORE, answer_logits, answer_nll, answer_targets, collate, encode_example
 from loramint.training.experts import ExpertTrainConfig, train_expert
 
-FAST = ExpertTrainConfig(
-    rank=4,
-    alpha=8.0,
-    steps=30,
-    lr=3e-3,
-    batch_size=8,
-    max_length=64,
-    n_metric_eval=16,
-    target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-    trained_layers=1,  # of tiny-llama's 2: layer 0 runs once per example, layer 1 trains
-)
+FAST = replace(
+    TINY_TRAIN, trained_layers=1
+)  # of tiny-llama's 2: layer 0 runs once per example, layer 1 trains
 
 
 @pytest.fixture(scope="module")
