@@ -26,6 +26,37 @@ def suite():
     return synthetic_suite()
 
 
+def test_a_long_prompt_loses_the_start_of_its_input_not_its_header_or_instruction(tiny):
+    from loramint.tasks import Example, Task
+    from loramint.training.data import prompt_ids, prompt_text
+
+    tok = tiny.tokenizer
+    words = " ".join(f"word{i}" for i in range(400))
+    task = Task(
+        name="long",
+        description="d",
+        family="f",
+        examples=[Example(input=words + " Question: which word is last?", target="word399")] * 2,
+        prefix="Read the passage, then answer.\n",
+    )
+    example = task.examples[0]
+    full = tok(prompt_text(tok, task, example), add_special_tokens=False).input_ids
+    assert prompt_ids(tok, task, example, len(full) + 5) == full, "a prompt that fits is untouched"
+    cut = prompt_ids(tok, task, example, 120)
+    assert len(cut) <= 120
+    text = tok.decode(cut)
+    assert text.startswith(tok.decode(full[:3])), "the chat template's header survives"
+    assert "Read the passage, then answer." in text and "Question: which word is last?" in text
+    assert "word399" in text and "word0 " not in text, "the input's start goes, its end stays"
+    assert tok.decode(cut[-5:]) == tok.decode(full[-5:])
+    enc = encode_example(tok, task, example, 128)
+    assert len(enc.input_ids) <= 128 and tok.decode(enc.input_ids[: len(cut)]).startswith(
+        tok.decode(full[:3])
+    )
+    tiny_budget = prompt_ids(tok, task, example, 8)  # not even the instruction fits: plain left cut
+    assert tiny_budget == full[-8:]
+
+
 def test_labels_cover_only_the_answer(tiny, suite):
     task = suite[0]
     ex = task.examples[0]
@@ -157,6 +188,9 @@ def test_build_report_times_the_run_and_tests_each_gain(tiny, suite, tmp_path):
     assert json.loads((tmp_path / "build.json").read_text()) == result
     assert result["n_experts"] == 2 and result["n_trained"] == 1 and result["n_skipped"] == 1
     assert result["per_expert_s"] == build.seconds[f"expert-{suite[1].name}"] > 0
+    assert result["experts_wall_s_sum"] == pytest.approx(
+        sum(e["wall_seconds"] for e in result["experts"].values()), abs=0.02
+    )
     assert result["n_improved_significantly"] == 2 and result["n_worse_significantly"] == 0
     for entry in result["experts"].values():
         assert 0 < entry["gain_ci"]["ci_low"] <= entry["gain_ci"]["mean"] <= entry["gain_ci"]["ci_high"]

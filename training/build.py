@@ -19,12 +19,13 @@ from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes, validate_id
 from loramint.tasks import Task
+from loramint.training.data import ENCODING_VERSION
 from loramint.training.experts import ExpertTrainConfig, train_expert
 
 
 def config_hash(task: Task, base: BaseModel, config: ExpertTrainConfig) -> str:
     """Identifies one training run: same task data, base model and hyper-parameters -> same hash."""
-    body = {"task": task.to_dict(), "base": base.name, "config": asdict(config)}
+    body = {"task": task.to_dict(), "base": base.name, "config": asdict(config), "encoding": ENCODING_VERSION}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,6 +110,8 @@ def write_report(
         "wall_s": report.wall_s,
         "per_expert_s": round(statistics.fmean(trained), 2) if trained else None,
         "per_expert_s_max": max(trained) if trained else None,
+        # across resumed runs: every expert's own recorded training wall time (library adds not included)
+        "experts_wall_s_sum": round(sum(e["wall_seconds"] for e in experts.values()), 2),
         "base_model": base.name,
         "config": asdict(config),
         "held_out_metric": f"answer NLL per token on the first {config.n_metric_eval} evaluation examples",

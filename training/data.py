@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from loramint.tasks import Example, Task
 
 IGNORE = -100
+ENCODING_VERSION = 2
+"""Bumped whenever the token sequences built here change (2: the input, not the chat header or instruction,
+is cut when a prompt is too long): part of every expert's config hash and of the harness's score keys."""
 EVAL_SIZE = 200
 """Examples per task held out for evaluation (half the task when it has fewer than 2 * EVAL_SIZE)."""
 
@@ -41,15 +44,41 @@ class Encoded:
         return len(self.input_ids)
 
 
+def prompt_ids(tokenizer, task: Task, example: Example, budget: int) -> list[int]:
+    """Token ids of the chat-formatted prompt, at most `budget` of them.
+
+    A prompt that does not fit loses the start of the example's input, never the chat template's header,
+    the task's prefix (or a baseline's instruction) or the end of the input: the model still reads who it
+    is, what it is asked and the text nearest the question. Only when those alone exceed the budget is the
+    whole prompt cut from the left.
+    """
+    text = prompt_text(tokenizer, task, example)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) <= budget:
+        return ids
+    content = task.prompt(example)
+    start = text.find(content) + len(task.prefix)  # where example.input begins in the text
+    if start < len(task.prefix) or not example.input:
+        return ids[-budget:]
+    head, tail = text[:start], text[start + len(example.input) :]
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    tail_ids = tokenizer(tail, add_special_tokens=False).input_ids
+    keep = budget - len(head_ids) - len(tail_ids)
+    if keep < 1:
+        return ids[-budget:]
+    body = tokenizer(example.input, add_special_tokens=False).input_ids
+    return head_ids + body[-keep:] + tail_ids
+
+
 def encode_example(
     tokenizer, task: Task, example: Example, max_length: int, answer: str | None = None
 ) -> Encoded:
-    """Tokenise prompt + answer + end-of-turn; truncate the prompt from the left so the answer survives."""
-    prompt = tokenizer(prompt_text(tokenizer, task, example), add_special_tokens=False).input_ids
+    """Tokenise prompt + answer + end-of-turn in `max_length` tokens: the answer (up to half of them) is
+    kept whole and the prompt fits in the rest (`prompt_ids`: the input's start goes first)."""
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     target = tokenizer(answer if answer is not None else example.output, add_special_tokens=False).input_ids
     target = (target + end)[: max(1, max_length // 2)]
-    prompt = prompt[-(max_length - len(target)) :]
+    prompt = prompt_ids(tokenizer, task, example, max_length - len(target))
     return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
 
 

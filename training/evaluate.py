@@ -30,7 +30,13 @@ from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
 from loramint.sysinfo import machine
 from loramint.tasks import Example, Task, load_tasks
-from loramint.training.data import answer_logprob_sums, encode_example, eval_split, prompt_text
+from loramint.training.data import (
+    ENCODING_VERSION,
+    answer_logprob_sums,
+    encode_example,
+    eval_split,
+    prompt_ids,
+)
 from loramint.training.methods import (
     Intervention,
     Method,
@@ -141,10 +147,7 @@ def generate_answers(
     from transformers import GenerationConfig
 
     model, tok = base.model, base.tokenizer
-    prompts = [
-        tok(prompt_text(tok, task, ex), add_special_tokens=False).input_ids[-(max_length - max_new_tokens) :]
-        for ex in examples
-    ]
+    prompts = [prompt_ids(tok, task, ex, max_length - max_new_tokens) for ex in examples]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -332,6 +335,7 @@ def _cached_score(
     settings = asdict(scoring)
     key = {
         "version": SCORES_VERSION,
+        "encoding": ENCODING_VERSION,
         "base": base.name,
         "task": task.to_dict(),
         "instruction": intervention.instruction,

@@ -24,6 +24,7 @@ from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
 from loramint.tasks import Task
 from loramint.training.build import build_library, config_hash, expert_id
+from loramint.training.data import ENCODING_VERSION
 from loramint.training.experts import ExpertTrainConfig, train_lora
 
 log = logging.getLogger(__name__)
@@ -258,7 +259,12 @@ def uniform_method(ctx: MethodContext) -> Method:
 
 
 def _tasks_key(tasks: Sequence[Task], base: BaseModel, config: ExpertTrainConfig) -> str:
-    body = {"base": base.name, "config": asdict(config), "tasks": [t.to_dict() for t in tasks]}
+    body = {
+        "base": base.name,
+        "config": asdict(config),
+        "tasks": [t.to_dict() for t in tasks],
+        "encoding": ENCODING_VERSION,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
