@@ -52,3 +52,65 @@ def test_canonicalize_an_adapter_keeps_every_module_update():
     for module in adapter.modules:
         torch.testing.assert_close(canon.delta(module), adapter.delta(module), atol=1e-6, rtol=1e-5)
     canon.validate("tiny-llama")
+
+
+def test_layout_turns_an_adapter_into_group_tokens_and_back_exactly(tmp_path):
+    from loramint.gen.layout import Layout
+
+    adapter = LoraAdapter.random("tiny-llama", r=4, target_modules=("q_proj", "v_proj", "down_proj"), seed=1)
+    layout = Layout.of(adapter)
+    assert layout.layers == (0, 1) and layout.module_types == ("down_proj", "q_proj", "v_proj")
+    tokens = layout.to_tokens(adapter)
+    assert sorted(tokens) == sorted(layout.groups)
+    for group, values in tokens.items():
+        rows, cols = layout.group_shape(group)
+        assert tuple(values.shape) == (2, rows * cols)
+    back = layout.from_tokens(tokens)
+    assert sorted(back.modules) == sorted(adapter.modules)
+    for module, (a, b) in adapter.weights.items():
+        assert torch.equal(back.weights[module][0], a) and torch.equal(back.weights[module][1], b)
+    back.validate("tiny-llama")
+    assert Layout.from_json(layout.to_json()) == layout
+
+
+def test_layout_refuses_what_it_cannot_represent():
+    from loramint.errors import AdapterError
+    from loramint.gen.layout import Layout
+
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=1)
+    partial = LoraAdapter(adapter.config, dict(list(adapter.weights.items())[:-1]))
+    with pytest.raises(AdapterError, match="lacks modules"):
+        Layout.of(partial)
+    layout = Layout.of(adapter)
+    tokens = layout.to_tokens(adapter)
+    with pytest.raises(AdapterError, match="expected"):
+        layout.from_tokens({g: v[:, :-1] for g, v in tokens.items()})
+    other = LoraAdapter.random("tiny-llama", r=2, seed=1)
+    with pytest.raises(AdapterError, match="differs"):
+        layout.to_tokens(other)
+
+
+def test_normalizer_z_scores_each_group_and_round_trips(tmp_path):
+    from loramint.gen.layout import Layout, Normalizer
+
+    adapters = [
+        canonicalize(LoraAdapter.random("tiny-llama", r=4, seed=s, std=0.02 * (1 + s))) for s in range(6)
+    ]
+    layout = Layout.of(adapters[0])
+    samples = [layout.to_tokens(a) for a in adapters]
+    norm = Normalizer.fit(samples)
+    normed = [norm.normalize(s) for s in samples]
+    for group in layout.groups:
+        stack = torch.stack([n[group] for n in normed])  # [N, layers, dim]
+        torch.testing.assert_close(stack.mean(dim=0), torch.zeros_like(stack[0]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(stack.pow(2).mean(dim=(0, 2)), torch.ones(2), atol=1e-4, rtol=1e-4)
+    for sample, n in zip(samples, normed, strict=True):
+        for group, values in norm.denormalize(n).items():
+            torch.testing.assert_close(values, sample[group], atol=1e-6, rtol=1e-5)
+    norm.save(tmp_path / "norm.safetensors")
+    loaded = Normalizer.load(tmp_path / "norm.safetensors")
+    assert sorted(loaded.mean) == sorted(norm.mean)
+    for group in norm.mean:
+        assert torch.equal(loaded.mean[group], norm.mean[group]) and torch.equal(
+            loaded.scale[group], norm.scale[group]
+        )
