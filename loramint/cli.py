@@ -264,6 +264,7 @@ def evaluate(
     methods: list[str] | None = None,
     out: Path = Path("benchmarks/results"),
     n_generate: int = 32,
+    max_examples: int | None = None,
     max_new_tokens: int = 32,
     max_length: int = 512,
     batch_size: int = 8,
@@ -291,6 +292,7 @@ def evaluate(
         methods: method names (default: base, base+description, top1, topk, uniform, multitask, oracle).
         out: output folder.
         n_generate: free-text tasks: greedy answers generated for this many evaluation examples (0: none).
+        max_examples: score only this many evaluation examples per task (default: all, up to 200).
         max_new_tokens: longest generated answer.
         max_length: tokens per scored sequence (prompt cut from the left).
         batch_size: sequences per forward pass.
@@ -318,6 +320,7 @@ def evaluate(
         max_length=max_length,
         batch_size=batch_size,
         n_generate=n_generate,
+        max_examples=max_examples,
         max_new_tokens=max_new_tokens,
         n_bootstrap=n_bootstrap,
         seed=seed,

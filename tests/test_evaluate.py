@@ -184,6 +184,16 @@ def test_score_cache_is_reused_and_keyed_by_the_intervention(tiny, suite, tmp_pa
     for name in interventions:
         for metric, values in first[name][task.name].values.items():
             assert np.array_equal(again[name][task.name].values[metric], values)
+    monkeypatch.undo()
+    capped = harness.score_methods(tiny, [task], interventions, replace(scoring, max_examples=5))
+    assert len(list(tmp_path.glob("copy_repeat-*.json"))) == 4, "max_examples is part of the cache key"
+    for name in interventions:
+        assert len(capped[name][task.name].values["answer_nll"]) == 5
+        np.testing.assert_allclose(
+            capped[name][task.name].values["answer_nll"],
+            first[name][task.name].values["answer_nll"][:5],
+            rtol=1e-5,
+        )
 
 
 def test_mixture_equals_the_weighted_sum_of_deltas_and_the_base_comes_back_exactly(tiny):

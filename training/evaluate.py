@@ -71,6 +71,9 @@ class ScoringConfig:
     batch_size: int = 8
     n_generate: int = 32
     """Free-text tasks: greedy answers generated for the first this-many evaluation examples (0: none)."""
+    max_examples: int | None = None
+    """Score only the first this-many examples of each task's evaluation split (None: all, i.e. up to 200).
+    For cheap secondary tables (the seen split); headline tables use every evaluation example."""
     max_new_tokens: int = 32
     """Longest generated answer."""
     n_bootstrap: int = 1000
@@ -88,6 +91,7 @@ class ScoringConfig:
             "max_length": self.max_length >= 16,
             "batch_size": self.batch_size >= 1,
             "n_generate": self.n_generate >= 0,
+            "max_examples": self.max_examples is None or self.max_examples >= 1,
             "max_new_tokens": self.max_new_tokens >= 1,
             "n_bootstrap": self.n_bootstrap >= 10,
         }
@@ -174,7 +178,7 @@ def generate_answers(
 
 def score_task(base: BaseModel, task: Task, intervention: Intervention, config: ScoringConfig) -> TaskScores:
     """Every metric of `task` with the method's intervention in place (the base model is restored after)."""
-    examples = eval_split(task)[1]
+    examples = eval_split(task)[1][: config.max_examples]
     score = _score_choices if task.is_multiple_choice else _score_free_text
     started = time.perf_counter()
     with apply_mixture(base.model, intervention.mixture):
@@ -340,7 +344,10 @@ def _cached_score(
         "task": task.to_dict(),
         "instruction": intervention.instruction,
         "mixture": [(hashes[id(a)], float(w)) for a, w in intervention.mixture],
-        "scoring": {k: settings[k] for k in ("max_length", "batch_size", "n_generate", "max_new_tokens")},
+        "scoring": {
+            k: settings[k]
+            for k in ("max_length", "batch_size", "n_generate", "max_new_tokens", "max_examples")
+        },
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = scoring.cache_dir / f"{task.name}-{digest}.json"
