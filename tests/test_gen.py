@@ -196,3 +196,39 @@ def test_cvae_learns_to_reconstruct_a_small_library():
     error = sum(((minted[g] - tokens[g]) ** 2).mean() for g in tokens).item()
     baseline = sum(tokens[g].pow(2).mean() for g in tokens).item()  # predicting the (zero) mean
     assert error < 0.1 * baseline
+
+
+def test_expert_set_from_a_library_with_phrasings_and_leave_one_out_neighbours(tmp_path):
+    from loramint.gen.data import ExpertSet
+    from loramint.index import ExpertLibrary
+
+    descriptions = {
+        "add": "Add two numbers and give the sum.",
+        "sub": "Subtract the second number from the first.",
+        "poem": "Write a short poem about the sea.",
+        "story": "Tell a short story about a dragon.",
+    }
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        for seed, (name, text) in enumerate(descriptions.items()):
+            library.add(
+                LoraAdapter.random("tiny-llama", r=2, seed=seed), id=name, name=name, description=text
+            )
+        data = ExpertSet.from_library(
+            library, phrasings={"add": ["Sum up two integers.", "Addition, please."]}
+        )
+    assert data.ids == list(descriptions) and len(data) == 4
+    assert {g: tuple(v.shape)[:2] for g, v in data.tokens.items()} == {g: (4, 2) for g in data.layout.groups}
+    assert [c.shape[0] for c in data.conds] == [3, 1, 1, 1]
+    torch.testing.assert_close(data.conds[0][0], data.keys[0])
+    # normalised canonical tokens invert to the stored experts' updates
+    first = data.layout.from_tokens(data.normalizer.denormalize({g: v[0] for g, v in data.tokens.items()}))
+    original = LoraAdapter.random("tiny-llama", r=2, seed=0)
+    for module in original.modules:
+        torch.testing.assert_close(first.delta(module), original.delta(module), atol=1e-5, rtol=1e-4)
+    # leave-one-out: an expert never is its own neighbour; the nearest of "sub" is "add"
+    idx, sims = data.neighbours(data.keys, k=1, exclude=list(range(4)))
+    assert all(int(i) != row for row, i in enumerate(idx[:, 0]))
+    assert data.ids[int(idx[1, 0])] == "add" and data.ids[int(idx[2, 0])] == "story"
+    assert torch.all(sims[:, 0] < 1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        data.neighbours(data.keys, k=4, exclude=list(range(4)))
