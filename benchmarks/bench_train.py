@@ -16,6 +16,7 @@ Writes benchmarks/results/bench_train.json. Runs ~25 min on a 2-core CPU (--quic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -89,9 +90,7 @@ def speed(base, default: ExpertTrainConfig, steps: int) -> tuple[list[dict], lis
 
 
 def held_out(base, task, examples, adapter=None) -> float:
-    if adapter is None:
-        return round(answer_nll(base.model, base.tokenizer, task, examples, max_length=384), 4)
-    with apply_lora(base.model, adapter):
+    with apply_lora(base.model, adapter) if adapter is not None else contextlib.nullcontext():
         return round(answer_nll(base.model, base.tokenizer, task, examples, max_length=384), 4)
 
 

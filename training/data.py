@@ -149,8 +149,7 @@ def answer_nll_per_example(
     model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
 ) -> np.ndarray:
     """[n]: each example's negative log-likelihood per answer token (the harness's `answer_nll` values)."""
-    encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
-    sums, counts = answer_logprob_sums(model, encoded, tokenizer.pad_token_id, batch_size)
+    sums, counts = _reference_sums(model, tokenizer, task, examples, max_length, batch_size)
     return -sums / counts
 
 
@@ -158,6 +157,13 @@ def answer_nll(
     model, tokenizer, task: Task, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
 ) -> float:
     """Mean negative log-likelihood per answer token over all answer tokens (lower is better)."""
-    encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
-    sums, counts = answer_logprob_sums(model, encoded, tokenizer.pad_token_id, batch_size)
+    sums, counts = _reference_sums(model, tokenizer, task, examples, max_length, batch_size)
     return float(-sums.sum() / max(counts.sum(), 1))
+
+
+def _reference_sums(
+    model, tokenizer, task: Task, examples: Sequence[Example], max_length: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`answer_logprob_sums` of the examples' reference answers."""
+    encoded = [encode_example(tokenizer, task, ex, max_length) for ex in examples]
+    return answer_logprob_sums(model, encoded, tokenizer.pad_token_id, batch_size)
