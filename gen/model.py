@@ -18,29 +18,12 @@ retrieval, decoding, de-normalising and writing PEFT files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
-
-
-@dataclass
-class GeneratorConfig:
-    cond_dim: int = 384
-    """Size of the condition vector (all-MiniLM-L6-v2: 384)."""
-    d_model: int = 256
-    """Width of the slice tokens and of the decoder's input."""
-    hidden: int = 512
-    """Width of the MLPs and of the decoder trunk."""
-    d_latent: int = 64
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        bad = [k for k in ("cond_dim", "d_model", "hidden", "d_latent") if getattr(self, k) < 1]
-        if bad or not 0 <= self.dropout < 1:
-            raise ValueError(f"invalid GeneratorConfig field(s) {bad or ['dropout']}: {self}")
 
 
 def mlp(n_in: int, hidden: int, n_out: int, dropout: float = 0.0) -> nn.Sequential:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loramint.errors import LoramintError
-from loramint.training.config import ExpertTrainConfig
+from loramint.training.config import ExpertTrainConfig, GeneratorTrainConfig
 
 # Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -278,6 +278,9 @@ def evaluate(
     multitask_steps: int | None = None,
     multitask_dir: Path = Path("data/eval/multitask"),
     oracle_library: Path = Path("data/eval/oracle-library"),
+    generator: Path | None = None,
+    n_shots: int = 5,
+    n_samples: int = 8,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
 
@@ -307,6 +310,11 @@ def evaluate(
         multitask_steps: steps of the multi-task LoRA (default: n_seen * the experts' steps, the library's budget).
         multitask_dir: PEFT folder caching the multi-task LoRA.
         oracle_library: expert library caching the oracle LoRAs.
+        generator: generator checkpoint for the methods minted, minted-sampled, minted+examples,
+            minted-short and reconstructed.
+        n_shots: training examples a user shows (minted+examples conditions on them, minted-sampled picks
+            its best sample by their loss).
+        n_samples: seeded samples minted-sampled chooses among (plus the mean).
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
@@ -334,6 +342,9 @@ def evaluate(
         multitask_steps=multitask_steps,
         multitask_dir=multitask_dir,
         oracle_library=oracle_library,
+        generator=generator,
+        n_shots=n_shots,
+        n_samples=n_samples,
     )
     base = load_base_model(base_model)
     with _open(library) as lib:
@@ -354,6 +365,98 @@ def evaluate(
     console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
 
 
+def train_generator(
+    config: GeneratorTrainConfig | None = None,
+    suite: Path | None = None,
+    base_model: str = "smollm2-135m",
+    report: Path | None = None,
+    plot: Path | None = None,
+) -> None:
+    """Train the generator on the library's experts and write its checkpoint (safetensors + JSON).
+
+    Args:
+        config: the training settings (`--config.steps 2000`, or a `config:` mapping in YAML; see
+            configs/generator/).
+        suite: suite YAML whose SEEN tasks the generator learns from (their experts, phrasings and examples);
+            needed by the functional objective, example conditioning and validation NLL.
+        base_model: registry name, HF id or local path (the functional objective and validation NLL).
+        report: write the training report (steps, validation curve, sizes, wall time, machine) as JSON here.
+        plot: write the learning curve (validation metrics per step) as a PNG here.
+    """
+    import json
+
+    from loramint.tasks import load_tasks
+    from loramint.training.generator import plot_curve
+    from loramint.training.generator import train_generator as train
+
+    config = config or GeneratorTrainConfig()
+    tasks = []
+    if suite is not None:
+        from loramint.training.suites import load_suite
+
+        fixed = load_suite(suite)
+        tasks = [t for t in load_tasks(fixed.tasks_file) if t.name in set(fixed.seen)]
+    base = None
+    if config.objective != "recon" or config.val_examples:
+        from loramint.models import load_base_model
+
+        base = load_base_model(base_model)
+    result = train(config, tasks, base)
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(result, indent=2))
+    if plot is not None and result["curve"]:
+        plot_curve(result["curve"], plot)
+    best = (
+        f"best {result['monitor']} {result['best']:.4f} at step {result['best_step']}"
+        if result["best"]
+        else ""
+    )
+    console.print(
+        f"trained {result['steps']} steps on {len(result['train'])} experts in {result['wall_s']:.0f}s; {best}; "
+        f"checkpoint: {config.out}"
+    )
+
+
+def mint(
+    description: list[str],
+    out: Path,
+    generator: Path = Path("data/generator/ni-family"),
+    examples: list[str] | None = None,
+    seed: int | None = None,
+    rank: int | None = None,
+    fuse: bool = False,
+) -> None:
+    """Mint a PEFT adapter from a task description and write it to `out`.
+
+    Args:
+        description: what the task asks for (several with --fuse: one adapter for all of them).
+        out: the adapter folder to write (adapter_config.json + adapter_model.safetensors).
+        generator: a checkpoint from `loramint train-generator`.
+        examples: a few example texts of the task (input and answer) to condition on.
+        seed: sample the latent with this seed (default: the prior's mean, deterministic).
+        rank: keep only the strongest `rank` components of each module.
+        fuse: mix the latents of all descriptions into one multi-task adapter.
+    """
+    import time
+
+    from loramint.gen.minter import Minter
+
+    minter = Minter.from_pretrained(generator)
+    started = time.perf_counter()
+    if fuse:
+        adapter = minter.fuse(description, rank=rank)
+    elif len(description) != 1:
+        raise LoramintError(f"give one description (or several with --fuse), got {len(description)}")
+    else:
+        adapter = minter.mint(description[0], examples=examples, seed=seed, rank=rank)
+    adapter.save(out)
+    ms = (time.perf_counter() - started) * 1000
+    console.print(
+        f"minted {adapter.config.base_model} rank {adapter.config.r} adapter in {ms:.0f} ms -> {out}"
+    )
+
+
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
     "tasks": {
@@ -365,6 +468,8 @@ COMMANDS = {
     "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
     "train-experts": train_experts,
     "eval": evaluate,
+    "train-generator": train_generator,
+    "mint": mint,
 }
 
 

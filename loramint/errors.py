@@ -40,3 +40,7 @@ class TaskError(LoramintError, ValueError):
 
 class LibraryError(LoramintError):
     """The expert library on disk is unusable (incompatible embedding model, unreadable metadata)."""
+
+
+class GeneratorError(LoramintError, ValueError):
+    """A generator checkpoint is unusable, or a mint request is malformed (empty description, bad rank)."""

@@ -12,7 +12,11 @@ from loramint.cli import main
 from loramint.tasks import load_tasks
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("*.yaml"))
-COMMAND_OF_FOLDER = {"experts": "train-experts", "eval": "eval"}  # configs/<folder>/*.yaml -> CLI command
+COMMAND_OF_FOLDER = {
+    "experts": "train-experts",
+    "eval": "eval",
+    "generator": "train-generator",
+}  # configs/<folder>/*.yaml -> CLI command
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])

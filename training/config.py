@@ -4,6 +4,11 @@ parser from them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from loramint.gen.config import GeneratorConfig
+
+Objective = Literal["recon", "functional", "both"]
 
 
 @dataclass
@@ -67,3 +72,69 @@ class ExpertTrainConfig:
         return replace(
             self, trained_layers=0, answer_only_logits=False, cache_lower=False, length_buckets=False
         )
+
+
+@dataclass
+class GeneratorTrainConfig:
+    library: str = "data/library-ni-family"
+    """Expert library to learn from (every expert whose task is in `tasks`, or all of them)."""
+    out: str = "data/generator/ni-family"
+    """Checkpoint folder (replaced atomically when training ends)."""
+    model: GeneratorConfig = field(default_factory=GeneratorConfig)
+    objective: Objective = "recon"
+    steps: int = 3000
+    """Optimiser steps (at most; early stopping may end sooner)."""
+    batch_size: int = 16
+    """Experts per reconstruction step."""
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    beta: float = 1e-3
+    """Weight of KL(q || learned prior) per latent dimension."""
+    prior_weight: float = 1.0
+    """Weight of reconstructing from the learned prior's mean (the minting path)."""
+    top_k: int = 5
+    """Retrieved experts forming the semantic prior (training and minting)."""
+    tau: float = 0.05
+    """Softmax temperature on cosine similarities for the semantic prior's weights."""
+    examples_prob: float = 0.25
+    """Fraction of conditions pulled towards a few of the task's examples (for `mint(..., examples=)`)."""
+    n_examples: int = 5
+    functional_tasks: int = 2
+    """Tasks (each with its own decoded adapter) per functional step."""
+    functional_batch: int = 4
+    """Examples per task per functional step."""
+    functional_weight: float = 1.0
+    max_length: int = 128
+    """Tokens per example for the functional loss (as the experts trained)."""
+    val_tasks: int = 6
+    """Seen experts held out for validation (0: none, no early stopping)."""
+    val_every: int = 100
+    val_examples: int = 0
+    """Evaluation examples per validation task for the functional validation NLL (0: reconstruction only)."""
+    monitor: Literal["val/mse", "val/nll"] = "val/mse"
+    patience: int = 10
+    """Validations without improvement before stopping."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = GeneratorConfig(**self.model)
+        checks = {
+            "objective": self.objective in ("recon", "functional", "both"),
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "beta": self.beta >= 0,
+            "top_k": self.top_k >= 1,
+            "tau": self.tau > 0,
+            "examples_prob": 0 <= self.examples_prob <= 1,
+            "val_tasks": self.val_tasks >= 0,
+            "val_every": self.val_every >= 1,
+            "val_examples": self.val_examples >= 0,
+            "monitor": self.monitor in ("val/mse", "val/nll")
+            and (self.monitor != "val/nll" or self.val_examples > 0),
+            "functional_tasks": self.functional_tasks >= 1,
+            "functional_batch": self.functional_batch >= 1,
+        }
+        if bad := [k for k, ok in checks.items() if not ok]:
+            raise ValueError(f"invalid generator training setting(s) {bad}: {self}")

@@ -54,7 +54,9 @@ from loramint.training.metrics import (
 )
 
 METRIC = "answer_nll"
-ALL_METHODS = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
+BASELINES = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
+MINTED = ("minted", "minted-sampled", "minted+examples", "minted-short")
+ALL_METHODS = BASELINES
 SECONDARY = ("accuracy", "exact_match", "rougeL")
 N_SAMPLES = 3
 """Generated answers kept per task in the JSON, to eyeball."""

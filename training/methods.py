@@ -55,6 +55,13 @@ class MethodConfig:
     """PEFT folder caching the multi-task LoRA (reused while its tasks, base model and config are unchanged)."""
     oracle_library: Path = Path("data/eval/oracle-library")
     """Expert library caching oracle LoRAs (kept apart from the main library, which must not hold unseen tasks)."""
+    generator: Path | None = None
+    """Generator checkpoint (`loramint train-generator`) for the `minted*` and `reconstructed` methods."""
+    n_shots: int = 5
+    """Training examples a user is assumed to show: `minted+examples` conditions on them and
+    `minted-sampled` picks its best sample by their answer loss (never by evaluation examples)."""
+    n_samples: int = 8
+    """Seeded samples `minted-sampled` chooses among (plus the mean)."""
 
     def __post_init__(self) -> None:
         self.multitask_dir, self.oracle_library = Path(self.multitask_dir), Path(self.oracle_library)
@@ -66,6 +73,10 @@ class MethodConfig:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.multitask_steps is not None and self.multitask_steps < 1:
             raise ValueError(f"multitask_steps must be >= 1 or null, got {self.multitask_steps}")
+        if self.generator is not None:
+            self.generator = Path(self.generator)
+        if self.n_shots < 1 or self.n_samples < 1:
+            raise ValueError(f"n_shots and n_samples must be >= 1, got {self.n_shots}, {self.n_samples}")
 
 
 @dataclass
@@ -119,6 +130,7 @@ class MethodContext:
     _adapters: dict[str, LoraAdapter] = field(default_factory=dict, repr=False)
     _oracles: ExpertLibrary | None = field(default=None, repr=False)
     _train_config: ExpertTrainConfig | None = field(default=None, repr=False)
+    _minter: Any = field(default=None, repr=False)
 
     def seen_experts(self) -> list[Expert]:
         """Library experts whose name is a seen task, in insertion order."""
@@ -179,6 +191,17 @@ class MethodContext:
         if self._oracles is not None:
             self._oracles.close()
             self._oracles = None
+
+    def minter(self):
+        """The generator of `config.generator`, loaded once (with the library's encoder when there is one)."""
+        if self._minter is None:
+            if self.config.generator is None:
+                raise ValueError("the minted methods need a generator checkpoint: pass generator=...")
+            from loramint.gen.minter import Minter
+
+            encoder = self.library.encoder if self.library is not None else None
+            self._minter = Minter.from_pretrained(self.config.generator, encoder=encoder)
+        return self._minter
 
     def mixture(self, experts: Sequence[Expert], weights: Sequence[float], **info: Any) -> Intervention:
         mixture = [(self.adapter(e), float(w)) for e, w in zip(experts, weights, strict=True)]
@@ -328,3 +351,79 @@ def _trained_as(lib: ExpertLibrary, task: Task, base: BaseModel, config: ExpertT
     """Whether `lib` holds the task's expert trained on exactly this task, base model and config."""
     eid = expert_id(task)
     return eid in lib and lib.get(eid).metrics.get("config_hash") == config_hash(task, base, config)
+
+
+# ---- minted by the generator ---------------------------------------------------------------------------------
+
+
+def short_description(task: Task) -> str:
+    """What a user would type: the shortest of the task's one-sentence phrasings (for natural-instructions
+    tasks the SNI "Prompt" line), else the description's first sentence."""
+    from loramint.gen.phrasings import sentences
+
+    short = [d for d in task.descriptions if len(sentences(d)) == 1 and len(d) < len(task.description)]
+    return min(short, key=len) if short else sentences(task.description)[0]
+
+
+def shots(task: Task, n: int) -> list:
+    """The first n training examples (never evaluation ones): what a user could show."""
+    from loramint.training.data import eval_split
+
+    return eval_split(task)[0][:n]
+
+
+def _minted(adapter: LoraAdapter, **info: Any) -> Intervention:
+    return Intervention(mixture=[(adapter, 1.0)], info=info)
+
+
+@register("minted")
+def minted_method(ctx: MethodContext) -> Method:
+    return lambda task: _minted(ctx.minter().mint(task.description), description="full")
+
+
+@register("minted-short")
+def minted_short_method(ctx: MethodContext) -> Method:
+    def method(task: Task) -> Intervention:
+        text = short_description(task)
+        return _minted(ctx.minter().mint(text), description=text)
+
+    return method
+
+
+@register("reconstructed")
+def reconstructed_method(ctx: MethodContext) -> Method:
+    """A seen task's own description (its expert is in the generator's bank): how much of the library the
+    generator reproduces."""
+    return lambda task: _minted(ctx.minter().mint(task.description), description="full")
+
+
+@register("minted+examples")
+def minted_examples_method(ctx: MethodContext) -> Method:
+    from loramint.training.generator import example_text
+
+    def method(task: Task) -> Intervention:
+        texts = [example_text(task, ex) for ex in shots(task, ctx.config.n_shots)]
+        return _minted(ctx.minter().mint(task.description, examples=texts), n_shots=len(texts))
+
+    return method
+
+
+@register("minted-sampled")
+def minted_sampled_method(ctx: MethodContext) -> Method:
+    """Best of the mean and n seeded samples by answer loss on the n_shots training examples a user shows."""
+    from loramint.adapters import apply_lora
+    from loramint.training.data import answer_nll
+
+    def method(task: Task) -> Intervention:
+        minter, base = ctx.minter(), ctx.base
+        seeds = [None, *range(ctx.config.n_samples)]
+        adapters = [minter.mint(task.description, seed=seed) for seed in seeds]
+        examples = shots(task, ctx.config.n_shots)
+        losses = []
+        for adapter in adapters:
+            with apply_lora(base.model, adapter):
+                losses.append(answer_nll(base.model, base.tokenizer, task, examples, 256))
+        best = min(range(len(adapters)), key=losses.__getitem__)
+        return _minted(adapters[best], seed=seeds[best], shot_nll=[round(x, 4) for x in losses])
+
+    return method

@@ -1,0 +1,274 @@
+"""Minting: a trained generator checkpoint + a description (optionally a few examples) -> a PEFT adapter.
+
+`Minter.from_pretrained("data/generator/ni-family").mint("Answer questions about how long events last")`
+embeds the description, retrieves the K nearest library experts from the checkpoint's bank (their
+description embeddings and latent posteriors), forms the semantic prior, decodes the learned prior's mean
+(or a seeded sample) in one batched pass, de-normalises and returns a `LoraAdapter` (`.save(dir)` writes a
+stock PEFT folder). `fuse` mixes the latents of several descriptions into one multi-task adapter.
+
+A checkpoint is a folder: `generator.json` (format, model config, layout, encoder id, prior settings, the
+training config and metrics), `model.safetensors`, `normalizer.safetensors`, `bank.safetensors`. No pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramint.adapters import AdapterConfig, LoraAdapter
+from loramint.errors import GeneratorError
+from loramint.gen.canonical import canonicalize
+from loramint.gen.layout import Layout, Normalizer
+from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
+from loramint.paths import fsync_dir
+
+FORMAT = "loramint-generator"
+VERSION = 1
+MAX_DESCRIPTION_CHARS = 8000
+MAX_EXAMPLES = 64
+
+
+@dataclass
+class Bank:
+    """The retrievable experts: names, description embeddings keys [N, C], posterior mu/logvar [N, Z]."""
+
+    names: list[str]
+    keys: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def save_generator(
+    path: str | Path,
+    model: LoraCVAE,
+    normalizer: Normalizer,
+    bank: Bank,
+    *,
+    encoder: str,
+    top_k: int,
+    tau: float,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder; an existing one at `path` is replaced only once the new one is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": asdict(model.config),
+            "layout": model.layout.to_json(),
+            "encoder": encoder,
+            "top_k": top_k,
+            "tau": tau,
+            "bank": bank.names,
+            **(extra or {}),
+        }
+        (tmp / "generator.json").write_text(json.dumps(meta, indent=2, default=str))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        normalizer.save(tmp / "normalizer.safetensors")
+        tensors = {"keys": bank.keys, "mu": bank.mu, "logvar": bank.logvar}
+        save_file(
+            {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
+            str(tmp / "bank.safetensors"),
+        )
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class Minter:
+    """A trained generator ready to mint; see the module docstring."""
+
+    def __init__(
+        self,
+        model: LoraCVAE,
+        normalizer: Normalizer,
+        bank: Bank,
+        encoder,
+        top_k: int = 5,
+        tau: float = 0.1,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if not 1 <= top_k <= len(bank):
+            raise GeneratorError(f"top_k must be in [1, {len(bank)}] (the bank's size), got {top_k}")
+        if encoder.dim != model.config.cond_dim:
+            raise GeneratorError(
+                f"encoder {encoder.name!r} gives {encoder.dim}-d embeddings, the generator expects "
+                f"{model.config.cond_dim}: was it trained with another encoder?"
+            )
+        self.model = model.eval()
+        self.normalizer, self.bank, self.encoder = normalizer, bank, encoder
+        self.top_k, self.tau = top_k, tau
+        self.meta = meta or {}
+
+    @property
+    def layout(self) -> Layout:
+        return self.model.layout
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, encoder=None, device: str = "cpu") -> Minter:
+        """Load a checkpoint folder written by `save_generator` (`loramint train-generator`)."""
+        path = Path(path)
+        meta_file = path / "generator.json"
+        if not meta_file.is_file():
+            raise GeneratorError(f"{path} is not a generator checkpoint (no generator.json)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise GeneratorError(f"{meta_file} is not valid JSON: {exc}") from exc
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise GeneratorError(
+                f"{meta_file}: expected format {FORMAT!r} version {VERSION}, "
+                f"got {meta.get('format')!r} version {meta.get('version')!r}"
+            )
+        model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig(**meta["model"]))
+        try:
+            missing, unexpected = model.load_state_dict(
+                load_file(str(path / "model.safetensors")), strict=False
+            )
+            normalizer = Normalizer.load(path / "normalizer.safetensors")
+            tensors = load_file(str(path / "bank.safetensors"))
+        except (OSError, RuntimeError) as exc:
+            raise GeneratorError(f"cannot read the tensors of {path}: {exc}") from exc
+        if missing or unexpected:
+            raise GeneratorError(
+                f"{path}/model.safetensors: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        bank = Bank(list(meta["bank"]), tensors["keys"], tensors["mu"], tensors["logvar"])
+        if encoder is None:
+            from loramint.encoders import Encoder
+
+            encoder = Encoder(meta["encoder"])
+        model.to(device)
+        bank = Bank(bank.names, *(t.to(device) for t in (bank.keys, bank.mu, bank.logvar)))
+        return cls(model, normalizer, bank, encoder, int(meta["top_k"]), float(meta["tau"]), meta)
+
+    # ---- conditioning ---------------------------------------------------------------------------------------
+    def condition(
+        self, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
+    ) -> torch.Tensor:
+        """[B, C] unit vectors: each description, pulled towards its example texts when it has some."""
+        examples = examples if examples is not None else [None] * len(descriptions)
+        if len(examples) != len(descriptions):
+            raise GeneratorError(f"{len(descriptions)} descriptions but {len(examples)} example lists")
+        rows = []
+        for text, shots in zip(descriptions, examples, strict=True):
+            if not isinstance(text, str) or not text.strip():
+                raise GeneratorError(f"a description must be a non-empty string, got {text!r}")
+            if len(text) > MAX_DESCRIPTION_CHARS:
+                raise GeneratorError(
+                    f"description has {len(text)} characters, the limit is {MAX_DESCRIPTION_CHARS}"
+                )
+            shots = list(shots or [])
+            if len(shots) > MAX_EXAMPLES or not all(isinstance(s, str) and s.strip() for s in shots):
+                raise GeneratorError(f"examples must be at most {MAX_EXAMPLES} non-empty strings")
+            rows.append(self.encoder.encode_task(text, shots))
+        device = self.bank.keys.device
+        return torch.from_numpy(np.stack(rows)).float().to(device)
+
+    def neighbours(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [B, K], cosines [B, K]) of the bank's nearest experts to each condition, best first."""
+        top = (cond @ self.bank.keys.T).topk(self.top_k, dim=-1)
+        return top.indices, top.values
+
+    def prior_inputs(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The semantic prior (mean, logvar) [B, Z] of each condition's retrieved experts."""
+        idx, sims = self.neighbours(cond)
+        return semantic_prior(self.bank.mu[idx], self.bank.logvar[idx], sims, self.tau)
+
+    # ---- minting ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def mint_many(
+        self,
+        descriptions: Sequence[str],
+        examples: Sequence[Sequence[str] | None] | None = None,
+        seed: int | None = None,
+        rank: int | None = None,
+    ) -> list[LoraAdapter]:
+        """One adapter per description, decoded in one batched pass."""
+        if not descriptions:
+            return []
+        cond = self.condition(descriptions, examples)
+        sem_mu, sem_logvar = self.prior_inputs(cond)
+        tokens = self.model.generate(cond, sem_mu, sem_logvar, seed=_check_seed(seed))
+        return [self._adapter({g: t[i] for g, t in tokens.items()}, rank) for i in range(len(descriptions))]
+
+    def mint(
+        self,
+        description: str,
+        examples: Sequence[str] | None = None,
+        seed: int | None = None,
+        rank: int | None = None,
+    ) -> LoraAdapter:
+        """An adapter for the task `description` says (and `examples` show): the prior's mean, or a seeded
+        sample; `rank` below the library's keeps the strongest components (same scale)."""
+        return self.mint_many([description], [examples], seed, rank)[0]
+
+    @torch.no_grad()
+    def fuse(
+        self, descriptions: Sequence[str], weights: Sequence[float] | None = None, rank: int | None = None
+    ) -> LoraAdapter:
+        """One adapter for several tasks (ICM-Fusion): the weighted mean of their prior latents, decoded with
+        the weighted mean of their conditions."""
+        if len(descriptions) < 1:
+            raise GeneratorError("fuse needs at least one description")
+        w = torch.tensor(weights if weights is not None else [1.0] * len(descriptions), dtype=torch.float32)
+        if w.shape != (len(descriptions),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise GeneratorError(
+                f"weights must be {len(descriptions)} non-negative numbers with a positive sum"
+            )
+        w = (w / w.sum()).to(self.bank.keys.device)[:, None]  # [D, 1]
+        cond = self.condition(descriptions)  # [D, C]
+        mu, _ = self.model.prior(cond, *self.prior_inputs(cond))  # [D, Z]
+        mixed = torch.nn.functional.normalize((w * cond).sum(0, keepdim=True), dim=-1)  # [1, C]
+        tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
+        return self._adapter({g: t[0] for g, t in tokens.items()}, rank)
+
+    def _adapter(self, tokens: dict[str, torch.Tensor], rank: int | None) -> LoraAdapter:
+        """Normalised tokens of one adapter -> a `LoraAdapter` (canonical factors, optionally truncated)."""
+        raw = self.normalizer.denormalize({g: t.float().cpu() for g, t in tokens.items()})
+        adapter = self.layout.from_tokens(raw)
+        if rank is None or rank == self.layout.rank:
+            return adapter
+        if not isinstance(rank, int) or not 1 <= rank <= self.layout.rank:
+            raise GeneratorError(f"rank must be an integer in [1, {self.layout.rank}], got {rank!r}")
+        return truncate(adapter, rank)
+
+
+def truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    """The best rank-`rank` approximation of each module's ΔW (leading SVD components), same scale."""
+    canon = canonicalize(adapter)
+    cfg = adapter.config
+    config = AdapterConfig(cfg.base_model, rank, cfg.alpha * rank / cfg.r, list(cfg.target_modules))
+    return LoraAdapter(
+        config, {m: (a[:rank].clone(), b[:, :rank].clone()) for m, (a, b) in canon.weights.items()}
+    )
+
+
+def _check_seed(seed: int | None) -> int | None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise GeneratorError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return seed

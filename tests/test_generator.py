@@ -1,0 +1,283 @@
+"""training/generator.py + gen/minter.py + gen/phrasings.py: the generator learns to mint held-out experts of a
+clustered library, the functional objective lowers the task loss of minted adapters on tiny-llama, and the
+checkpoint mints deterministic, seeded, truncated and fused adapters that stock PEFT loads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+from loramint.adapters import LoraAdapter, apply_lora
+from loramint.cli import main
+from loramint.errors import GeneratorError
+from loramint.gen.config import GeneratorConfig
+from loramint.gen.minter import Minter, truncate
+from loramint.gen.phrasings import phrasings, sentences, without_opening
+from loramint.index import ExpertLibrary
+from loramint.tasks import synthetic_suite
+from loramint.training.build import build_library
+from loramint.training.config import GeneratorTrainConfig
+from loramint.training.data import answer_nll, eval_split
+from loramint.training.generator import train_generator
+
+SMALL = GeneratorConfig(d_model=32, hidden=64, d_latent=8)
+
+ARITH = [
+    "Add the two numbers and give their sum.",
+    "Subtract the second number from the first one.",
+    "Multiply both numbers together.",
+    "Compute the sum of a list of integers.",
+    "Double the given number.",
+    "Divide the first number by the second.",
+    "Add one to the number.",
+]
+WRITING = [
+    "Write a short poem about the sea.",
+    "Tell a short story about a dragon.",
+    "Write a haiku about autumn leaves.",
+    "Compose a limerick about a cat.",
+    "Write a fairy tale about a brave knight.",
+    "Tell a bedtime story about the moon.",
+    "Write a sonnet about love.",
+]
+
+
+def test_phrasings_by_rule():
+    text = "In this task, you're given a passage about animals. Your job is to answer. Keep it short."
+    assert sentences(text) == [
+        "In this task, you're given a passage about animals.",
+        "Your job is to answer.",
+        "Keep it short.",
+    ]
+    assert (
+        without_opening("In this task, you're given a passage about animals.") == "A passage about animals."
+    )
+    assert without_opening("Answer the question.") == "Answer the question."
+    out = phrasings(text, ["Answer about animals.", text])
+    assert out[0] == text and out[1] == "Answer about animals."
+    assert "A passage about animals." in out and len(out) == len(set(out))  # the duplicate is dropped
+
+
+def _clustered_library(root, noise: float = 0.05) -> ExpertLibrary:
+    """14 experts in two clusters: every arithmetic expert is one update plus a little noise, every writing
+    expert another one: a generator that reads descriptions can mint a held-out member of either."""
+    library = ExpertLibrary.open(root)
+    centres = [LoraAdapter.random("tiny-llama", r=2, seed=100 + c) for c in range(2)]
+    for c, texts in enumerate([ARITH, WRITING]):
+        for j, text in enumerate(texts):
+            jitter = LoraAdapter.random("tiny-llama", r=2, seed=10 * c + j)
+            weights = {
+                m: (a + noise * jitter.weights[m][0], b + noise * jitter.weights[m][1])
+                for m, (a, b) in centres[c].weights.items()
+            }
+            name = f"{'arith' if c == 0 else 'write'}_{j}"
+            library.add(LoraAdapter(centres[c].config, weights), id=name, name=name, description=text)
+    return library
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    _clustered_library(root / "lib").close()
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(root / "generator"),
+        model=SMALL,
+        steps=300,
+        batch_size=8,
+        lr=3e-3,
+        top_k=3,
+        val_tasks=2,
+        val_every=50,
+        patience=20,
+    )
+    report = train_generator(config, progress=False)
+    return {"report": report, "config": config, "root": root}
+
+
+def test_recon_training_mints_held_out_experts_of_the_right_cluster(trained):
+    report = trained["report"]
+    assert report["n_experts"] == 14 and len(report["val"]) == 2 and len(report["train"]) == 12
+    first, best = report["curve"][0]["val/mse"], report["best"]
+    # predicting the library mean scores ~1 (normalised units): the generator mints the held-out experts'
+    # cluster from their descriptions alone
+    assert best < 0.25 and best < 0.5 * first
+    assert report["generator_params"] > 0 and report["library_bytes"] > 0
+
+
+def _delta_distance(a: LoraAdapter, b: LoraAdapter) -> float:
+    return sum(float((a.delta(m) - b.delta(m)).norm()) for m in a.modules)
+
+
+def test_minter_mints_from_the_checkpoint(trained, tmp_path):
+    minter = Minter.from_pretrained(trained["config"].out)
+    assert minter.meta["train_config"]["objective"] == "recon" and len(minter.bank) == 14
+    with ExpertLibrary.open(trained["root"] / "lib") as library:
+        arith, write = library.get("arith_0").load_adapter(), library.get("write_0").load_adapter()
+    adapter = minter.mint("Add up the numbers and report the total.")
+    assert adapter.config.base_model == "tiny-llama" and adapter.config.r == 2
+    assert _delta_distance(adapter, arith) < 0.5 * _delta_distance(adapter, write)
+    poem = minter.mint("Write a poem about the mountains.")
+    assert _delta_distance(poem, write) < 0.5 * _delta_distance(poem, arith)
+    # deterministic by default; a seed samples, reproducibly
+    again = minter.mint("Add up the numbers and report the total.")
+    assert all(torch.equal(adapter.weights[m][0], again.weights[m][0]) for m in adapter.modules)
+    s1, s1b, s2 = (minter.mint("Add up the numbers.", seed=s) for s in (1, 1, 2))
+    assert _delta_distance(s1, s1b) == 0 and _delta_distance(s1, s2) > 0
+    # batched minting equals one at a time
+    many = minter.mint_many(["Add up the numbers and report the total.", "Write a poem about the mountains."])
+    assert _delta_distance(many[0], adapter) < 1e-4 and _delta_distance(many[1], poem) < 1e-4
+    # examples move the condition
+    shots = minter.mint("Do this task.", examples=["2 3\n5", "4 4\n8"])
+    assert _delta_distance(shots, minter.mint("Do this task.")) > 0
+    # fusion lies between its parts
+    fused = minter.fuse(["Add up the numbers and report the total.", "Write a poem about the mountains."])
+    assert _delta_distance(fused, adapter) < _delta_distance(poem, adapter)
+    assert _delta_distance(fused, poem) < _delta_distance(adapter, poem)
+    # rank truncation keeps the leading component at the same scale
+    low = minter.mint("Add up the numbers and report the total.", rank=1)
+    assert low.config.r == 1 and low.config.scaling(low.modules[0]) == adapter.config.scaling(
+        adapter.modules[0]
+    )
+    module = adapter.modules[0]
+    u, s, vh = torch.linalg.svd(adapter.delta(module))
+    torch.testing.assert_close(low.delta(module), s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-4)
+    # what it writes is a PEFT folder
+    folder = adapter.save(tmp_path / "minted")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    assert _delta_distance(LoraAdapter.load(folder), adapter) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m.mint(""), "non-empty string"),
+        (lambda m: m.mint("x" * 9000), "limit"),
+        (lambda m: m.mint("Add.", rank=3), "rank must be"),
+        (lambda m: m.mint("Add.", seed=-1), "seed must be"),
+        (lambda m: m.mint("Add.", examples=[""]), "examples must be"),
+        (lambda m: m.fuse(["Add.", "Write."], weights=[1.0, -1.0]), "weights must be"),
+        (lambda m: m.fuse([]), "at least one"),
+    ],
+)
+def test_bad_mint_requests_are_refused(trained, call, match):
+    minter = Minter.from_pretrained(trained["config"].out)
+    with pytest.raises(GeneratorError, match=match):
+        call(minter)
+
+
+def test_not_a_checkpoint_and_a_corrupt_one_are_refused(trained, tmp_path):
+    with pytest.raises(GeneratorError, match="not a generator checkpoint"):
+        Minter.from_pretrained(tmp_path)
+    (tmp_path / "generator.json").write_text('{"format": "something-else"}')
+    with pytest.raises(GeneratorError, match="expected format"):
+        Minter.from_pretrained(tmp_path)
+
+
+def test_truncate_is_the_best_low_rank_approximation():
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=3)
+    low = truncate(adapter, 2)
+    for module in adapter.modules:
+        u, s, vh = torch.linalg.svd(adapter.delta(module))
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        torch.testing.assert_close(low.delta(module), best, atol=1e-5, rtol=1e-4)
+
+
+def test_config_validation_names_the_setting():
+    with pytest.raises(ValueError, match="objective"):
+        GeneratorTrainConfig(objective="magic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="monitor"):
+        GeneratorTrainConfig(monitor="val/nll", val_examples=0)
+    assert GeneratorTrainConfig(model={"d_latent": 4}).model.d_latent == 4
+
+
+def test_too_small_a_library_is_refused(tmp_path):
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        library.add(LoraAdapter.random("tiny-llama", r=2, seed=0), id="one", name="one", description="Add.")
+    with pytest.raises(ValueError, match="cannot train a generator"):
+        train_generator(
+            GeneratorTrainConfig(library=str(tmp_path / "lib"), out=str(tmp_path / "g")), progress=False
+        )
+
+
+def test_functional_objective_lowers_the_loss_of_minted_adapters(tiny, tmp_path):
+    """Gradients flow from the base model's answer loss through the applied adapter into the generator."""
+    torch.set_num_threads(1)
+    tasks = synthetic_suite(n_examples=48, seed=0)
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        build_library(library, tasks, tiny, replace(TINY_TRAIN, steps=15, n_metric_eval=8))
+    config = GeneratorTrainConfig(
+        library=str(tmp_path / "lib"),
+        out=str(tmp_path / "generator"),
+        model=SMALL,
+        objective="functional",
+        steps=40,
+        lr=3e-3,
+        top_k=2,
+        val_tasks=0,
+        functional_tasks=2,
+        functional_batch=8,
+        max_length=64,
+        examples_prob=0.0,
+    )
+
+    def minted_nll(path) -> float:
+        minter = Minter.from_pretrained(path)
+        total = 0.0
+        for task in tasks:
+            with apply_lora(tiny.model, minter.mint(task.description)):
+                total += answer_nll(tiny.model, tiny.tokenizer, task, eval_split(task)[0][:16], 64)
+        return total / len(tasks)
+
+    untrained = train_generator(
+        replace(config, steps=1, lr=1e-9, out=str(tmp_path / "g0")), tasks, tiny, progress=False
+    )
+    assert untrained["steps"] == 1
+    report = train_generator(config, tasks, tiny, progress=False)
+    assert report["steps"] == 40
+    before, after = minted_nll(tmp_path / "g0"), minted_nll(tmp_path / "generator")
+    assert after < before - 0.1, (before, after)
+
+
+def test_cli_mint_writes_a_peft_folder(trained, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    args = [
+        "mint",
+        "Add up the numbers.",
+        "--out",
+        str(out),
+        "--generator",
+        trained["config"].out,
+        "--rank",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "minted tiny-llama rank 1 adapter" in capsys.readouterr().out
+    written = LoraAdapter.load(out)
+    assert written.config.r == 1 and written.config.base_model == "tiny-llama"
+    fused = tmp_path / "fused"
+    assert (
+        main(
+            [
+                "mint",
+                "Add.",
+                "Write a poem.",
+                "--fuse",
+                "true",
+                "--out",
+                str(fused),
+                "--generator",
+                trained["config"].out,
+            ]
+        )
+        == 0
+    )
+    assert (fused / "adapter_model.safetensors").is_file()
+    assert (
+        main(["mint", "Add.", "Write.", "--out", str(tmp_path / "x"), "--generator", trained["config"].out])
+        == 2
+    )

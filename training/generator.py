@@ -1,0 +1,447 @@
+"""Train the generator (`gen.model.LoraCVAE`) on a library's experts with Lightning.
+
+Objectives (`objective`):
+- `recon`: reconstruct each expert's normalised canonical factors from its posterior sample and from the
+  learned prior's mean (what minting decodes), + beta * KL(q(z | W, c) || p(z | c, semantic prior)). Cheap.
+- `functional`: the base model's answer loss on the expert's task examples with the adapter decoded from the
+  prior mean applied (T2L's "SFT" mode). Costs a base-model forward and backward per step.
+- `both`: the sum.
+
+Every step conditions on a random phrasing of each task (`gen.phrasings`; some rows also pulled towards a
+few of the task's examples), and the semantic prior comes from the K nearest *other* training experts
+(leave-one-out, as at mint time for an unseen task). Validation holds out `val_tasks` seen experts whole:
+their zero-shot reconstruction error (prior mean, neighbours from the training experts only) and, when
+`val_examples` > 0, the base model's answer NLL on their evaluation examples with the minted adapter (with
+base and the real expert alongside, so the log shows the fraction of the expert's gain recovered). The best
+validation state is kept (early stopping); the checkpoint is safetensors + JSON (`gen.minter`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping, TQDMProgressBar
+from torch.utils.data import DataLoader, IterableDataset
+
+from loramint.adapters import LoraAdapter, apply_lora
+from loramint.gen.data import ExpertSet
+from loramint.gen.minter import Bank, save_generator
+from loramint.gen.model import LoraCVAE, semantic_prior
+from loramint.gen.phrasings import phrasings
+from loramint.index import ExpertLibrary
+from loramint.models import BaseModel
+from loramint.sysinfo import machine
+from loramint.tasks import Task
+from loramint.training.config import GeneratorTrainConfig
+from loramint.training.data import answer_logits, collate, encode_example, eval_split
+
+SHOT_VARIANTS = 8  # example-conditioned conditions per task
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+
+def example_text(task: Task, example) -> str:
+    """How an example is shown to the encoder for in-context conditioning."""
+    return f"{example.input}\n{example.output}"
+
+
+@dataclass
+class TrainingData:
+    """The experts, split into train/val, with each task's conditions and encoded training examples."""
+
+    experts: ExpertSet
+    train: list[int]
+    val: list[int]
+    tasks: dict[str, Task]
+    """Expert name -> its task (for the functional loss and example conditioning); may be partial."""
+    shots: list[torch.Tensor]
+    """Per expert [V, C]: the description pulled towards V random handfuls of examples ([0, C]: no task data)."""
+
+
+def select_val(names: Sequence[str], n: int, seed: int) -> list[int]:
+    """n expert indices chosen by hash of name (reproducible, nobody picks them by hand)."""
+    ranked = sorted(
+        range(len(names)), key=lambda i: hashlib.sha256(f"{seed}:{names[i]}".encode()).hexdigest()
+    )
+    return sorted(ranked[:n])
+
+
+def example_conditions(
+    library: ExpertLibrary, task: Task, n_variants: int, n_examples: int, seed: int
+) -> torch.Tensor:
+    """[n_variants, C]: the description pulled towards random handfuls of the task's training examples."""
+    train, _ = eval_split(task)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n_variants):
+        shots = rng.sample(train, min(n_examples, len(train)))
+        rows.append(library.encoder.encode_task(task.description, [example_text(task, ex) for ex in shots]))
+    return torch.from_numpy(np.stack(rows)).float()
+
+
+def load_training_data(
+    library: ExpertLibrary, tasks: Sequence[Task], config: GeneratorTrainConfig
+) -> TrainingData:
+    """Experts of `tasks` (all experts when `tasks` is empty), phrasings encoded, val experts chosen."""
+    by_name = {t.name: t for t in tasks}
+    experts = [e for e in library.list() if not by_name or e.name in by_name]
+    if len(experts) < config.top_k + config.val_tasks + 1:
+        raise ValueError(
+            f"{len(experts)} experts cannot train a generator with top_k={config.top_k} and "
+            f"val_tasks={config.val_tasks}: build more experts or lower those settings"
+        )
+    variants = {
+        e.name: phrasings(e.description, by_name[e.name].descriptions if e.name in by_name else ())
+        for e in experts
+    }
+    data = ExpertSet.from_library(library, [e.id for e in experts], variants)
+    val = select_val(data.names, config.val_tasks, config.seed)
+    train = [i for i in range(len(data)) if i not in val]
+    shots = [
+        example_conditions(library, by_name[name], SHOT_VARIANTS, config.n_examples, config.seed)
+        if name in by_name and config.examples_prob > 0
+        else torch.zeros(0, data.keys.shape[1])
+        for name in data.names
+    ]
+    return TrainingData(data, train, val, {n: by_name[n] for n in data.names if n in by_name}, shots)
+
+
+class StepBatches(IterableDataset):
+    """An endless stream of (expert indices, condition row per expert) for the training steps: row r < P_i
+    is phrasing r, row P_i + v the v-th example-conditioned variant (taken with probability `examples_prob`)."""
+
+    def __init__(
+        self,
+        n_phrasings: list[int],
+        n_shots: list[int],
+        train: list[int],
+        batch_size: int,
+        examples_prob: float,
+        seed: int,
+    ) -> None:
+        self.n_phrasings, self.n_shots, self.train = n_phrasings, n_shots, train
+        self.batch_size, self.examples_prob, self.seed = batch_size, examples_prob, seed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rng = random.Random(self.seed)
+        while True:
+            idx = rng.sample(self.train, min(self.batch_size, len(self.train)))
+            rows = [
+                self.n_phrasings[i] + rng.randrange(self.n_shots[i])
+                if self.n_shots[i] and rng.random() < self.examples_prob
+                else rng.randrange(self.n_phrasings[i])
+                for i in idx
+            ]
+            yield {"idx": torch.tensor(idx), "row": torch.tensor(rows)}
+
+
+# ---- the Lightning module ------------------------------------------------------------------------------------
+
+
+class GeneratorModule(L.LightningModule):
+    def __init__(
+        self,
+        data: TrainingData,
+        config: GeneratorTrainConfig,
+        base: BaseModel | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = config
+        self.data = data
+        experts = data.experts
+        self.net = LoraCVAE(experts.layout, config.model)
+        self.base = [base]  # a list: Lightning must neither register, move nor checkpoint the base model
+        self.tokens = experts.tokens  # {group: [N, L, dim]}
+        self.keys = experts.keys  # [N, C]
+        self.conds = [
+            torch.cat([c, s]) for c, s in zip(experts.conds, data.shots, strict=True)
+        ]  # [P_i + V_i, C]
+        self.train_idx = torch.tensor(data.train)
+        self.best: dict[str, Any] = {"score": float("inf"), "state": None, "step": 0}
+        self.curve: list[dict[str, float]] = []
+        self._encoded: dict[str, list] = {}
+        self._val_reference: dict[str, float] | None = None
+        if config.objective != "recon" or config.val_examples:
+            if base is None:
+                raise ValueError("the functional objective and validation NLL need the base model")
+            for p in base.model.parameters():
+                p.requires_grad_(False)
+
+    # -- helpers --
+    def _tok(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {g: t[idx] for g, t in self.tokens.items()}
+
+    def semantic(
+        self, cond: torch.Tensor, exclude: Sequence[int | None], pool: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The semantic prior [B, Z] x 2 from the top-k experts of `pool` (never an expert's own row)."""
+        sims = cond @ self.keys[pool].T  # [B, P]
+        for row, own in enumerate(exclude):
+            if own is not None:
+                sims[row, pool == own] = -torch.inf
+        top = sims.topk(self.cfg.top_k, dim=-1)
+        nbr = pool[top.indices]  # [B, K]
+        flat = nbr.reshape(-1)
+        mu, logvar = self.net.encode(self._tok(flat), self.keys[flat])  # [B*K, Z]
+        shape = (*nbr.shape, -1)
+        return semantic_prior(mu.reshape(shape), logvar.reshape(shape), top.values, self.cfg.tau)
+
+    def conditions(self, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.conds[i][r] for i, r in zip(idx.tolist(), rows.tolist(), strict=True)])
+
+    def mint_tokens(self, cond: torch.Tensor, exclude: Sequence[int | None]) -> dict[str, torch.Tensor]:
+        """Normalised tokens decoded from the learned prior's mean (the minting path), differentiable."""
+        sem_mu, sem_logvar = self.semantic(cond, exclude, self.train_idx)
+        mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
+        return self.net.decode(mu_p, cond)
+
+    def adapter_weights(self, tokens: dict[str, torch.Tensor]) -> LoraAdapter:
+        """One adapter's normalised tokens {group: [L, dim]} -> a LoraAdapter whose tensors keep their grads."""
+        norm = self.data.experts.normalizer
+        raw = {g: t * norm.scale[g].to(t) + norm.mean[g].to(t) for g, t in tokens.items()}
+        return self.data.experts.layout.from_tokens(raw)
+
+    def encoded(self, name: str, split: int) -> list:
+        key = f"{name}:{split}"
+        if key not in self._encoded:
+            task, tok = self.data.tasks[name], self.base[0].tokenizer
+            examples = eval_split(task)[split]
+            self._encoded[key] = [encode_example(tok, task, ex, self.cfg.max_length) for ex in examples]
+        return self._encoded[key]
+
+    # -- training --
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        idx, rows = batch["idx"], batch["row"]
+        cond = self.conditions(idx, rows)  # [B, C]
+        loss = torch.zeros(())
+        logs = {}
+        if self.cfg.objective in ("recon", "both"):
+            target = self._tok(idx)
+            sem_mu, sem_logvar = self.semantic(cond, idx.tolist(), self.train_idx)
+            out = self.net(target, cond, sem_mu, sem_logvar)
+            mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
+            recon = group_mse(out["recon"], target)
+            prior = group_mse(self.net.decode(mu_p, cond), target)
+            kl = out["kl"].mean() / self.cfg.model.d_latent
+            loss = recon + self.cfg.prior_weight * prior + self.cfg.beta * kl
+            logs |= {"train/recon": recon, "train/prior_mse": prior, "train/kl": kl}
+        if self.cfg.objective in ("functional", "both"):
+            fn = self.functional(idx[: self.cfg.functional_tasks], cond[: self.cfg.functional_tasks])
+            loss = loss + self.cfg.functional_weight * fn
+            logs["train/nll"] = fn
+        self.log_dict(logs | {"train/loss": loss}, prog_bar=True, on_step=True)
+        return loss
+
+    def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
+        base = self.base[0]
+        tokens = self.mint_tokens(cond, idx.tolist())
+        losses = []
+        for b, i in enumerate(idx.tolist()):
+            name = self.data.experts.names[i]
+            if name not in self.data.tasks:
+                raise ValueError(f"expert {name!r} has no task data: pass the suite for the functional loss")
+            items = self.encoded(name, 0)
+            picked = random.Random(self.global_step * 1000 + i).sample(
+                items, min(self.cfg.functional_batch, len(items))
+            )
+            batch = collate(picked, base.tokenizer.pad_token_id)
+            adapter = self.adapter_weights({g: t[b] for g, t in tokens.items()})
+            with apply_lora(base.model, adapter):
+                logits, targets = answer_logits(base.model, batch)
+            losses.append(F.cross_entropy(logits.float(), targets))
+        return torch.stack(losses).mean()
+
+    # -- validation --
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        val = torch.tensor(self.data.val)
+        cond = self.keys[val]
+        with torch.no_grad():
+            minted = self.mint_tokens(cond, [None] * len(val))
+            metrics = {"val/mse": group_mse(minted, self._tok(val))}
+            if self.cfg.val_examples:
+                metrics |= self.val_nll(val, minted)
+        self.log_dict(metrics, prog_bar=True)
+        score = float(metrics[self.cfg.monitor])
+        self.curve.append({"step": self.global_step, **{k: float(v) for k, v in metrics.items()}})
+        if score < self.best["score"]:
+            self.best = {
+                "score": score,
+                "state": copy.deepcopy(self.net.state_dict()),
+                "step": self.global_step,
+            }
+
+    def val_nll(self, val: torch.Tensor, minted: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Answer NLL on the val tasks' evaluation examples: minted, and (once) base and the real expert."""
+        model = self.base[0].model
+        ref = self._val_reference is None
+        sums = {"nll": 0.0, "base": 0.0, "expert": 0.0}
+        for b, i in enumerate(val.tolist()):
+            items = self.encoded(self.data.experts.names[i], 1)[: self.cfg.val_examples]
+            batch = collate(items, self.base[0].tokenizer.pad_token_id)
+            with apply_lora(model, self.adapter_weights({g: t[b] for g, t in minted.items()})):
+                sums["nll"] += batch_nll(model, batch)
+            if ref:
+                sums["base"] += batch_nll(model, batch)
+                expert = self.data.experts.layout.from_tokens(
+                    self.data.experts.normalizer.denormalize(self._tok(torch.tensor(i)))
+                )
+                with apply_lora(model, expert):
+                    sums["expert"] += batch_nll(model, batch)
+        n = len(val)
+        if ref:
+            self._val_reference = {"base": sums["base"] / n, "expert": sums["expert"] / n}
+        nll = sums["nll"] / n
+        base, expert = self._val_reference["base"], self._val_reference["expert"]
+        return {
+            "val/nll": nll,
+            "val/base_nll": base,
+            "val/expert_nll": expert,
+            "val/recovered": (base - nll) / max(base - expert, 1e-9),
+        }
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def train_dataloader(self) -> DataLoader:
+        batches = StepBatches(
+            [len(c) for c in self.data.experts.conds],
+            [len(s) for s in self.data.shots],
+            self.data.train,
+            self.cfg.batch_size,
+            self.cfg.examples_prob,
+            self.cfg.seed,
+        )
+        return DataLoader(batches, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None)
+
+
+def group_mse(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over groups of each group's element-wise MSE (groups differ in size by 3x for SmolLM2 q/v)."""
+    return torch.stack([F.mse_loss(pred[g], target[g]) for g in target]).mean()
+
+
+@torch.no_grad()
+def batch_nll(model, batch: dict[str, torch.Tensor]) -> float:
+    logits, targets = answer_logits(model, batch)
+    return float(F.cross_entropy(logits.float(), targets))
+
+
+# ---- the job -------------------------------------------------------------------------------------------------
+
+
+def posterior_bank(net: LoraCVAE, experts: ExpertSet) -> Bank:
+    """Every expert's posterior mean/log-variance under the trained encoder, with its description key."""
+    with torch.no_grad():
+        mu, logvar = net.encode(experts.tokens, experts.keys)
+    return Bank(list(experts.names), experts.keys.clone(), mu, logvar)
+
+
+def train_generator(
+    config: GeneratorTrainConfig,
+    tasks: Sequence[Task] = (),
+    base: BaseModel | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, keep the best validation state, write the checkpoint to `config.out`; returns the report."""
+    L.seed_everything(config.seed, verbose=False)
+    started = time.perf_counter()
+    with ExpertLibrary.open(config.library) as library:
+        data = load_training_data(library, tasks, config)
+        encoder = library.encoder.name
+    if config.objective != "recon" or config.val_examples:
+        missing = [
+            data.experts.names[i] for i in data.train + data.val if data.experts.names[i] not in data.tasks
+        ]
+        if missing:
+            raise ValueError(f"no task data for experts {missing[:3]}: pass the suite that built the library")
+    module = GeneratorModule(data, config, base)
+    callbacks: list = [TQDMProgressBar(refresh_rate=10)] if progress else []
+    if data.val:
+        callbacks.append(
+            EarlyStopping(
+                config.monitor, patience=config.patience, mode="min", check_on_train_epoch_end=False
+            )
+        )
+    trainer = L.Trainer(
+        max_steps=config.steps,
+        max_epochs=-1,
+        accelerator="cpu" if base is None or base.device.type == "cpu" else "auto",
+        val_check_interval=config.val_every if data.val else None,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1 if data.val else 0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module)
+    if module.best["state"] is not None:
+        module.net.load_state_dict(module.best["state"])
+    net = module.net.eval()
+    report = {
+        "steps": int(trainer.global_step),
+        "best_step": module.best["step"] if data.val else int(trainer.global_step),
+        "best": module.best["score"] if data.val else None,
+        "monitor": config.monitor,
+        "curve": module.curve,
+        "n_experts": len(data.experts),
+        "train": [data.experts.names[i] for i in data.train],
+        "val": [data.experts.names[i] for i in data.val],
+        "generator_params": sum(p.numel() for p in net.parameters()),
+        "generator_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
+        "library_bytes": int(sum(t.numel() * 4 for t in data.experts.tokens.values())),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "machine": machine(),
+    }
+    save_generator(
+        config.out,
+        net,
+        data.experts.normalizer,
+        posterior_bank(net, data.experts),
+        encoder=encoder,
+        top_k=config.top_k,
+        tau=config.tau,
+        extra={"train_config": asdict(config), "report": report},
+    )
+    Path(config.out, "curve.json").write_text(json.dumps(module.curve, indent=2))
+    return report
+
+
+def plot_curve(curve: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """The learning curve: each validation metric against the step, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in curve[0] if k != "step"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    steps = [c["step"] for c in curve]
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.plot(steps, [c[key] for c in curve], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
