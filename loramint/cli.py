@@ -366,7 +366,7 @@ def evaluate(
 
 
 def train_generator(
-    config: GeneratorTrainConfig | None = None,
+    train: GeneratorTrainConfig | None = None,
     suite: Path | None = None,
     base_model: str = "smollm2-135m",
     report: Path | None = None,
@@ -375,7 +375,7 @@ def train_generator(
     """Train the generator on the library's experts and write its checkpoint (safetensors + JSON).
 
     Args:
-        config: the training settings (`--config.steps 2000`, or a `config:` mapping in YAML; see
+        train: the training settings (`--train.steps 2000`, or a `train:` mapping in YAML; see
             configs/generator/).
         suite: suite YAML whose SEEN tasks the generator learns from (their experts, phrasings and examples);
             needed by the functional objective, example conditioning and validation NLL.
@@ -389,7 +389,7 @@ def train_generator(
     from loramint.training.generator import plot_curve
     from loramint.training.generator import train_generator as train
 
-    config = config or GeneratorTrainConfig()
+    config = train or GeneratorTrainConfig()
     tasks = []
     if suite is not None:
         from loramint.training.suites import load_suite
@@ -419,24 +419,25 @@ def train_generator(
 
 
 def mint(
-    description: list[str],
-    out: Path,
+    description: str,
+    out: Path = Path("minted-adapter"),
     generator: Path = Path("data/generator/ni-family"),
     examples: list[str] | None = None,
     seed: int | None = None,
     rank: int | None = None,
-    fuse: bool = False,
+    fuse: list[str] | None = None,
 ) -> None:
-    """Mint a PEFT adapter from a task description and write it to `out`.
+    """Mint a PEFT adapter from a task description and write it to `out` (`-o` works too).
 
     Args:
-        description: what the task asks for (several with --fuse: one adapter for all of them).
+        description: what the task asks for.
         out: the adapter folder to write (adapter_config.json + adapter_model.safetensors).
         generator: a checkpoint from `loramint train-generator`.
         examples: a few example texts of the task (input and answer) to condition on.
         seed: sample the latent with this seed (default: the prior's mean, deterministic).
         rank: keep only the strongest `rank` components of each module.
-        fuse: mix the latents of all descriptions into one multi-task adapter.
+        fuse: more task descriptions: one adapter for all of them (their latents mixed equally), e.g.
+            `--fuse+ "Summarise the text." --fuse+ "Translate it."` or `--fuse '["A", "B"]'`.
     """
     import time
 
@@ -445,11 +446,9 @@ def mint(
     minter = Minter.from_pretrained(generator)
     started = time.perf_counter()
     if fuse:
-        adapter = minter.fuse(description, rank=rank)
-    elif len(description) != 1:
-        raise LoramintError(f"give one description (or several with --fuse), got {len(description)}")
+        adapter = minter.fuse([description, *fuse], rank=rank)
     else:
-        adapter = minter.mint(description[0], examples=examples, seed=seed, rank=rank)
+        adapter = minter.mint(description, examples=examples, seed=seed, rank=rank)
     adapter.save(out)
     ms = (time.perf_counter() - started) * 1000
     console.print(
@@ -476,6 +475,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mint"]:  # the one short flag users expect: `loramint mint "..." -o out_dir`
+        argv = ["--out" if a == "-o" else a for a in argv]
     try:
         CLI(COMMANDS, args=argv, as_positional=True)
     except LoramintError as exc:

@@ -148,7 +148,9 @@ def test_minter_mints_from_the_checkpoint(trained, tmp_path):
     torch.testing.assert_close(low.delta(module), s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5, rtol=1e-4)
     # what it writes is a PEFT folder
     folder = adapter.save(tmp_path / "minted")
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"].endswith(
+        "tiny-llama"
+    )
     assert _delta_distance(LoraAdapter.load(folder), adapter) < 1e-5
 
 
@@ -260,24 +262,19 @@ def test_cli_mint_writes_a_peft_folder(trained, tmp_path, capsys):
     written = LoraAdapter.load(out)
     assert written.config.r == 1 and written.config.base_model == "tiny-llama"
     fused = tmp_path / "fused"
-    assert (
-        main(
-            [
-                "mint",
-                "Add.",
-                "Write a poem.",
-                "--fuse",
-                "true",
-                "--out",
-                str(fused),
-                "--generator",
-                trained["config"].out,
-            ]
-        )
-        == 0
-    )
+    args = [
+        "mint",
+        "Add.",
+        "--fuse+",
+        "Write a poem.",
+        "--fuse+",
+        "Tell a story.",
+        "--out",
+        str(fused),
+        "--generator",
+        trained["config"].out,
+    ]
+    assert main(args) == 0
     assert (fused / "adapter_model.safetensors").is_file()
-    assert (
-        main(["mint", "Add.", "Write.", "--out", str(tmp_path / "x"), "--generator", trained["config"].out])
-        == 2
-    )
+    assert main(["mint", "", "--out", str(tmp_path / "x"), "--generator", trained["config"].out]) == 2
+    assert not (tmp_path / "x").exists()

@@ -242,7 +242,7 @@ class GeneratorModule(L.LightningModule):
             fn = self.functional(idx[: self.cfg.functional_tasks], cond[: self.cfg.functional_tasks])
             loss = loss + self.cfg.functional_weight * fn
             logs["train/nll"] = fn
-        self.log_dict(logs | {"train/loss": loss}, prog_bar=True, on_step=True)
+        self.log_dict(logs | {"train/loss": loss}, prog_bar=True, on_step=True, batch_size=len(idx))
         return loss
 
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -274,7 +274,7 @@ class GeneratorModule(L.LightningModule):
             metrics = {"val/mse": group_mse(minted, self._tok(val))}
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True, batch_size=1)
         score = float(metrics[self.cfg.monitor])
         self.curve.append({"step": self.global_step, **{k: float(v) for k, v in metrics.items()}})
         if score < self.best["score"]:
