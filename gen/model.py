@@ -25,6 +25,8 @@ from torch import nn
 from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
 
+HEAD_INIT_SCALE = 0.01
+
 
 def mlp(n_in: int, hidden: int, n_out: int, dropout: float = 0.0) -> nn.Sequential:
     return nn.Sequential(
@@ -80,6 +82,12 @@ class LoraCVAE(nn.Module):
         self.dec_in = mlp(cfg.d_latent + cfg.cond_dim, cfg.hidden, cfg.d_model, cfg.dropout)
         self.trunk = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.hidden), nn.GELU())
         self.heads = nn.ModuleDict({key(g): nn.Linear(cfg.hidden, self.dims[g]) for g in self.groups})
+        with (
+            torch.no_grad()
+        ):  # start near 0 = the library's mean adapter, not a random one that breaks the model
+            for head in self.heads.values():
+                head.weight.mul_(HEAD_INIT_SCALE)
+                head.bias.zero_()
 
     @staticmethod
     def _key(group: str) -> str:

@@ -387,7 +387,7 @@ def train_generator(
 
     from loramint.tasks import load_tasks
     from loramint.training.generator import plot_curve
-    from loramint.training.generator import train_generator as train
+    from loramint.training.generator import train_generator as run_training
 
     config = train or GeneratorTrainConfig()
     tasks = []
@@ -401,7 +401,7 @@ def train_generator(
         from loramint.models import load_base_model
 
         base = load_base_model(base_model)
-    result = train(config, tasks, base)
+    result = run_training(config, tasks, base)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result, indent=2))

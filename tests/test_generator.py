@@ -206,15 +206,22 @@ def test_too_small_a_library_is_refused(tmp_path):
         )
 
 
-def test_functional_objective_lowers_the_loss_of_minted_adapters(tiny, tmp_path):
-    """Gradients flow from the base model's answer loss through the applied adapter into the generator."""
+UNSEEN = ["copy_repeat", "classify_parity"]  # one free-text, one multiple-choice task
+
+
+@pytest.fixture(scope="module")
+def functional(tiny, tmp_path_factory):
+    """A tiny-llama library of the synthetic seen tasks and a generator trained functionally on it (plus an
+    untrained one: one step at a negligible learning rate)."""
     torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("functional")
     tasks = synthetic_suite(n_examples=48, seed=0)
-    with ExpertLibrary.open(tmp_path / "lib") as library:
-        build_library(library, tasks, tiny, replace(TINY_TRAIN, steps=15, n_metric_eval=8))
+    seen = [t for t in tasks if t.name not in UNSEEN]
+    with ExpertLibrary.open(root / "lib") as library:
+        build_library(library, seen, tiny, replace(TINY_TRAIN, steps=15, n_metric_eval=8))
     config = GeneratorTrainConfig(
-        library=str(tmp_path / "lib"),
-        out=str(tmp_path / "generator"),
+        library=str(root / "lib"),
+        out=str(root / "generator"),
         model=SMALL,
         objective="functional",
         steps=40,
@@ -224,25 +231,71 @@ def test_functional_objective_lowers_the_loss_of_minted_adapters(tiny, tmp_path)
         functional_tasks=2,
         functional_batch=8,
         max_length=64,
-        examples_prob=0.0,
+        examples_prob=0.3,
     )
+    untrained = train_generator(
+        replace(config, steps=1, lr=1e-9, out=str(root / "g0")), seen, tiny, progress=False
+    )
+    report = train_generator(config, seen, tiny, progress=False)
+    return {"root": root, "tasks": tasks, "seen": seen, "report": report, "untrained": untrained}
+
+
+def test_functional_objective_lowers_the_loss_of_minted_adapters(functional, tiny):
+    """Gradients flow from the base model's answer loss through the applied adapter into the generator."""
+    assert functional["untrained"]["steps"] == 1 and functional["report"]["steps"] == 40
 
     def minted_nll(path) -> float:
         minter = Minter.from_pretrained(path)
         total = 0.0
-        for task in tasks:
+        for task in functional["seen"]:
             with apply_lora(tiny.model, minter.mint(task.description)):
                 total += answer_nll(tiny.model, tiny.tokenizer, task, eval_split(task)[0][:16], 64)
-        return total / len(tasks)
+        return total / len(functional["seen"])
 
-    untrained = train_generator(
-        replace(config, steps=1, lr=1e-9, out=str(tmp_path / "g0")), tasks, tiny, progress=False
-    )
-    assert untrained["steps"] == 1
-    report = train_generator(config, tasks, tiny, progress=False)
-    assert report["steps"] == 40
-    before, after = minted_nll(tmp_path / "g0"), minted_nll(tmp_path / "generator")
+    before, after = minted_nll(functional["root"] / "g0"), minted_nll(functional["root"] / "generator")
     assert after < before - 0.1, (before, after)
+
+
+def test_minted_methods_in_the_harness(functional, tiny):
+    from loramint.training.evaluate import ScoringConfig, evaluate
+    from loramint.training.methods import MethodConfig, short_description
+
+    scoring = ScoringConfig(max_length=64, batch_size=16, n_generate=4, max_new_tokens=6, n_bootstrap=100)
+    names = ["base", "minted", "minted-sampled", "minted+examples", "minted-short", "reconstructed"]
+    config = MethodConfig(generator=functional["root"] / "generator", n_samples=3)
+    unseen = [t for t in functional["tasks"] if t.name in UNSEEN]
+    with ExpertLibrary.open(functional["root"] / "lib") as library:
+        result = evaluate(
+            tiny,
+            unseen,
+            names,
+            library=library,
+            seen=functional["seen"],
+            scoring=scoring,
+            method_config=config,
+        )
+        seen = evaluate(
+            tiny,
+            functional["seen"],
+            ["base", "reconstructed"],
+            library=library,
+            seen=functional["seen"],
+            scoring=scoring,
+            method_config=config,
+            split="seen",
+        )
+    methods = result["methods"]
+    assert set(methods) == set(names) and all(set(m["per_task"]) == set(UNSEEN) for m in methods.values())
+    for name in UNSEEN:
+        sampled = methods["minted-sampled"]["per_task"][name]["info"]
+        assert len(sampled["shot_nll"]) == 4  # the mean and 3 seeds, judged on 5 training examples only
+        chosen = sampled["shot_nll"][[None, 0, 1, 2].index(sampled["seed"])]
+        assert chosen == pytest.approx(min(sampled["shot_nll"]), abs=1e-4)
+        assert methods["minted+examples"]["per_task"][name]["info"]["n_shots"] == 5
+        short = methods["minted-short"]["per_task"][name]["info"]["description"]
+        assert short == short_description(next(t for t in unseen if t.name == name))
+    # the functionally trained generator helps the seen tasks it learned from
+    assert seen["methods"]["reconstructed"]["mean"] < seen["methods"]["base"]["mean"]
 
 
 def test_cli_mint_writes_a_peft_folder(trained, tmp_path, capsys):

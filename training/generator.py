@@ -385,7 +385,7 @@ def train_generator(
         val_check_interval=config.val_every if data.val else None,
         check_val_every_n_epoch=None,
         limit_val_batches=1 if data.val else 0,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=1 if data.val else 0,  # the untrained generator is the curve's first point
         enable_checkpointing=False,
         logger=False,
         enable_progress_bar=progress,
