@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+import safetensors.numpy
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -284,7 +285,7 @@ class LoraAdapter:
         """Write a stock PEFT folder (each file replaced atomically)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(directory / WEIGHTS_FILE, save(self.state_dict(), metadata={"format": "pt"}))
+        atomic_write_bytes(directory / WEIGHTS_FILE, serialize(self.state_dict()))
         config = json.dumps(self.config.to_peft(self.modules), indent=2).encode()
         atomic_write_bytes(directory / CONFIG_FILE, config)
         return directory
@@ -321,6 +322,16 @@ class LoraAdapter:
         adapter = cls.from_state_dict(state, AdapterConfig.from_peft(cfg, modules, base_model))
         adapter.validate(base_model)
         return adapter
+
+
+def serialize(state: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes of a state dict (PEFT's `format: pt` metadata). The numpy writer makes the same
+    bytes twice as fast as the torch one (per-tensor overhead dominates for 120 small LoRA tensors); bf16,
+    which numpy lacks, takes the torch writer."""
+    metadata = {"format": "pt"}
+    if any(t.dtype == torch.bfloat16 for t in state.values()):
+        return save(state, metadata=metadata)
+    return safetensors.numpy.save({k: t.detach().cpu().contiguous().numpy() for k, t in state.items()}, metadata)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -177,3 +177,13 @@ def test_scaling_follows_peft_patterns():
     assert adapter.config.scaling(module) == 4.0
     adapter.config.use_rslora = True
     assert adapter.config.scaling(module) == pytest.approx(8.0 / 2**0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fast_serializer_writes_the_same_bytes_as_safetensors_torch(dtype):
+    from safetensors.torch import save
+
+    from loramint.adapters import serialize
+
+    state = {k: v.to(dtype) for k, v in LoraAdapter.random("tiny-llama", r=4, seed=1).state_dict().items()}
+    assert serialize(state) == save(state, metadata={"format": "pt"})
