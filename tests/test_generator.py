@@ -331,3 +331,37 @@ def test_cli_mint_writes_a_peft_folder(trained, tmp_path, capsys):
     assert (fused / "adapter_model.safetensors").is_file()
     assert main(["mint", "", "--out", str(tmp_path / "x"), "--generator", trained["config"].out]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_generator_writes_checkpoint_report_and_curve(trained, tmp_path, capsys):
+    args = [
+        "train-generator",
+        "--train.library",
+        str(trained["root"] / "lib"),
+        "--train.out",
+        str(tmp_path / "g"),
+        "--train.steps",
+        "20",
+        "--train.val_every",
+        "10",
+        "--train.val_tasks",
+        "2",
+        "--train.top_k",
+        "2",
+        "--train.model.d_model",
+        "16",
+        "--train.model.hidden",
+        "32",
+        "--train.model.d_latent",
+        "4",
+        "--report",
+        str(tmp_path / "report.json"),
+        "--plot",
+        str(tmp_path / "curve.png"),
+    ]
+    assert main(args) == 0
+    assert "trained 20 steps on 12 experts" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [c["step"] for c in report["curve"]] == [0, 10, 20]
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert Minter.from_pretrained(tmp_path / "g").model.config.d_latent == 4
