@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.numpy
 import torch
 from safetensors import SafetensorError
-import safetensors.numpy
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -331,7 +331,9 @@ def serialize(state: dict[str, torch.Tensor]) -> bytes:
     metadata = {"format": "pt"}
     if any(t.dtype == torch.bfloat16 for t in state.values()):
         return save(state, metadata=metadata)
-    return safetensors.numpy.save({k: t.detach().cpu().contiguous().numpy() for k, t in state.items()}, metadata)
+    return safetensors.numpy.save(
+        {k: t.detach().cpu().contiguous().numpy() for k, t in state.items()}, metadata
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -273,6 +273,7 @@ def test_minted_methods_in_the_harness(functional, tiny):
             seen=functional["seen"],
             scoring=scoring,
             method_config=config,
+            out=functional["root"] / "out",
         )
         seen = evaluate(
             tiny,
@@ -294,6 +295,17 @@ def test_minted_methods_in_the_harness(functional, tiny):
         assert methods["minted+examples"]["per_task"][name]["info"]["n_shots"] == 5
         short = methods["minted-short"]["per_task"][name]["info"]["description"]
         assert short == short_description(next(t for t in unseen if t.name == name))
+    # every challenger is compared, paired, with every other method; the report carries the tables
+    assert set(result["comparisons"]) == set(names) - {"base"}
+    versus = result["comparisons"]["minted"]["base"]
+    gain = methods["minted"]["vs_base"]
+    assert (
+        versus["mean"] == pytest.approx(gain["mean"])
+        and versus["ci_low"] <= versus["mean"] <= versus["ci_high"]
+    )
+    assert result["short_description_gain_loss"]["definition"].startswith("1 - gain(minted-short)")
+    table = (functional["root"] / "out" / "eval_unseen.md").read_text()
+    assert "`minted-sampled` against each method" in table
     # the functionally trained generator helps the seen tasks it learned from
     assert seen["methods"]["reconstructed"]["mean"] < seen["methods"]["base"]["mean"]
 

@@ -56,6 +56,8 @@ from loramint.training.metrics import (
 METRIC = "answer_nll"
 BASELINES = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
 MINTED = ("minted", "minted-sampled", "minted+examples", "minted-short")
+CHALLENGERS = (*MINTED, "reconstructed")
+"""Methods compared pairwise with every other method of the run (`comparisons` in the result)."""
 ALL_METHODS = BASELINES
 SECONDARY = ("accuracy", "exact_match", "rougeL")
 N_SAMPLES = 3
@@ -401,7 +403,30 @@ def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], confi
             summary["frac_oracle_gain"] = oracle_fraction(gain, oracle_gain, **boot)
         summary["seconds"] = round(sum(sum(s.seconds.values()) for s in by_task.values()), 2)
         methods[name] = summary
-    return {"metric": METRIC, "tasks": list(tasks), "methods": methods}
+    comparisons = {
+        name: {
+            other: {
+                **hierarchical_ci(
+                    [raw[other][t].values[METRIC] - raw[name][t].values[METRIC] for t in tasks], **boot
+                ),
+                "definition": f"{other}_nll - {name}_nll, paired (positive: {name} is better)",
+            }
+            for other in raw
+            if other != name and other not in CHALLENGERS
+        }
+        for name in raw
+        if name in CHALLENGERS
+    }
+    result = {"metric": METRIC, "tasks": list(tasks), "methods": methods}
+    if comparisons:
+        result["comparisons"] = comparisons
+    if "minted" in methods and "minted-short" in methods:
+        full, short = methods["minted"]["vs_base"]["mean"], methods["minted-short"]["vs_base"]["mean"]
+        result["short_description_gain_loss"] = {
+            "value": (1 - short / full) if full > 0 else None,
+            "definition": "1 - gain(minted-short) / gain(minted), gains over base (target <= 0.25)",
+        }
+    return result
 
 
 def oracle_fraction(
@@ -479,6 +504,11 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {t} | " + " | ".join(f"{m['per_task'][t]['mean']:.3f}" for m in methods.values()) + " |"
         )
+    for name, versus in result.get("comparisons", {}).items():
+        lines += ["", f"`{name}` against each method: paired NLL gain (positive: {name} is better)", ""]
+        lines += ["| vs | gain [95% CI] | outside the CI |", "|---|---|---|"]
+        for other, c in versus.items():
+            lines.append(f"| {other} | {_ci(c)} | {'yes' if c['ci_low'] > 0 else 'no'} |")
     lines += [
         "",
         "CIs: 95% percentile bootstrap over evaluation examples (within each task; the task set is fixed); "
