@@ -1,0 +1,186 @@
+"""runtime/stack.py + runtime/lora.py: stacked resident experts and the routed adapter path are exact — one
+adapter equals PEFT's LoRA, mixtures equal the weighted sum of deltas, a mixed batch equals each row run alone,
+rank padding adds nothing, Arrow routes by each expert's top singular direction — and residency is LRU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
+from loramint.errors import AdapterError, NotFoundError
+from loramint.runtime.lora import Plan, RoutedLinear, arrow_prototypes, arrow_router, attach, detach
+from loramint.runtime.stack import ExpertStack
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+ATOL = 2e-5
+
+
+def shapes_of(model, targets=TARGETS) -> dict[str, tuple[int, int]]:
+    return {
+        name: tuple(layer.weight.shape)
+        for name, layer in model.named_modules()
+        if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
+def adapter(seed: int, r: int = 4) -> LoraAdapter:
+    return LoraAdapter.random("tiny-llama", r=r, target_modules=TARGETS, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    """A copy of tiny-llama the runtime attaches to; `tiny.model` stays plain for the reference outputs."""
+    import copy
+
+    return copy.deepcopy(tiny.model)
+
+
+@pytest.fixture
+def routed(model):
+    """The tiny model with a 6-slot stack attached (detached again after the test)."""
+    stack = ExpertStack(shapes_of(model), capacity=6, max_rank=8)
+    holder = attach(model, stack)
+    yield stack, holder
+    detach(model)
+
+
+def ids(batch: int = 3, length: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 200, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=x).logits
+
+
+def test_no_plan_is_the_base_model_and_detach_restores_it(model):
+    x = ids()
+    before = logits(model, x)
+    stack = ExpertStack(shapes_of(model), capacity=2)
+    attach(model, stack)
+    stack.add("a", adapter(0))
+    assert torch.equal(logits(model, x), before)
+    with pytest.raises(ValueError, match="already routed"):
+        attach(model, stack)
+    detach(model)
+    assert not any(isinstance(m, RoutedLinear) for m in model.modules())
+    assert torch.equal(logits(model, x), before)
+
+
+def test_one_adapter_equals_lora_and_a_mixture_equals_the_weighted_sum(tiny, model, routed):
+    stack, holder = routed
+    a, b = adapter(1), adapter(2, r=2)  # different ranks: b is zero-padded to 8
+    slots = torch.tensor([stack.add("a", a), stack.add("b", b)])
+    x = ids()
+    holder.plan = Plan(slots[:1], gates=torch.ones(3, 1, 1))
+    ours = logits(model, x)
+    holder.plan = None
+    with apply_lora(tiny.model, a):
+        expected = logits(tiny.model, x)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=1e-4)
+    holder.plan = Plan(slots, gates=torch.tensor([0.3, 0.7]).expand(3, 1, 2))
+    ours = logits(model, x)
+    holder.plan = None
+    with apply_mixture(tiny.model, [(a, 0.3), (b, 0.7)]):
+        expected = logits(tiny.model, x)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    ranks=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    rows=st.lists(st.lists(st.floats(0.0, 1.5), min_size=4, max_size=4), min_size=1, max_size=4),
+    seed=st.integers(0, 1000),
+)
+def test_mixed_batch_rows_equal_each_row_alone(tiny, model, ranks, rows, seed):
+    """Property: any batch whose rows carry different adapters/mixtures (random ranks) equals running each
+    row by itself with its mixture merged into the weights."""
+    stack = ExpertStack(shapes_of(model), capacity=4, max_rank=8)
+    holder = attach(model, stack)
+    try:
+        experts = [adapter(seed + i, r) for i, r in enumerate(ranks)]
+        slots = torch.tensor([stack.add(f"e{i}", e) for i, e in enumerate(experts)])
+        gates = torch.tensor(rows)[:, : len(experts)]  # [B, u]
+        x = ids(batch=len(rows), seed=seed)
+        holder.plan = Plan(slots, gates=gates[:, None, :])
+        batched = logits(model, x)
+        holder.plan = None
+        for row in range(len(rows)):
+            with apply_mixture(tiny.model, [(e, float(w)) for e, w in zip(experts, gates[row], strict=True)]):
+                alone = logits(tiny.model, x[row : row + 1])
+            torch.testing.assert_close(batched[row : row + 1], alone, atol=5e-5, rtol=1e-4)
+    finally:
+        detach(model)
+
+
+def test_per_token_routing_equals_the_explicit_per_token_sum(routed):
+    stack, _ = routed
+    experts = [adapter(10 + i) for i in range(4)]
+    slots = torch.tensor([stack.add(f"e{i}", e) for i, e in enumerate(experts)])
+    module = next(iter(stack.shapes))
+    layer = torch.nn.Linear(*reversed(stack.shapes[module]))
+    holder = type("H", (), {"plan": None})()
+    routed_layer = RoutedLinear(layer, module, stack, holder)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    router = arrow_router(stack, slots, top_k=2)
+    holder.plan = Plan(slots, router=router)
+    with torch.no_grad():
+        out = routed_layer(x)
+        gates = router(module, x)  # [B, T, u]
+        deltas = torch.stack([e.delta(module) for e in experts])  # [u, out, in]
+        expected = layer(x) + torch.einsum("btu,uoi,bti->bto", gates, deltas, x)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
+    assert torch.all((gates > 0).sum(-1) == 2)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(2, 5))
+
+
+def test_arrow_prototype_is_the_top_right_singular_vector(routed):
+    stack, _ = routed
+    experts = [adapter(20 + i, r=3) for i in range(3)]
+    slots = torch.tensor([stack.add(f"e{i}", e) for i, e in enumerate(experts)])
+    module = next(iter(stack.shapes))
+    protos = arrow_prototypes(stack, module, slots)
+    for e, proto in zip(experts, protos, strict=True):
+        _, _, vh = torch.linalg.svd(e.delta(module).double())
+        assert abs(float(vh[0] @ proto.double())) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lru_residency_hits_misses_and_loading(model):
+    stack = ExpertStack(shapes_of(model), capacity=2, max_rank=4)
+    loads = []
+
+    def load(eid: str) -> LoraAdapter:
+        loads.append(eid)
+        return adapter(int(eid[1:]))
+
+    stack.slots(["e1", "e2"], load)
+    assert (stack.misses, stack.hits, loads) == (2, 0, ["e1", "e2"])
+    stack.slots(["e1"], load)  # e1 becomes the most recently used
+    stack.slots(["e3"], load)  # evicts e2
+    assert set(stack.ids) == {"e1", "e3"} and stack.evictions == 1 and stack.hits == 1
+    with pytest.raises(NotFoundError, match="not resident"):
+        stack.slots(["e2"])
+    with pytest.raises(ValueError, match="exceed the resident capacity"):
+        stack.slots(["e1", "e2", "e3"], load)
+    # a reloaded expert is exactly what was loaded
+    slot = int(stack.slots(["e2"], load)[0])
+    module = next(iter(stack.shapes))
+    expected = adapter(2)
+    torch.testing.assert_close(
+        stack.B[module][slot, :, :4] @ stack.A[module][slot, :4], expected.delta(module)
+    )
+    stack.remove("e2")
+    assert "e2" not in stack and len(stack) == 1
+    assert stack.nbytes_per_expert() == sum(4 * 4 * (o + i) for o, i in stack.shapes.values())
+
+
+def test_adapters_that_do_not_fit_are_refused(model):
+    stack = ExpertStack(shapes_of(model, ("q_proj",)), capacity=2, max_rank=2)
+    with pytest.raises(AdapterError, match="does not serve"):
+        stack.add("x", adapter(0))  # targets v_proj and down_proj too
+    with pytest.raises(AdapterError, match="exceeds the runtime's max_rank"):
+        stack.add("x", LoraAdapter.random("tiny-llama", r=4, target_modules=("q_proj",), seed=0))
+    assert len(stack) == 0
