@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
 from loramint.errors import AdapterError, NotFoundError
+from loramint.index import ExpertLibrary
 from loramint.runtime.lora import Plan, RoutedLinear, arrow_prototypes, arrow_router, attach, detach
 from loramint.runtime.stack import ExpertStack
 
@@ -184,3 +185,54 @@ def test_adapters_that_do_not_fit_are_refused(model):
     with pytest.raises(AdapterError, match="exceeds the runtime's max_rank"):
         stack.add("x", LoraAdapter.random("tiny-llama", r=4, target_modules=("q_proj",), seed=0))
     assert len(stack) == 0
+
+
+# ---- the Runtime API ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def runtime(tiny, model, tmp_path):
+    from loramint.runtime.runtime import Runtime
+
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        library.add(adapter(31), id="adder", name="adder", description="Add the two numbers.")
+        library.add(adapter(32), id="poet", name="poet", description="Write a short poem about the sea.")
+        base = type(tiny)(tiny.name, tiny.hf_id, model, tiny.tokenizer)
+        rt = Runtime(base, library=library, capacity=4, max_rank=8, target_modules=TARGETS, top_k=2)
+        yield rt
+        detach(model)
+
+
+def test_runtime_rows_with_different_routes_equal_each_row_alone(tiny, runtime):
+    x = ids(batch=4, seed=5)
+    local = adapter(33)
+    runtime.add("minted", local)
+    routes = [None, "adder", {"adder": 0.25, "poet": 0.75}, "minted"]
+    batched = runtime.logits(x, routes)
+    mixtures = [
+        [],
+        [(runtime._load("adder"), 1.0)],
+        [(runtime._load("adder"), 0.25), (runtime._load("poet"), 0.75)],
+        [(local, 1.0)],
+    ]
+    for row, mixture in enumerate(mixtures):
+        with apply_mixture(tiny.model, mixture):
+            alone = logits(tiny.model, x[row : row + 1])
+        torch.testing.assert_close(batched[row : row + 1], alone, atol=5e-5, rtol=1e-4)
+    # adder and poet came from the library (misses), the added one was resident (a hit)
+    assert (runtime.stack.misses, runtime.stack.hits) == (2, 1) and runtime.holder.plan is None
+
+
+def test_runtime_auto_routes_by_retrieval_and_generates_a_mixed_batch(runtime):
+    route = runtime.resolve("auto", "What is 2 plus 3? Add them.")
+    assert list(route)[0] == "adder" and sum(route.values()) == pytest.approx(1.0)
+    texts = runtime.generate(["add 2 and 3", "a poem", "hello"], ["auto", "poet", None], max_new_tokens=4)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    alone = runtime.generate(["a poem"], "poet", max_new_tokens=4)
+    assert alone[0] == texts[1]
+    arrow = runtime.generate(["hello"], None, max_new_tokens=4, routing="arrow")
+    assert len(arrow) == 1
+    with pytest.raises(NotFoundError, match="no expert 'ghost'"):
+        runtime.generate(["hi"], "ghost", max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 adapter routes"):
+        runtime.generate(["a", "b", "c"], ["poet", None], max_new_tokens=2)

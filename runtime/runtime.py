@@ -1,0 +1,181 @@
+"""The runtime's Python API: a base model with resident experts, generating and scoring mixed batches.
+
+    rt = Runtime("smollm2-135m", library="data/library-ni-family")
+    rt.generate(["Q1", "Q2", "Q3"], adapters=["expert-a", {"expert-a": 0.5, "expert-b": 0.5}, "auto"])
+
+Per row, `adapters` may be None (the base model), an expert id, a mixture {id: weight}, or "auto" (the
+prompt is retrieved against the library, top-k experts mixed by similarity). `routing="arrow"` instead routes
+every token among the given experts (or all resident ones) by Arrow. Experts come from the library on first
+use (LRU-resident, `capacity` at most) or from `add()` (minted or uploaded adapters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from loramint.adapters import LoraAdapter
+from loramint.errors import NotFoundError
+from loramint.index import ExpertLibrary
+from loramint.models import BaseModel, load_base_model
+from loramint.runtime.lora import Plan, arrow_router, attach
+from loramint.runtime.stack import ExpertStack
+
+Route = Union[None, str, Mapping[str, float]]  # noqa: UP007 (a runtime alias, read by users)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def similarity_weights(similarities: Sequence[float]) -> list[float]:
+    """Mixture weights from cosine similarities: max(cos, 0) normalised to sum 1 (uniform if none is > 0)."""
+    scores = [max(float(s), 0.0) for s in similarities]
+    if sum(scores) == 0:
+        scores = [1.0] * len(scores)
+    return [s / sum(scores) for s in scores]
+
+
+class Runtime:
+    def __init__(
+        self,
+        base: str | BaseModel = "smollm2-135m",
+        library: str | Path | ExpertLibrary | None = None,
+        capacity: int = 64,
+        max_rank: int = 16,
+        target_modules: Sequence[str] = TARGETS,
+        device: str | None = None,
+        top_k: int = 2,
+    ) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.base = base if isinstance(base, BaseModel) else load_base_model(base, device=device)
+        self.library = ExpertLibrary.open(library) if isinstance(library, (str, Path)) else library
+        self.top_k = top_k
+        model = self.base.model
+        shapes = {
+            name: tuple(layer.weight.shape)
+            for name, layer in model.named_modules()
+            if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules)
+        }
+        self.stack = ExpertStack(shapes, capacity, max_rank, self.base.device, next(model.parameters()).dtype)
+        self.holder = attach(model, self.stack)
+        self._local: dict[str, LoraAdapter] = {}
+
+    # ---- experts -----------------------------------------------------------------------------------------
+    def add(self, expert_id: str, adapter: LoraAdapter) -> None:
+        """Serve `adapter` under `expert_id` (kept so it comes back after an eviction)."""
+        self.stack.add(expert_id, adapter)
+        self._local[expert_id] = adapter
+
+    def _load(self, expert_id: str) -> LoraAdapter:
+        if expert_id in self._local:
+            return self._local[expert_id]
+        if self.library is None or expert_id not in self.library:
+            raise NotFoundError(f"no expert {expert_id!r} (not added, not in the library)")
+        return self.library.get(expert_id).load_adapter()
+
+    def resolve(self, route: Route, prompt: str) -> dict[str, float]:
+        """One row's route as {expert id: weight} ({} for the base model)."""
+        if route is None:
+            return {}
+        if route == "auto":
+            if self.library is None:
+                raise ValueError('adapters="auto" needs a library to retrieve from')
+            hits = self.library.search(prompt, k=self.top_k)
+            return dict(zip([e.id for e, _ in hits], similarity_weights([s for _, s in hits]), strict=True))
+        if isinstance(route, str):
+            return {route: 1.0}
+        return {str(k): float(v) for k, v in route.items()}
+
+    def plan(self, routes: Sequence[dict[str, float]], routing: str = "request") -> Plan | None:
+        """The plan for a batch: the union of the rows' experts and a [B, 1, u] gate matrix, or a per-token
+        Arrow router over the union (or over every resident expert when no row names one)."""
+        active = list(dict.fromkeys(e for r in routes for e in r))
+        if routing == "arrow":
+            active = active or self.stack.ids
+            if not active:
+                raise ValueError("Arrow routing needs resident experts or named ones")
+            slots = self.stack.slots(active, self._load)
+            return Plan(slots, router=arrow_router(self.stack, slots, self.top_k))
+        if routing != "request":
+            raise ValueError(f"routing must be 'request' or 'arrow', got {routing!r}")
+        if not active:
+            return None
+        slots = self.stack.slots(active, self._load)
+        gates = torch.zeros(len(routes), 1, len(active), device=self.stack.device)
+        for row, route in enumerate(routes):
+            for eid, w in route.items():
+                gates[row, 0, active.index(eid)] = w
+        return Plan(slots, gates=gates)
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def _prompts(self, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+        tok = self.base.tokenizer
+        if not chat or getattr(tok, "chat_template", None) is None:
+            return [tok(p, add_special_tokens=False).input_ids for p in prompts]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+        return [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        adapters: Sequence[Route | str] | Route | str = None,
+        max_new_tokens: int = 64,
+        routing: str = "request",
+        chat: bool = True,
+        streamer=None,
+    ) -> list[str]:
+        """Greedy completions of every prompt in one batch, each row with its own adapter / mixture."""
+        if isinstance(adapters, (str, Mapping)) or adapters is None:
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter routes")
+        routes = [self.resolve(a, p) for a, p in zip(adapters, prompts, strict=True)]
+        tok = self.base.tokenizer
+        ids = self._prompts(prompts, chat)
+        width = max(len(x) for x in ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):  # left padding: every row's last prompt token is at the end
+            input_ids[row, width - len(x) :] = torch.tensor(x)
+            mask[row, width - len(x) :] = 1
+        self.holder.plan = self.plan(routes, routing)
+        try:
+            out = self.base.model.generate(
+                input_ids=input_ids.to(self.base.device),
+                attention_mask=mask.to(self.base.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                streamer=streamer,
+            )
+        finally:
+            self.holder.plan = None
+        return [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def logits(
+        self, input_ids: torch.Tensor, adapters: Sequence[Route] | Route = None, routing: str = "request"
+    ) -> torch.Tensor:
+        """[B, T, V] logits of token ids (no chat template), each row with its own route."""
+        if isinstance(adapters, (str, Mapping)) or adapters is None:
+            adapters = [adapters] * input_ids.shape[0]
+        routes = [
+            self.resolve(a, "") if a != "auto" else self._auto_of(input_ids[i])
+            for i, a in enumerate(adapters)
+        ]
+        self.holder.plan = self.plan(routes, routing)
+        try:
+            return self.base.model(input_ids=input_ids.to(self.base.device)).logits
+        finally:
+            self.holder.plan = None
+
+    def _auto_of(self, ids: torch.Tensor) -> dict[str, float]:
+        return self.resolve("auto", self.base.tokenizer.decode(ids, skip_special_tokens=True))
