@@ -5,7 +5,8 @@
 
 Per row, `adapters` may be None (the base model), an expert id, a mixture {id: weight}, or "auto" (the
 prompt is retrieved against the library, top-k experts mixed by similarity). `routing="arrow"` instead routes
-every token among the given experts (or all resident ones) by Arrow. Experts come from the library on first
+every token among the given experts (or all resident ones) by Arrow, and `routing="learned"` by a trained
+`LearnedRouter` (`training/router.py`). Experts come from the library on first
 use (LRU-resident, `capacity` at most) or from `add()` (minted or uploaded adapters).
 """
 
@@ -22,6 +23,7 @@ from loramint.errors import NotFoundError
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel, load_base_model
 from loramint.runtime.lora import Plan, arrow_router, attach
+from loramint.runtime.router import LearnedRouter
 from loramint.runtime.stack import ExpertStack
 
 Route = Union[None, str, Mapping[str, float]]  # noqa: UP007 (a runtime alias, read by users)
@@ -46,6 +48,7 @@ class Runtime:
         target_modules: Sequence[str] = TARGETS,
         device: str | None = None,
         top_k: int = 2,
+        router: str | Path | LearnedRouter | None = None,
     ) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.base = base if isinstance(base, BaseModel) else load_base_model(base, device=device)
@@ -60,6 +63,7 @@ class Runtime:
         self.stack = ExpertStack(shapes, capacity, max_rank, self.base.device, next(model.parameters()).dtype)
         self.holder = attach(model, self.stack)
         self._local: dict[str, LoraAdapter] = {}
+        self.router = LearnedRouter.load(router) if isinstance(router, (str, Path)) else router
 
     # ---- experts -----------------------------------------------------------------------------------------
     def add(self, expert_id: str, adapter: LoraAdapter) -> None:
@@ -88,9 +92,13 @@ class Runtime:
         return {str(k): float(v) for k, v in route.items()}
 
     def plan(self, routes: Sequence[dict[str, float]], routing: str = "request") -> Plan | None:
-        """The plan for a batch: the union of the rows' experts and a [B, 1, u] gate matrix, or a per-token
-        Arrow router over the union (or over every resident expert when no row names one)."""
+        """The plan for a batch: the union of the rows' experts and a [B, 1, u] gate matrix; or per token,
+        Arrow over the union (or every resident expert when no row names one), or the learned router."""
         active = list(dict.fromkeys(e for r in routes for e in r))
+        if routing == "learned":
+            if self.router is None:
+                raise ValueError('routing="learned" needs a trained router: Runtime(router=...)')
+            return Plan(self.stack.slots(self.router.expert_ids, self._load), router=self.router)
         if routing == "arrow":
             active = active or self.stack.ids
             if not active:
@@ -98,7 +106,7 @@ class Runtime:
             slots = self.stack.slots(active, self._load)
             return Plan(slots, router=arrow_router(self.stack, slots, self.top_k))
         if routing != "request":
-            raise ValueError(f"routing must be 'request' or 'arrow', got {routing!r}")
+            raise ValueError(f"routing must be 'request', 'arrow' or 'learned', got {routing!r}")
         if not active:
             return None
         slots = self.stack.slots(active, self._load)

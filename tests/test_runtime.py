@@ -236,3 +236,56 @@ def test_runtime_auto_routes_by_retrieval_and_generates_a_mixed_batch(runtime):
         runtime.generate(["hi"], "ghost", max_new_tokens=2)
     with pytest.raises(ValueError, match="2 adapter routes"):
         runtime.generate(["a", "b", "c"], ["poet", None], max_new_tokens=2)
+
+
+def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
+    """Only the gates learn; the answer loss falls; every expert gets tokens; the saved router routes alike."""
+    from loramint.runtime.router import LearnedRouter
+    from loramint.runtime.runtime import Runtime
+    from loramint.tasks import synthetic_suite
+    from loramint.training.router import RouterTrainConfig, train_router
+
+    tasks = synthetic_suite(n_examples=32, seed=0)[:4]
+    base = type(tiny)(tiny.name, tiny.hf_id, model, tiny.tokenizer)
+    rt = Runtime(base, capacity=4, max_rank=8, target_modules=TARGETS)
+    try:
+        for i in range(4):
+            rt.add(f"e{i}", adapter(40 + i))
+        frozen = {k: v.clone() for k, v in model.state_dict().items()}
+        router, info = train_router(
+            rt,
+            tasks,
+            [f"e{i}" for i in range(4)],
+            RouterTrainConfig(steps=15, lr=5e-2),
+            tmp_path / "router",
+            progress=False,
+        )
+        assert info["steps"] == 15
+
+        def routed_nll(r: LearnedRouter) -> float:
+            from loramint.training.data import answer_nll, eval_split
+
+            rt.holder.plan = Plan(rt.stack.slots(r.expert_ids), router=r)
+            try:
+                return sum(answer_nll(model, tiny.tokenizer, t, eval_split(t)[0][:16], 64) for t in tasks)
+            finally:
+                rt.holder.plan = None
+
+        torch.manual_seed(0)
+        untrained = LearnedRouter({m: s[1] for m, s in rt.stack.shapes.items()}, router.expert_ids, 2)
+        assert routed_nll(router) < routed_nll(untrained)
+        assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # base + experts frozen
+        module = next(iter(rt.stack.shapes))
+        x = torch.randn(2, 6, rt.stack.shapes[module][1])
+        gates = router(module, x)
+        torch.testing.assert_close(gates.sum(-1), torch.ones(2, 6))
+        assert torch.all((gates > 0).sum(-1) == 2)
+        router.record = True
+        router(module, torch.randn(64, 8, rt.stack.shapes[module][1]))
+        assert 0.9 < float(router.balance_loss()) < 4.0 and router.stats == []
+        loaded = LearnedRouter.load(tmp_path / "router")
+        torch.testing.assert_close(loaded(module, x), gates)
+        rt.router = loaded
+        assert len(rt.generate(["hello"], max_new_tokens=3, routing="learned")) == 1
+    finally:
+        detach(model)
