@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loramint.errors import LoramintError
-from loramint.training.config import ExpertTrainConfig, GeneratorTrainConfig
+from loramint.training.config import ExpertTrainConfig, GeneratorTrainConfig, RouterTrainConfig
 
 # Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -281,6 +281,8 @@ def evaluate(
     generator: Path | None = None,
     n_shots: int = 5,
     n_samples: int = 8,
+    router: Path | None = None,
+    top_k_tokens: int = 2,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
 
@@ -315,6 +317,8 @@ def evaluate(
         n_shots: training examples a user shows (minted+examples conditions on them, minted-sampled picks
             its best sample by their loss).
         n_samples: seeded samples minted-sampled chooses among (plus the mean).
+        router: learned per-token router (`loramint train-router`) for route-token.
+        top_k_tokens: experts per token for route-arrow.
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
@@ -345,6 +349,8 @@ def evaluate(
         generator=generator,
         n_shots=n_shots,
         n_samples=n_samples,
+        router=router,
+        top_k_tokens=top_k_tokens,
     )
     base = load_base_model(base_model)
     with _open(library) as lib:
@@ -456,6 +462,44 @@ def mint(
     )
 
 
+def train_router(
+    suite: Path,
+    library: Path = DEFAULT_LIBRARY,
+    out: Path = Path("data/router"),
+    base_model: str = "smollm2-135m",
+    train: RouterTrainConfig | None = None,
+) -> None:
+    """Train the runtime's learned per-token router over the library's experts of a suite's seen tasks.
+
+    Args:
+        suite: suite YAML (configs/suites/): its seen tasks' training examples and experts.
+        library: the expert library.
+        out: folder for router.safetensors + router.json.
+        base_model: registry name, HF id or local path.
+        train: steps, batch size, lr, top_k, balance weight (`--train.steps 300`).
+    """
+    from loramint.runtime.runtime import Runtime
+    from loramint.tasks import load_tasks
+    from loramint.training.router import train_router as run_training
+    from loramint.training.suites import load_suite
+
+    fixed = load_suite(suite)
+    tasks = [t for t in load_tasks(fixed.tasks_file) if t.name in set(fixed.seen)]
+    with _open(library) as lib:
+        experts = [e for e in lib.list() if e.name in set(fixed.seen)]
+        if not experts:
+            raise LoramintError(
+                f"{library} holds no expert of the suite's seen tasks: run train-experts first"
+            )
+        targets = sorted({t for e in experts for t in e.target_modules})
+        rank = max(e.rank for e in experts)
+        rt = Runtime(base_model, library=lib, capacity=len(experts), max_rank=rank, target_modules=targets)
+        _, info = run_training(rt, tasks, [e.id for e in experts], train, out)
+    console.print(
+        f"trained a router over {len(experts)} experts in {info['wall_s']:.0f}s ({info['steps']} steps) -> {out}"
+    )
+
+
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
     "tasks": {
@@ -469,6 +513,7 @@ COMMANDS = {
     "eval": evaluate,
     "train-generator": train_generator,
     "mint": mint,
+    "train-router": train_router,
 }
 
 

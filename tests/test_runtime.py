@@ -289,3 +289,70 @@ def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
         assert len(rt.generate(["hello"], max_new_tokens=3, routing="learned")) == 1
     finally:
         detach(model)
+
+
+def test_per_token_routing_methods_in_the_harness(tiny, tmp_path):
+    """route-arrow and route-token score through a runtime stack attached for the task only; the learned
+    router, trained on the seen tasks, lowers their loss below the base model's."""
+    from dataclasses import replace
+
+    from conftest import TINY_TRAIN
+
+    from loramint.runtime.runtime import Runtime
+    from loramint.tasks import synthetic_suite
+    from loramint.training.build import build_library
+    from loramint.training.config import RouterTrainConfig
+    from loramint.training.evaluate import ScoringConfig, evaluate
+    from loramint.training.methods import MethodConfig
+    from loramint.training.router import train_router
+
+    torch.set_num_threads(1)
+    tasks = synthetic_suite(n_examples=48, seed=0)
+    seen = [t for t in tasks if t.name not in ("copy_repeat", "classify_parity")]
+    unseen = [t for t in tasks if t not in seen]
+    scoring = ScoringConfig(max_length=64, batch_size=16, n_generate=4, max_new_tokens=6, n_bootstrap=100)
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        build_library(library, seen, tiny, replace(TINY_TRAIN, steps=20, n_metric_eval=8))
+        experts = library.list()
+        import copy
+
+        base = type(tiny)(tiny.name, tiny.hf_id, copy.deepcopy(tiny.model), tiny.tokenizer)
+        rt = Runtime(base, library=library, capacity=4, max_rank=4, target_modules=TINY_TRAIN.target_modules)
+        train_router(
+            rt,
+            seen,
+            [e.id for e in experts],
+            RouterTrainConfig(steps=30, lr=5e-2, max_length=64),
+            tmp_path / "router",
+            progress=False,
+        )
+        detach(base.model)
+        config = MethodConfig(router=tmp_path / "router")
+        plain = logits(tiny.model, ids())
+        result = evaluate(
+            tiny,
+            unseen,
+            ["base", "route-arrow", "route-token"],
+            library=library,
+            seen=seen,
+            scoring=scoring,
+            method_config=config,
+        )
+        on_seen = evaluate(
+            tiny,
+            seen,
+            ["base", "route-token"],
+            library=library,
+            seen=seen,
+            scoring=scoring,
+            method_config=config,
+            split="seen",
+        )
+    assert torch.equal(logits(tiny.model, ids()), plain), "the harness detaches the runtime after each task"
+    assert not any(isinstance(m, RoutedLinear) for m in tiny.model.modules())
+    arrow = result["methods"]["route-arrow"]
+    assert (
+        set(arrow["per_task"]) == {t.name for t in unseen}
+        and arrow["mean"] != result["methods"]["base"]["mean"]
+    )
+    assert on_seen["methods"]["route-token"]["mean"] < on_seen["methods"]["base"]["mean"]

@@ -138,3 +138,20 @@ class GeneratorTrainConfig:
         }
         if bad := [k for k, ok in checks.items() if not ok]:
             raise ValueError(f"invalid generator training setting(s) {bad}: {self}")
+
+
+@dataclass
+class RouterTrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-2
+    top_k: int = 2
+    balance: float = 0.01
+    """Weight of the load-balancing loss (MixLoRA / Switch: ~0.01)."""
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [k for k in ("steps", "batch_size", "top_k", "max_length") if getattr(self, k) < 1]
+        if bad or self.lr <= 0 or self.balance < 0:
+            raise ValueError(f"invalid router training setting(s) {bad or ['lr/balance']}: {self}")

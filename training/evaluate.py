@@ -185,7 +185,12 @@ def score_task(base: BaseModel, task: Task, intervention: Intervention, config: 
     examples = eval_split(task)[1][: config.max_examples]
     score = _score_choices if task.is_multiple_choice else _score_free_text
     started = time.perf_counter()
-    with apply_mixture(base.model, intervention.mixture):
+    applied = (
+        intervention.routing.apply(base.model)
+        if intervention.routing
+        else apply_mixture(base.model, intervention.mixture)
+    )
+    with applied:
         values, samples = score(base, intervention.shown(task), examples, config)
     seconds = {"score_s": round(time.perf_counter() - started, 3)}
     return TaskScores(values, dict(intervention.info), samples, seconds)
@@ -348,6 +353,7 @@ def _cached_score(
         "task": task.to_dict(),
         "instruction": intervention.instruction,
         "mixture": [(hashes[id(a)], float(w)) for a, w in intervention.mixture],
+        **({"routing": intervention.routing.key} if intervention.routing else {}),
         "scoring": {
             k: settings[k]
             for k in ("max_length", "batch_size", "n_generate", "max_new_tokens", "max_examples")

@@ -11,11 +11,13 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from loramint.adapters import LoraAdapter
@@ -62,6 +64,10 @@ class MethodConfig:
     `minted-sampled` picks its best sample by their answer loss (never by evaluation examples)."""
     n_samples: int = 8
     """Seeded samples `minted-sampled` chooses among (plus the mean)."""
+    router: Path | None = None
+    """Learned per-token router (`loramint train-router`) for `route-token`."""
+    top_k_tokens: int = 2
+    """Experts per token for `route-arrow`."""
 
     def __post_init__(self) -> None:
         self.multitask_dir, self.oracle_library = Path(self.multitask_dir), Path(self.oracle_library)
@@ -75,6 +81,8 @@ class MethodConfig:
             raise ValueError(f"multitask_steps must be >= 1 or null, got {self.multitask_steps}")
         if self.generator is not None:
             self.generator = Path(self.generator)
+        if self.router is not None:
+            self.router = Path(self.router)
         if self.n_shots < 1 or self.n_samples < 1:
             raise ValueError(f"n_shots and n_samples must be >= 1, got {self.n_shots}, {self.n_samples}")
 
@@ -89,6 +97,8 @@ class Intervention:
     """(adapter, weight) pairs; the model runs with W + sum_k weight_k * ΔW_k. Empty: the base weights."""
     info: dict[str, Any] = field(default_factory=dict)
     """What was chosen (expert ids, similarities, weights, cache hits), recorded in the results."""
+    routing: TokenRouting | None = None
+    """Per-token routing through the runtime instead of a merged mixture (route-arrow, route-token)."""
 
     def shown(self, task: Task) -> Task:
         """The task as the model sees it: the instruction, if any, goes in front of the task's own prefix."""
@@ -98,6 +108,40 @@ class Intervention:
 
 
 Method = Callable[[Task], Intervention]
+
+
+@dataclass
+class TokenRouting:
+    """Experts resident in a runtime stack attached to the scored model, routed per token (`kind`: "arrow"
+    or "learned" with `router`); `key` identifies it in the score cache (expert contents + router)."""
+
+    experts: list[tuple[str, LoraAdapter]]
+    kind: str
+    key: str
+    router: Any = None
+    top_k: int = 2
+
+    @contextmanager
+    def apply(self, model) -> Iterator[None]:
+        from loramint.runtime.lora import Plan, arrow_router, attach, detach
+        from loramint.runtime.stack import ExpertStack
+
+        adapters = [a for _, a in self.experts]
+        modules = sorted({m for a in adapters for m in a.weights})
+        shapes = {m: tuple(model.get_submodule(m).weight.shape) for m in modules}
+        rank = max(a.config.r for a in adapters)
+        stack = ExpertStack(shapes, len(adapters), rank, next(model.parameters()).device)
+        slots = torch.tensor([stack.add(eid, a) for eid, a in self.experts])
+        holder = attach(model, stack)
+        router = self.router if self.kind == "learned" else arrow_router(stack, slots, self.top_k)
+        if self.kind == "learned":
+            slots = stack.slots(self.router.expert_ids)
+        holder.plan = Plan(slots, router=router)
+        try:
+            yield
+        finally:
+            holder.plan = None
+            detach(model)
 
 
 def _train_config(settings: dict[str, Any]) -> ExpertTrainConfig:
@@ -131,6 +175,7 @@ class MethodContext:
     _oracles: ExpertLibrary | None = field(default=None, repr=False)
     _train_config: ExpertTrainConfig | None = field(default=None, repr=False)
     _minter: Any = field(default=None, repr=False)
+    _routing: dict[str, TokenRouting] = field(default_factory=dict, repr=False)
 
     def seen_experts(self) -> list[Expert]:
         """Library experts whose name is a seen task, in insertion order."""
@@ -191,6 +236,32 @@ class MethodContext:
         if self._oracles is not None:
             self._oracles.close()
             self._oracles = None
+
+    def token_routing(self, kind: str) -> TokenRouting:
+        """Every seen expert in a runtime stack, routed per token by Arrow or by the learned router."""
+        if self._routing.get(kind) is None:
+            experts = [(e.id, self.adapter(e)) for e in self.seen_experts()]
+            router = None
+            parts = [kind, *(f"{eid}:{a.content_hash()}" for eid, a in experts)]
+            if kind == "learned":
+                if self.config.router is None:
+                    raise ValueError(
+                        "route-token needs a trained router: pass router=... (loramint train-router)"
+                    )
+                from loramint.runtime.router import LearnedRouter
+
+                router = LearnedRouter.load(self.config.router)
+                missing = sorted(set(router.expert_ids) - {eid for eid, _ in experts})
+                if missing:
+                    raise ValueError(
+                        f"the router routes experts that are not seen experts here: {missing[:3]}"
+                    )
+                parts.append(
+                    hashlib.sha256((self.config.router / "router.safetensors").read_bytes()).hexdigest()
+                )
+            key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+            self._routing[kind] = TokenRouting(experts, kind, key, router, self.config.top_k_tokens)
+        return self._routing[kind]
 
     def minter(self):
         """The generator of `config.generator`, loaded once (with the library's encoder when there is one)."""
@@ -425,5 +496,33 @@ def minted_sampled_method(ctx: MethodContext) -> Method:
                 losses.append(answer_nll(base.model, base.tokenizer, task, examples, 256))
         best = min(range(len(adapters)), key=losses.__getitem__)
         return _minted(adapters[best], seed=seeds[best], shot_nll=[round(x, 4) for x in losses])
+
+    return method
+
+
+# ---- routed per token by the runtime -------------------------------------------------------------------------
+
+
+@register("route-arrow")
+def route_arrow_method(ctx: MethodContext) -> Method:
+    """Every seen expert resident; each token of each layer routed to its top-k by Arrow (no training)."""
+
+    def method(task: Task) -> Intervention:
+        routing = ctx.token_routing("arrow")
+        return Intervention(routing=routing, info={"experts": len(routing.experts), "top_k": routing.top_k})
+
+    return method
+
+
+@register("route-token")
+def route_token_method(ctx: MethodContext) -> Method:
+    """Every seen expert resident; tokens routed by the learned router trained on the seen tasks."""
+
+    def method(task: Task) -> Intervention:
+        routing = ctx.token_routing("learned")
+        return Intervention(
+            routing=routing,
+            info={"experts": len(routing.router.expert_ids), "router": str(ctx.config.router)},
+        )
 
     return method

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -19,24 +18,8 @@ from loramint.runtime.lora import Plan
 from loramint.runtime.router import LearnedRouter
 from loramint.runtime.runtime import Runtime
 from loramint.tasks import Task
+from loramint.training.config import RouterTrainConfig
 from loramint.training.data import answer_logits, collate, encode_example, eval_split
-
-
-@dataclass
-class RouterTrainConfig:
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 1e-2
-    top_k: int = 2
-    balance: float = 0.01
-    """Weight of the load-balancing loss (MixLoRA / Switch: ~0.01)."""
-    max_length: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        bad = [k for k in ("steps", "batch_size", "top_k", "max_length") if getattr(self, k) < 1]
-        if bad or self.lr <= 0 or self.balance < 0:
-            raise ValueError(f"invalid router training setting(s) {bad or ['lr/balance']}: {self}")
 
 
 class RouterModule(L.LightningModule):
