@@ -157,13 +157,12 @@ class Minter:
             raise GeneratorError(
                 f"{path}/model.safetensors: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        bank = Bank(list(meta["bank"]), tensors["keys"], tensors["mu"], tensors["logvar"])
+        bank = Bank(list(meta["bank"]), *(tensors[k].to(device) for k in ("keys", "mu", "logvar")))
         if encoder is None:
             from loramint.encoders import Encoder
 
             encoder = Encoder(meta["encoder"])
         model.to(device)
-        bank = Bank(bank.names, *(t.to(device) for t in (bank.keys, bank.mu, bank.logvar)))
         return cls(model, normalizer, bank, encoder, int(meta["top_k"]), float(meta["tau"]), meta)
 
     # ---- conditioning ---------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ class LoraCVAE(nn.Module):
         return {
             "recon": self.decode(z, cond),
             "kl": gaussian_kl(mu_q, logvar_q, mu_p, logvar_p),  # [B]
+            "mu_p": mu_p,
             "mu_q": mu_q,
             "logvar_q": logvar_q,
         }

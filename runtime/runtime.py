@@ -21,17 +21,18 @@ import torch
 from loramint.adapters import LoraAdapter
 from loramint.errors import NotFoundError
 from loramint.index import ExpertLibrary
-from loramint.models import BaseModel, load_base_model
+from loramint.models import BaseModel, left_pad, load_base_model
 from loramint.runtime.lora import Plan, arrow_router, attach
 from loramint.runtime.router import LearnedRouter
-from loramint.runtime.stack import ExpertStack
+from loramint.runtime.stack import ExpertStack, linear_shapes
 
 Route = Union[None, str, Mapping[str, float]]  # noqa: UP007 (a runtime alias, read by users)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def similarity_weights(similarities: Sequence[float]) -> list[float]:
-    """Mixture weights from cosine similarities: max(cos, 0) normalised to sum 1 (uniform if none is > 0)."""
+    """Mixture weights from cosine similarities: max(cos, 0) normalised to sum 1 (uniform if none is > 0:
+    nothing is similar at all, so no reason to prefer one)."""
     scores = [max(float(s), 0.0) for s in similarities]
     if sum(scores) == 0:
         scores = [1.0] * len(scores)
@@ -55,11 +56,7 @@ class Runtime:
         self.library = ExpertLibrary.open(library) if isinstance(library, (str, Path)) else library
         self.top_k = top_k
         model = self.base.model
-        shapes = {
-            name: tuple(layer.weight.shape)
-            for name, layer in model.named_modules()
-            if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] in set(target_modules)
-        }
+        shapes = linear_shapes(model, target_modules)
         self.stack = ExpertStack(shapes, capacity, max_rank, self.base.device, next(model.parameters()).dtype)
         self.holder = attach(model, self.stack)
         self._local: dict[str, LoraAdapter] = {}
@@ -146,14 +143,9 @@ class Runtime:
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter routes")
         routes = [self.resolve(a, p) for a, p in zip(adapters, prompts, strict=True)]
         tok = self.base.tokenizer
-        ids = self._prompts(prompts, chat)
-        width = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):  # left padding: every row's last prompt token is at the end
-            input_ids[row, width - len(x) :] = torch.tensor(x)
-            mask[row, width - len(x) :] = 1
+        input_ids, mask = left_pad(self._prompts(prompts, chat), pad)
+        width = input_ids.shape[1]
         self.holder.plan = self.plan(routes, routing)
         try:
             out = self.base.model.generate(

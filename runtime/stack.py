@@ -17,6 +17,16 @@ from loramint.adapters import LoraAdapter
 from loramint.errors import AdapterError, NotFoundError
 
 
+def linear_shapes(model: torch.nn.Module, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """module path -> (out, in) of every nn.Linear whose leaf name is in `target_modules`."""
+    targets = set(target_modules)
+    return {
+        name: tuple(layer.weight.shape)
+        for name, layer in model.named_modules()
+        if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    }
+
+
 class ExpertStack:
     """`stack.add("id", adapter)`; `stack.slots(["id", ...])` -> slot indices [n] (LongTensor)."""
 

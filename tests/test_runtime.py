@@ -13,18 +13,14 @@ from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
 from loramint.errors import AdapterError, NotFoundError
 from loramint.index import ExpertLibrary
 from loramint.runtime.lora import Plan, RoutedLinear, arrow_prototypes, arrow_router, attach, detach
-from loramint.runtime.stack import ExpertStack
+from loramint.runtime.stack import ExpertStack, linear_shapes
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 ATOL = 2e-5
 
 
 def shapes_of(model, targets=TARGETS) -> dict[str, tuple[int, int]]:
-    return {
-        name: tuple(layer.weight.shape)
-        for name, layer in model.named_modules()
-        if isinstance(layer, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
-    }
+    return linear_shapes(model, targets)
 
 
 def adapter(seed: int, r: int = 4) -> LoraAdapter:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from loramint.adapters import apply_mixture
 from loramint.errors import TaskError
 from loramint.index.library import ExpertLibrary
-from loramint.models import BaseModel
+from loramint.models import BaseModel, left_pad
 from loramint.paths import atomic_write_bytes
 from loramint.sysinfo import machine
 from loramint.tasks import Example, Task, load_tasks
@@ -166,12 +166,8 @@ def generate_answers(
     answers = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)  # [B, T], left padded
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]) :] = 1
+        ids, mask = left_pad([prompts[i] for i in rows], tok.pad_token_id)  # [B, T]
+        width = ids.shape[1]
         out = model.generate(
             input_ids=ids.to(base.device), attention_mask=mask.to(base.device), generation_config=config
         )  # [B, T + new]

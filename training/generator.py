@@ -210,9 +210,7 @@ class GeneratorModule(L.LightningModule):
 
     def adapter_weights(self, tokens: dict[str, torch.Tensor]) -> LoraAdapter:
         """One adapter's normalised tokens {group: [L, dim]} -> a LoraAdapter whose tensors keep their grads."""
-        norm = self.data.experts.normalizer
-        raw = {g: t * norm.scale[g].to(t) + norm.mean[g].to(t) for g, t in tokens.items()}
-        return self.data.experts.layout.from_tokens(raw)
+        return self.data.experts.layout.from_tokens(self.data.experts.normalizer.denormalize(tokens))
 
     def encoded(self, name: str, split: int) -> list:
         key = f"{name}:{split}"
@@ -232,9 +230,8 @@ class GeneratorModule(L.LightningModule):
             target = self._tok(idx)
             sem_mu, sem_logvar = self.semantic(cond, idx.tolist(), self.train_idx)
             out = self.net(target, cond, sem_mu, sem_logvar)
-            mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
             recon = group_mse(out["recon"], target)
-            prior = group_mse(self.net.decode(mu_p, cond), target)
+            prior = group_mse(self.net.decode(out["mu_p"], cond), target)
             kl = out["kl"].mean() / self.cfg.model.d_latent
             loss = recon + self.cfg.prior_weight * prior + self.cfg.beta * kl
             logs |= {"train/recon": recon, "train/prior_mse": prior, "train/kl": kl}

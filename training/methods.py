@@ -24,9 +24,10 @@ from loramint.adapters import LoraAdapter
 from loramint.index.library import Expert, ExpertLibrary
 from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes
+from loramint.runtime.runtime import similarity_weights
 from loramint.tasks import Task
 from loramint.training.build import build_library, config_hash, expert_id
-from loramint.training.data import ENCODING_VERSION
+from loramint.training.data import ENCODING_VERSION, eval_split
 from loramint.training.experts import ExpertTrainConfig, train_lora
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,10 @@ class TokenRouting:
         stack = ExpertStack(shapes, len(adapters), rank, next(model.parameters()).device)
         slots = torch.tensor([stack.add(eid, a) for eid, a in self.experts])
         holder = attach(model, stack)
-        router = self.router if self.kind == "learned" else arrow_router(stack, slots, self.top_k)
-        if self.kind == "learned":
-            slots = stack.slots(self.router.expert_ids)
-        holder.plan = Plan(slots, router=router)
+        if self.kind == "learned":  # the router's gates are over its own expert order
+            holder.plan = Plan(stack.slots(self.router.expert_ids), router=self.router)
+        else:
+            holder.plan = Plan(slots, router=arrow_router(stack, slots, self.top_k))
         try:
             yield
         finally:
@@ -322,13 +323,10 @@ def top1_method(ctx: MethodContext) -> Method:
 
 def topk_weights(similarities: Sequence[float], rule: str = "similarity", tau: float = 0.1) -> list[float]:
     """Mixture weights (summing to 1) from cosine similarities; see MethodConfig.topk_weights."""
-    if rule == "softmax":
-        top = max(similarities)
-        scores = [math.exp((s - top) / tau) for s in similarities]
-    else:
-        scores = [max(s, 0.0) for s in similarities]
-        if sum(scores) == 0:  # nothing is similar at all: no reason to prefer one
-            scores = [1.0] * len(similarities)
+    if rule != "softmax":
+        return similarity_weights(similarities)
+    top = max(similarities)
+    scores = [math.exp((s - top) / tau) for s in similarities]
     return [s / sum(scores) for s in scores]
 
 
@@ -438,8 +436,6 @@ def short_description(task: Task) -> str:
 
 def shots(task: Task, n: int) -> list:
     """The first n training examples (never evaluation ones): what a user could show."""
-    from loramint.training.data import eval_split
-
     return eval_split(task)[0][:n]
 
 
@@ -447,6 +443,7 @@ def _minted(adapter: LoraAdapter, **info: Any) -> Intervention:
     return Intervention(mixture=[(adapter, 1.0)], info=info)
 
 
+@register("reconstructed")  # on seen tasks (their experts are in the generator's bank): what it reproduces
 @register("minted")
 def minted_method(ctx: MethodContext) -> Method:
     return lambda task: _minted(ctx.minter().mint(task.description), description="full")
@@ -459,13 +456,6 @@ def minted_short_method(ctx: MethodContext) -> Method:
         return _minted(ctx.minter().mint(text), description=text)
 
     return method
-
-
-@register("reconstructed")
-def reconstructed_method(ctx: MethodContext) -> Method:
-    """A seen task's own description (its expert is in the generator's bank): how much of the library the
-    generator reproduces."""
-    return lambda task: _minted(ctx.minter().mint(task.description), description="full")
 
 
 @register("minted+examples")
