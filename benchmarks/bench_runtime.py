@@ -10,7 +10,8 @@ Configurations (same prompts, same manual greedy loop, tokens/s = generated toke
 - `route_token32`: 32 resident experts, each token of each layer routed to its top 2 by Arrow, one pass;
 - `peft_switching`: stock PEFT with the 8 adapters loaded, one request at a time with `set_adapter`;
 - `xlora_two_pass`: X-LoRA's scheme, two forward passes per token (a plain pass, then the routed one);
-- `route_token1000`: 1,000 rank-8 experts resident, top-2 per token (memory and that it routes at all).
+- `route_token1000`: 1,000 rank-8 experts resident, top-2 per token (memory and that it routes at all);
+- `*_gathered`: the same plans forced onto the gathered path (runtime/lora.py) instead of the dense one.
 Adapters are random rank-8 q/v LoRAs of the right shapes (throughput does not depend on their values).
 Prints a Markdown table, writes results/bench_runtime.json with the ratios the issue asks for.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import sys
 import time
@@ -73,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--many", type=int, default=1000, help="experts resident in the memory test")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -106,6 +108,11 @@ def main() -> None:
         "one_adapter": Plan(slots32[:1], gates=torch.ones(B, 1, 1, device=device)),
         "mixed8": Plan(slots32[:8], gates=torch.eye(8, device=device)[torch.arange(B) % 8][:, None, :]),
         "route_token32": Plan(slots32, router=arrow_router(rt.stack, slots32, top_k=2)),
+        # the same decisions on the gathered path (each row / token fetches its own experts' factors)
+        "mixed8_gathered": Plan(
+            slots32[:8], gates=torch.eye(8, device=device)[torch.arange(B) % 8][:, None, :], dense_max=0
+        ),
+        "route_token32_gathered": Plan(slots32, router=arrow_router(rt.stack, slots32, top_k=2), dense_max=0),
     }
     seconds = {name: timed(with_plan(plan), repeats) for name, plan in plans.items()}
 
@@ -165,11 +172,10 @@ def main() -> None:
     many_plan = Plan(slots_many, router=arrow_router(many.stack, slots_many, top_k=2))
     many.holder.plan = many_plan
     try:
-        seconds["route_token1000"] = (
-            greedy(many.base.model, ids, max(4, args.new_tokens // 4))
-            * args.new_tokens
-            / max(4, args.new_tokens // 4)
-        )
+        started = time.perf_counter()
+        many.base.model(input_ids=ids[:1, :2])  # computes the 1,000 experts' Arrow prototypes once
+        prototypes_s = time.perf_counter() - started
+        seconds["route_token1000"] = timed(lambda: greedy(many.base.model, ids, args.new_tokens), repeats)
     finally:
         many.holder.plan = None
 
@@ -191,9 +197,11 @@ def main() -> None:
             "n": args.many,
             "resident_bytes": many.stack.nbytes_per_expert() * args.many,
             "load_s": round(load_s, 1),
+            "arrow_prototypes_s": round(prototypes_s, 1),
             "tokens_per_s": tps["route_token1000"],
         },
         "targets": {"mixed8_vs_base": 0.85, "mixed8_vs_peft_switching": 3.0, "route_token32_vs_base": 0.7},
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "machine": machine(),
     }
     print(markdown_table(rows))

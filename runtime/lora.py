@@ -1,14 +1,23 @@
 """The adapter path of the runtime: base linear layers wrapped so that one forward pass applies, per row or
 per token, a weighted mix of the resident experts.
 
-For the u experts active in a pass (slots [u]) and gates g ([B, 1, u] per row, [B, T, u] per token):
+Routing is sparse: each row (a request's adapter or mixture) or each token (a router's choice) names k of
+the plan's u active experts with weights, `w, idx: [B, S, k]` (S = 1 per row, S = T per token). Two exact
+ways to apply it, chosen by the number of active experts:
+
+dense (u <= dense_max): the active experts' factors are concatenated once per plan,
 
     h     = x @ A_cat.T                    x: [B, T, in], A_cat: [u*r, in]      -> h: [B, T, u*r]
-    h     = h * g (repeated r times)                                            -> [B, T, u*r]
+    h     = h * g (repeated r times)       g: w scattered into [B, S, u]
     delta = h @ B_cat.T                    B_cat: [out, u*r]                    -> [B, T, out]
 
-which is exactly sum_e g_e * (B_e @ A_e) x: the base matmul is shared by every row, the adapter path costs
-O(u * r) per token (two skinny matmuls), and rows with different adapters or mixtures share one batch.
+   two skinny matmuls shared by every row; cheapest while u*r is small next to the layer's width.
+
+gathered (u > dense_max): every row / token gathers only its own k experts' factors (the BGMV idea of
+   Punica / S-LoRA, as batched matmuls), A_g: [B, S, k*r, in], B_g: [B, S, out, k*r], so the cost per token
+   is O(k * r) whatever u is: 1,000 resident experts route as cheaply as 8.
+
+Both equal sum_e g_e * (B_e @ A_e) x (tested against PEFT and against each other).
 """
 
 from __future__ import annotations
@@ -21,23 +30,54 @@ from torch import nn
 
 from loramint.runtime.stack import ExpertStack
 
-TokenRouter = Callable[[str, torch.Tensor], torch.Tensor]
-"""(module path, x [B, T, in]) -> gates [B, T, u] over the plan's slots (per-token routing)."""
+Gates = tuple[torch.Tensor, torch.Tensor]
+"""(weights [B, S, k], indices [B, S, k] into the plan's slots): a sparse routing decision."""
+TokenRouter = Callable[[str, torch.Tensor], Gates]
+"""(module path, x [B, T, in]) -> per-token sparse gates [B, T, k] over the plan's slots."""
+DENSE_MAX = 64
+
+
+def top_k_gates(scores: torch.Tensor, k: int) -> Gates:
+    """Top-k of scores [..., u] per position, softmax-renormalised over the kept k."""
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1)
+    return torch.softmax(top.values, dim=-1), top.indices
+
+
+def dense_gates(gates: Gates, u: int) -> torch.Tensor:
+    """[B, S, u]: the sparse gates scattered over all u slots (zeros elsewhere)."""
+    w, idx = gates
+    return torch.zeros(*w.shape[:-1], u, dtype=w.dtype, device=w.device).scatter(-1, idx, w)
 
 
 @dataclass
 class Plan:
-    """Routing of one forward pass (or one generate call): active slots [u] and either fixed gates
-    [B, 1, u] (per row, mixtures included) or a per-token router computing gates from each layer's input."""
+    """Routing of one forward pass (or one generate call): active slots [u] and either fixed per-row gates
+    (`gates` [B, 1, u], mixtures included) or a per-token `router`. `dense_max`: the most active experts
+    applied densely (see the module doc); above it every row / token gathers its own experts."""
 
     slots: torch.Tensor
     gates: torch.Tensor | None = None
     router: TokenRouter | None = None
+    dense_max: int = DENSE_MAX
     _factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _rows: Gates | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.gates is None) == (self.router is None):
             raise ValueError("a plan has either fixed gates or a per-token router")
+        if self.gates is not None:
+            if self.gates.dim() != 3 or self.gates.shape[1] != 1 or self.gates.shape[2] != len(self.slots):
+                raise ValueError(
+                    f"gates must be [B, 1, {len(self.slots)}] (one row per request), got {list(self.gates.shape)}"
+                )
+            # the rows' sparse form: k = the most experts any row mixes
+            k = max(1, int((self.gates != 0).sum(-1).max()))
+            top = self.gates.abs().topk(k, dim=-1)
+            self._rows = (self.gates.gather(-1, top.indices), top.indices)
+
+    @property
+    def dense(self) -> bool:
+        return len(self.slots) <= self.dense_max
 
     def factors(self, stack: ExpertStack, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_cat [u*r, in], B_cat [out, u*r]) of the active experts, gathered once per plan and module."""
@@ -47,6 +87,39 @@ class Plan:
             u, r, n_in = a.shape
             self._factors[module] = (a.reshape(u * r, n_in), b.permute(1, 0, 2).reshape(b.shape[1], u * r))
         return self._factors[module]
+
+    def gathered(
+        self, stack: ExpertStack, module: str, idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_g [B, S, k*r, in], B_g [B, S, out, k*r]): each row's / token's own experts' factors."""
+        chosen = self.slots[idx]  # [B, S, k]
+        a = stack.A[module][chosen]  # [B, S, k, r, in]
+        b = stack.B[module][chosen]  # [B, S, k, out, r]
+        n, s, k, r, n_in = a.shape
+        return a.reshape(n, s, k * r, n_in), b.permute(0, 1, 3, 2, 4).reshape(n, s, b.shape[3], k * r)
+
+    def delta(self, stack: ExpertStack, module: str, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, out]: the routed experts' contribution at `module` for its input x [B, T, in]."""
+        w, idx = self._rows if self.router is None else self.router(module, x)
+        if self.dense:
+            a_cat, b_cat = self.factors(stack, module)
+            gates = self.gates if self.router is None else dense_gates((w, idx), len(self.slots))
+            h = x @ a_cat.T  # [B, T, u*r]
+            r = a_cat.shape[0] // gates.shape[-1]
+            return (h * gates.to(h.dtype).repeat_interleave(r, dim=-1)) @ b_cat.T
+        if self.router is None:  # fixed per row: gather once per plan
+            if module not in self._factors:
+                self._factors[module] = self.gathered(stack, module, idx)
+            a_g, b_g = self._factors[module]
+        else:
+            a_g, b_g = self.gathered(stack, module, idx)
+        r = a_g.shape[2] // w.shape[-1]
+        g = w.to(x.dtype).repeat_interleave(r, dim=-1)  # [B, S, k*r]
+        if a_g.shape[1] == 1:  # one choice per row: batched matmuls over the row's tokens
+            h = (x @ a_g[:, 0].transpose(1, 2)) * g  # [B, T, k*r]
+            return h @ b_g[:, 0].transpose(1, 2)  # [B, T, out]
+        h = (a_g @ x.unsqueeze(-1)).squeeze(-1) * g  # per token: [B, T, k*r]
+        return (b_g @ h.unsqueeze(-1)).squeeze(-1)  # [B, T, out]
 
 
 class RoutedLinear(nn.Module):
@@ -65,12 +138,7 @@ class RoutedLinear(nn.Module):
         plan = self.holder.plan
         if plan is None or self.module not in self.stack.A:
             return y
-        a_cat, b_cat = plan.factors(self.stack, self.module)  # [u*r, in], [out, u*r]
-        gates = plan.gates if plan.router is None else plan.router(self.module, x)  # [B, 1|T, u]
-        h = x @ a_cat.T  # [B, T, u*r]
-        r = a_cat.shape[0] // gates.shape[-1]
-        h = h * gates.to(h.dtype).repeat_interleave(r, dim=-1)
-        return y + h @ b_cat.T  # [B, T, out]
+        return y + plan.delta(self.stack, self.module, x)
 
 
 class PlanHolder:
@@ -119,11 +187,9 @@ def arrow_router(stack: ExpertStack, slots: torch.Tensor, top_k: int = 2) -> Tok
     protos: dict[str, torch.Tensor] = {}
     k = min(top_k, len(slots))
 
-    def route(module: str, x: torch.Tensor) -> torch.Tensor:
+    def route(module: str, x: torch.Tensor) -> Gates:
         if module not in protos:
             protos[module] = arrow_prototypes(stack, module, slots)
-        scores = (x @ protos[module].T).abs()  # [B, T, u]
-        top = scores.topk(k, dim=-1)
-        return torch.zeros_like(scores).scatter_(-1, top.indices, torch.softmax(top.values, dim=-1))
+        return top_k_gates((x @ protos[module].T).abs(), k)  # scores [B, T, u] -> [B, T, k]
 
     return route

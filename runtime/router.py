@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loramint.errors import NotFoundError
+from loramint.runtime.lora import Gates, top_k_gates
 
 
 class LearnedRouter(nn.Module):
@@ -42,22 +43,18 @@ class LearnedRouter(nn.Module):
     def _key(module: str) -> str:
         return module.replace(".", "__")
 
-    def forward(self, module: str, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, module: str, x: torch.Tensor) -> Gates:  # type: ignore[override]
+        """Sparse per-token gates (weights [B, T, k], indices [B, T, k] into `expert_ids`)."""
         key = self._key(module)
         if key not in self.gates:
             raise NotFoundError(f"the router has no gate for {module!r}")
         logits = self.gates[key](x.to(self.gates[key].weight.dtype))  # [B, T, E]
-        top = logits.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
+        weights, indices = top_k_gates(logits, self.top_k)
         if self.record:
-            chosen = torch.zeros_like(logits).scatter(-1, top.indices, 1.0)
-            self.stats.append(
-                (
-                    torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1]),
-                    chosen.reshape(-1, logits.shape[-1]),
-                )
-            )
-        return gates
+            chosen = torch.zeros_like(logits).scatter(-1, indices, 1.0)
+            probs = torch.softmax(logits, dim=-1)
+            self.stats.append((probs.reshape(-1, logits.shape[-1]), chosen.reshape(-1, logits.shape[-1])))
+        return weights, indices
 
     def balance_loss(self) -> torch.Tensor:
         """Switch-style load balance over the recorded calls: E * sum_e f_e * P_e, 1.0 when perfectly even

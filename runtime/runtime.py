@@ -12,7 +12,9 @@ use (LRU-resident, `capacity` at most) or from `add()` (minted or uploaded adapt
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -61,6 +63,7 @@ class Runtime:
         self.holder = attach(model, self.stack)
         self._local: dict[str, LoraAdapter] = {}
         self.router = LearnedRouter.load(router) if isinstance(router, (str, Path)) else router
+        self._lock = threading.RLock()  # one forward pass owns the model's plan at a time
 
     # ---- experts -----------------------------------------------------------------------------------------
     def add(self, expert_id: str, adapter: LoraAdapter) -> None:
@@ -126,6 +129,18 @@ class Runtime:
         ]
         return [tok(t, add_special_tokens=False).input_ids for t in texts]
 
+    def _batch(self, prompts: Sequence[str], adapters, routing: str, chat: bool):
+        """(input ids [B, W] left-padded, attention mask, plan, pad id) of one generate/stream call."""
+        if isinstance(adapters, (str, Mapping)) or adapters is None:
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter routes")
+        routes = [self.resolve(a, p) for a, p in zip(adapters, prompts, strict=True)]
+        tok = self.base.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids, mask = left_pad(self._prompts(prompts, chat), pad)
+        return input_ids.to(self.base.device), mask.to(self.base.device), self.plan(routes, routing), pad
+
     @torch.no_grad()
     def generate(
         self,
@@ -136,29 +151,70 @@ class Runtime:
         chat: bool = True,
         streamer=None,
     ) -> list[str]:
-        """Greedy completions of every prompt in one batch, each row with its own adapter / mixture."""
-        if isinstance(adapters, (str, Mapping)) or adapters is None:
-            adapters = [adapters] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter routes")
-        routes = [self.resolve(a, p) for a, p in zip(adapters, prompts, strict=True)]
+        """Greedy completions of every prompt in one batch (KV cache), each row with its own adapter /
+        mixture; `streamer`: a transformers streamer fed the new tokens [B] of every step."""
+        with self._lock:
+            input_ids, mask, plan, pad = self._batch(prompts, adapters, routing, chat)
+            self.holder.plan = plan
+            try:
+                out = self.base.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    streamer=streamer,
+                )
+            finally:
+                self.holder.plan = None
         tok = self.base.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        input_ids, mask = left_pad(self._prompts(prompts, chat), pad)
-        width = input_ids.shape[1]
-        self.holder.plan = self.plan(routes, routing)
-        try:
-            out = self.base.model.generate(
-                input_ids=input_ids.to(self.base.device),
-                attention_mask=mask.to(self.base.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                streamer=streamer,
-            )
-        finally:
-            self.holder.plan = None
-        return [t.strip() for t in tok.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return [t.strip() for t in tok.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+
+    def stream(
+        self,
+        prompts: Sequence[str],
+        adapters: Sequence[Route | str] | Route | str = None,
+        max_new_tokens: int = 64,
+        routing: str = "request",
+        chat: bool = True,
+    ) -> Iterator[tuple[int, str]]:
+        """Like `generate`, but yields (row, text piece) as tokens are decoded, every row of the batch
+        interleaved; a row's pieces join to its completion (unstripped). Decoding runs in a worker thread;
+        an error there is raised here. Stopping the iteration early lets the batch finish in the background."""
+        tok = self.base.tokenizer
+        eos = self.base.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+        streamer = _StepStreamer()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.generate(prompts, adapters, max_new_tokens, routing, chat, streamer=streamer)
+            except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+                errors.append(e)
+            finally:
+                streamer.end()
+
+        threading.Thread(target=work, daemon=True, name="loramint-stream").start()
+        tokens: list[list[int]] = [[] for _ in prompts]
+        sent = [""] * len(prompts)
+        done = [False] * len(prompts)
+        while (step := streamer.queue.get()) is not None:
+            for row, token in enumerate(step):
+                if done[row]:
+                    continue
+                if token in eos:
+                    done[row] = True
+                    continue
+                tokens[row].append(token)
+                text = tok.decode(tokens[row], skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                    continue
+                if len(text) > len(sent[row]):
+                    yield row, text[len(sent[row]) :]
+                    sent[row] = text
+        if errors:
+            raise errors[0]
 
     @torch.no_grad()
     def logits(
@@ -171,11 +227,30 @@ class Runtime:
             self.resolve(a, "") if a != "auto" else self._auto_of(input_ids[i])
             for i, a in enumerate(adapters)
         ]
-        self.holder.plan = self.plan(routes, routing)
-        try:
-            return self.base.model(input_ids=input_ids.to(self.base.device)).logits
-        finally:
-            self.holder.plan = None
+        with self._lock:
+            self.holder.plan = self.plan(routes, routing)
+            try:
+                return self.base.model(input_ids=input_ids.to(self.base.device)).logits
+            finally:
+                self.holder.plan = None
 
     def _auto_of(self, ids: torch.Tensor) -> dict[str, float]:
         return self.resolve("auto", self.base.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class _StepStreamer:
+    """A transformers streamer for batches: the prompt is skipped, then each step's new tokens [B] are queued
+    as a list (None ends the stream)."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[list[int] | None] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from loramint.adapters import LoraAdapter, apply_lora, apply_mixture
 from loramint.errors import AdapterError, NotFoundError
 from loramint.index import ExpertLibrary
-from loramint.runtime.lora import Plan, RoutedLinear, arrow_prototypes, arrow_router, attach, detach
+from loramint.runtime.lora import (
+    Plan,
+    RoutedLinear,
+    arrow_prototypes,
+    arrow_router,
+    attach,
+    dense_gates,
+    detach,
+)
 from loramint.runtime.stack import ExpertStack, linear_shapes
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -91,10 +99,11 @@ def test_one_adapter_equals_lora_and_a_mixture_equals_the_weighted_sum(tiny, mod
     ranks=st.lists(st.integers(1, 8), min_size=1, max_size=4),
     rows=st.lists(st.lists(st.floats(0.0, 1.5), min_size=4, max_size=4), min_size=1, max_size=4),
     seed=st.integers(0, 1000),
+    dense_max=st.sampled_from([0, 64]),
 )
-def test_mixed_batch_rows_equal_each_row_alone(tiny, model, ranks, rows, seed):
+def test_mixed_batch_rows_equal_each_row_alone(tiny, model, ranks, rows, seed, dense_max):
     """Property: any batch whose rows carry different adapters/mixtures (random ranks) equals running each
-    row by itself with its mixture merged into the weights."""
+    row by itself with its mixture merged into the weights, on the dense path and on the gathered one."""
     stack = ExpertStack(shapes_of(model), capacity=4, max_rank=8)
     holder = attach(model, stack)
     try:
@@ -102,7 +111,7 @@ def test_mixed_batch_rows_equal_each_row_alone(tiny, model, ranks, rows, seed):
         slots = torch.tensor([stack.add(f"e{i}", e) for i, e in enumerate(experts)])
         gates = torch.tensor(rows)[:, : len(experts)]  # [B, u]
         x = ids(batch=len(rows), seed=seed)
-        holder.plan = Plan(slots, gates=gates[:, None, :])
+        holder.plan = Plan(slots, gates=gates[:, None, :], dense_max=dense_max)
         batched = logits(model, x)
         holder.plan = None
         for row in range(len(rows)):
@@ -113,9 +122,11 @@ def test_mixed_batch_rows_equal_each_row_alone(tiny, model, ranks, rows, seed):
         detach(model)
 
 
-def test_per_token_routing_equals_the_explicit_per_token_sum(routed):
+@pytest.mark.parametrize("dense_max", [0, 64])
+def test_per_token_routing_equals_the_explicit_per_token_sum(routed, dense_max):
+    """Per-token top-2 routing equals sum_e g_te * ΔW_e x_t, dense and gathered (each token its own experts)."""
     stack, _ = routed
-    experts = [adapter(10 + i) for i in range(4)]
+    experts = [adapter(10 + i, r=1 + 2 * i) for i in range(4)]
     slots = torch.tensor([stack.add(f"e{i}", e) for i, e in enumerate(experts)])
     module = next(iter(stack.shapes))
     layer = torch.nn.Linear(*reversed(stack.shapes[module]))
@@ -123,15 +134,25 @@ def test_per_token_routing_equals_the_explicit_per_token_sum(routed):
     routed_layer = RoutedLinear(layer, module, stack, holder)
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
     router = arrow_router(stack, slots, top_k=2)
-    holder.plan = Plan(slots, router=router)
+    holder.plan = Plan(slots, router=router, dense_max=dense_max)
     with torch.no_grad():
         out = routed_layer(x)
-        gates = router(module, x)  # [B, T, u]
+        gates = dense_gates(router(module, x), len(slots))  # [B, T, u]
         deltas = torch.stack([e.delta(module) for e in experts])  # [u, out, in]
         expected = layer(x) + torch.einsum("btu,uoi,bti->bto", gates, deltas, x)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-4)
     assert torch.all((gates > 0).sum(-1) == 2)
     torch.testing.assert_close(gates.sum(-1), torch.ones(2, 5))
+    assert len(set(router(module, x)[1].flatten().tolist())) > 2  # tokens really go to different experts
+
+
+def test_plan_refuses_gates_of_the_wrong_shape(routed):
+    stack, _ = routed
+    slots = torch.tensor([stack.add("a", adapter(1)), stack.add("b", adapter(2))])
+    with pytest.raises(ValueError, match=r"gates must be \[B, 1, 2\]"):
+        Plan(slots, gates=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="either fixed gates or a per-token router"):
+        Plan(slots)
 
 
 def test_arrow_prototype_is_the_top_right_singular_vector(routed):
@@ -234,6 +255,25 @@ def test_runtime_auto_routes_by_retrieval_and_generates_a_mixed_batch(runtime):
         runtime.generate(["a", "b", "c"], ["poet", None], max_new_tokens=2)
 
 
+def test_stream_yields_each_rows_completion_piece_by_piece(runtime):
+    """Streaming a mixed batch: the pieces of each row join to what generate() returns for it, rows
+    interleave step by step, and an error in the worker reaches the consumer."""
+    prompts = ["Add 2 and 3.", "A poem about the sea, please", "Hello"]
+    routes = ["adder", {"adder": 0.5, "poet": 0.5}, None]
+    expected = runtime.generate(prompts, routes, max_new_tokens=6)
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    order = []
+    for row, piece in runtime.stream(prompts, routes, max_new_tokens=6):
+        assert piece
+        pieces[row].append(piece)
+        order.append(row)
+    assert ["".join(p).strip() for p in pieces.values()] == expected
+    assert all(len(p) >= 2 for p in pieces.values()) and order != sorted(order)  # interleaved, step by step
+    with pytest.raises(NotFoundError, match="no expert 'ghost'"):
+        list(runtime.stream(["hi"], "ghost", max_new_tokens=2))
+    assert runtime.holder.plan is None
+
+
 def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
     """Only the gates learn; the answer loss falls; every expert gets tokens; the saved router routes alike."""
     from loramint.runtime.router import LearnedRouter
@@ -273,14 +313,14 @@ def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
         assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())  # base + experts frozen
         module = next(iter(rt.stack.shapes))
         x = torch.randn(2, 6, rt.stack.shapes[module][1])
-        gates = router(module, x)
+        gates = dense_gates(router(module, x), len(router.expert_ids))
         torch.testing.assert_close(gates.sum(-1), torch.ones(2, 6))
         assert torch.all((gates > 0).sum(-1) == 2)
         router.record = True
         router(module, torch.randn(64, 8, rt.stack.shapes[module][1]))
         assert 0.9 < float(router.balance_loss()) < 4.0 and router.stats == []
         loaded = LearnedRouter.load(tmp_path / "router")
-        torch.testing.assert_close(loaded(module, x), gates)
+        torch.testing.assert_close(dense_gates(loaded(module, x), len(router.expert_ids)), gates)
         rt.router = loaded
         assert len(rt.generate(["hello"], max_new_tokens=3, routing="learned")) == 1
     finally:
