@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loramint.errors import LoramintError
+from loramint.service.config import ServiceConfig
 from loramint.training.config import ExpertTrainConfig, GeneratorTrainConfig, RouterTrainConfig
 
 # Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
@@ -500,6 +501,27 @@ def train_router(
     )
 
 
+def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None:
+    """Run the HTTP service (FastAPI + uvicorn): mint, retrieve, manage experts, OpenAI-compatible completions.
+
+    Args:
+        service: the service's settings (`--service.port 9000`, or a `service:` mapping in YAML; see
+            configs/service/default.yaml). Environment variables LORAMINT_<FIELD> override them, e.g.
+            LORAMINT_API_KEYS=key1,key2.
+        log_level: uvicorn's log level.
+    """
+    import uvicorn
+
+    from loramint.service import create_app
+
+    config = (service or ServiceConfig()).with_env()
+    try:
+        config.check_auth()
+    except ValueError as exc:
+        raise LoramintError(str(exc)) from exc
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level)
+
+
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
     "tasks": {
@@ -514,6 +536,7 @@ COMMANDS = {
     "train-generator": train_generator,
     "mint": mint,
     "train-router": train_router,
+    "serve": serve,
 }
 
 

@@ -16,6 +16,7 @@ COMMAND_OF_FOLDER = {
     "experts": "train-experts",
     "eval": "eval",
     "generator": "train-generator",
+    "service": "serve",
 }  # configs/<folder>/*.yaml -> CLI command
 
 

@@ -1,0 +1,65 @@
+"""Routes: mint an adapter, read its metadata, download it as a PEFT zip, retrieve experts by description."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from loramint.paths import validate_id
+from loramint.service.core import Service
+from loramint.service.deps import Reader, Writer
+from loramint.service.schemas import AdapterInfo, MintRequest, RetrieveRequest, RetrieveResponse
+
+router = APIRouter(prefix="/v1", tags=["adapters"])
+AdapterId = Annotated[str, Path(description="An adapter (expert) id.")]
+
+
+def check_text(service: Service, what: str, text: str) -> None:
+    limit = service.config.max_description_chars
+    if len(text) > limit:
+        raise ValueError(f"{what} has {len(text)} characters, the limit is {limit}")
+
+
+@router.post("/adapters", response_model=AdapterInfo, status_code=201)
+async def mint(req: MintRequest, service: Writer) -> AdapterInfo:
+    """Mint a LoRA adapter from a task description (one generator pass; concurrent requests are batched).
+    `store: true` adds it to the expert library; otherwise the service keeps it in memory (LRU)."""
+    cfg = service.config
+    check_text(service, "description", req.description)
+    examples = req.examples or []
+    if len(examples) > cfg.max_examples:
+        raise ValueError(f"{len(examples)} examples, the limit is {cfg.max_examples}")
+    if any(len(e) > cfg.max_example_chars for e in examples):
+        raise ValueError(f"an example is over the limit of {cfg.max_example_chars} characters")
+    if req.id is not None:
+        validate_id(req.id, "adapter id")
+    return await service.lanes["mint"].submit(req)
+
+
+@router.get("/adapters/{adapter_id}", response_model=AdapterInfo)
+def get_adapter(adapter_id: AdapterId, service: Reader) -> AdapterInfo:
+    """Metadata of a minted or stored adapter."""
+    return service.info(adapter_id)
+
+
+@router.get(
+    "/adapters/{adapter_id}/download",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "A stock PEFT folder, zipped."}},
+)
+async def download(adapter_id: AdapterId, service: Reader) -> Response:
+    """The adapter as a zip of a PEFT folder (`adapter_config.json` with `base_model_name_or_path`,
+    `adapter_model.safetensors` with LoRA factors only): loads with `PeftModel.from_pretrained`, vLLM, LoRAX."""
+    validate_id(adapter_id, "adapter id")
+    data = await service.lanes["files"].submit(lambda: service.download(adapter_id))
+    headers = {"Content-Disposition": f'attachment; filename="{adapter_id}.zip"'}
+    return Response(data, media_type="application/zip", headers=headers)
+
+
+@router.post("/retrieve", response_model=RetrieveResponse)
+async def retrieve(req: RetrieveRequest, service: Reader) -> RetrieveResponse:
+    """The library's k experts whose descriptions are nearest to `description`, best first."""
+    check_text(service, "description", req.description)
+    hits = await service.lanes["library"].submit(lambda: service.retrieve(req.description, req.k, req.family))
+    return RetrieveResponse(data=hits)

@@ -1,0 +1,62 @@
+"""The app factory: `create_app(config)` builds the FastAPI app; its lifespan loads the library, the runtime
+and the generator once (or takes ready ones, as tests do) and runs the work lanes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from loramint.index import ExpertLibrary
+from loramint.runtime.runtime import Runtime
+from loramint.service import adapters, completions, errors, experts, system
+from loramint.service.config import ServiceConfig
+from loramint.service.core import Service
+from loramint.service.metrics import Metrics, ObserveAndLimit
+
+UPLOAD_PATHS = ("/v1/experts",)
+
+
+def create_app(
+    config: ServiceConfig | None = None,
+    *,
+    runtime: Runtime | None = None,
+    library: ExpertLibrary | None = None,
+    minter=None,
+) -> FastAPI:
+    """The service's app. `runtime`, `library`, `minter`: already loaded objects to use instead of loading
+    them from `config` (the caller keeps ownership of those)."""
+    config = config or ServiceConfig()
+    config.check_auth()
+    metrics = Metrics.create()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await asyncio.to_thread(Service.load, config, runtime, library, minter, metrics)
+        service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
+            service.close()
+
+    app = FastAPI(
+        title="loramint",
+        summary="Mint LoRA adapters from task descriptions; retrieve, manage and serve them (OpenAI-compatible).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (adapters, experts, completions, system):
+        app.include_router(module.router)
+    app.add_middleware(
+        ObserveAndLimit,
+        metrics=metrics,
+        max_body=config.max_body_bytes,
+        max_upload=config.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
+    return app

@@ -1,0 +1,131 @@
+"""The service's settings: one dataclass, mirrored by configs/service/default.yaml and `loramint serve --help`.
+
+Environment variables `LORAMINT_<FIELD>` (e.g. `LORAMINT_PORT=9000`, `LORAMINT_API_KEYS=key1,key2`) override
+the file and the flags, so a container can keep its keys out of the YAML.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, get_type_hints
+
+Auth = Literal["writes", "all", "none"]
+ENV_PREFIX = "LORAMINT_"
+
+
+@dataclass
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    library: str = "data/library"
+    """Expert library folder (created when missing)."""
+    generator: str | None = "data/generator/ni-family"
+    """Generator checkpoint (`loramint train-generator`); None serves without minting (POST /v1/adapters: 503)."""
+    base_model: str = "smollm2-135m"
+    """Registry name, HF id or local path; the generator and every served adapter must be made for it."""
+    device: str | None = None
+    """torch device of the base model and the generator; None picks cuda when present."""
+    api_keys: list[str] = field(default_factory=list)
+    """Keys accepted as `Authorization: Bearer <key>` (set them with LORAMINT_API_KEYS=k1,k2)."""
+    auth: Auth = "writes"
+    """Which endpoints need a key: "writes" (mint, upload, delete), "all", or "none" (trusted network only)."""
+    capacity: int = 64
+    """Experts resident in the runtime at once (LRU)."""
+    max_rank: int = 16
+    """Highest LoRA rank the runtime serves; uploads above it are refused."""
+    top_k: int = 2
+    """Experts mixed for `model: "auto"` (retrieved by the prompt, weighted by similarity)."""
+    queue_size: int = 64
+    """Requests waiting per work queue (mint, library, generate); one more gets HTTP 429."""
+    timeout_s: float = 60.0
+    """Seconds a request may wait for its work (queue + run) before HTTP 504."""
+    mint_batch: int = 16
+    """Mint requests decoded together in one `Minter.mint_many` call."""
+    completion_batch: int = 8
+    """Completion requests (rows) decoded together in one runtime pass."""
+    batch_wait_ms: float = 5.0
+    """How long a worker waits for more requests to join a batch."""
+    max_minted: int = 256
+    """Minted adapters kept in memory when not stored in the library (least recently used dropped)."""
+    max_description_chars: int = 4000
+    max_examples: int = 16
+    max_example_chars: int = 4000
+    max_prompt_chars: int = 16000
+    """Per prompt (completions) or per request's messages together (chat)."""
+    max_tokens: int = 512
+    """Largest `max_tokens` a completion may ask for."""
+    default_max_tokens: int = 128
+    """Chat completions without `max_tokens` (plain completions default to 16, as OpenAI's)."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies other than uploads; larger ones get HTTP 413."""
+    max_upload_bytes: int = 64 << 20
+    """An uploaded adapter zip."""
+    max_unzipped_bytes: int = 256 << 20
+    """An uploaded zip's members together, decompressed."""
+
+    def __post_init__(self) -> None:
+        if self.auth not in ("writes", "all", "none"):
+            raise ValueError(f"auth must be 'writes', 'all' or 'none', got {self.auth!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if any(not isinstance(k, str) or len(k) < 8 for k in self.api_keys):
+            raise ValueError("every api_keys entry must be a string of at least 8 characters")
+        positive = (
+            "capacity",
+            "max_rank",
+            "top_k",
+            "queue_size",
+            "mint_batch",
+            "completion_batch",
+            "max_minted",
+            "max_description_chars",
+            "max_examples",
+            "max_example_chars",
+            "max_prompt_chars",
+            "max_tokens",
+            "default_max_tokens",
+            "max_body_bytes",
+            "max_upload_bytes",
+            "max_unzipped_bytes",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_s <= 0 or self.batch_wait_ms < 0:
+            raise ValueError("timeout_s must be > 0 and batch_wait_ms >= 0")
+        if self.top_k > self.capacity:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed capacity ({self.capacity})")
+
+    def with_env(self, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+        """A copy with every `LORAMINT_<FIELD>` set in `environ` (default: os.environ) applied."""
+        environ = os.environ if environ is None else environ
+        hints = get_type_hints(ServiceConfig)
+        changes = {}
+        for f in fields(self):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            kind = hints[f.name]
+            try:
+                if kind == list[str]:
+                    changes[f.name] = [k.strip() for k in raw.split(",") if k.strip()]
+                elif kind is int or kind is float:
+                    changes[f.name] = kind(raw)
+                elif kind == str | None:
+                    changes[f.name] = raw or None
+                else:
+                    changes[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+        return replace(self, **changes)
+
+    def check_auth(self) -> None:
+        """Refuse to serve with keys required but none configured (every write would be refused)."""
+        if self.auth != "none" and not self.api_keys:
+            raise ValueError(
+                f'auth is "{self.auth}" but no api_keys are set: set LORAMINT_API_KEYS=<key> (8+ characters), '
+                'or auth: "none" on a trusted network'
+            )

@@ -1,0 +1,555 @@
+"""The service's state and the work its endpoints hand to worker threads: minting (batched), library reads and
+writes, completions (batched through the runtime). Plain Python, no HTTP: the routers only validate, queue and
+format.
+
+Threads: minting and every library call that embeds text share one thread (the encoder and its cache are not
+thread-safe); the runtime has its own (one forward pass at a time anyway); downloads a third. Nothing here
+runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from loramint import models
+from loramint.adapters import LoraAdapter
+from loramint.errors import AdapterError, AlreadyExistsError, GeneratorError, NotFoundError
+from loramint.index import Expert, ExpertLibrary
+from loramint.paths import validate_id
+from loramint.runtime.runtime import Runtime, similarity_weights
+from loramint.service.config import ServiceConfig
+from loramint.service.errors import ContextLengthError, UnavailableError
+from loramint.service.lanes import Lane
+from loramint.service.metrics import Metrics
+from loramint.service.schemas import AdapterInfo, MintRequest, RetrievedExpert
+from loramint.service.zipfiles import extract_adapter, zip_adapter
+
+log = logging.getLogger(__name__)
+Route = dict[str, float]
+AUTO = "auto"
+
+
+def _model_key(name: str) -> str:
+    return name.strip().lower().removeprefix("sentence-transformers/")
+
+
+# ---- what the lanes carry ----------------------------------------------------------------------------------
+@dataclass
+class CompletionJob:
+    """One row of a completion batch: a raw prompt or chat messages, its route (None: the base model; an
+    adapter id; or a resolved mixture), and an optional sink receiving text pieces as they are decoded."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    route: str | Route | None = None
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    sink: Callable[[str], None] | None = None
+
+
+@dataclass
+class CompletionResult:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    route: Route
+
+
+@dataclass
+class _Row:
+    """A job ready to decode: its prompt text, token count and route as a mixture."""
+
+    index: int
+    job: CompletionJob
+    text: str
+    prompt_tokens: int
+    route: Route
+
+
+class _StopFilter:
+    """Accumulates one row's pieces, cuts the text before the first stop sequence and forwards to the sink
+    only text that can no longer turn out to start a stop sequence."""
+
+    def __init__(self, stops: Sequence[str], sink: Callable[[str], None] | None) -> None:
+        self.stops, self.sink = list(stops), sink
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def feed(self, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        cuts = [i for s in self.stops if (i := self.text.find(s)) >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[: min(cuts)], True
+            self._emit(len(self.text))
+        else:
+            self._emit(len(self.text) - self.hold)
+
+    def close(self) -> str:
+        self._emit(len(self.text))
+        return self.text
+
+    def _emit(self, upto: int) -> None:
+        if upto > self.sent:
+            piece, self.sent = self.text[self.sent : upto], upto
+            if self.sink is not None:
+                self.sink(piece)
+
+
+class MintedAdapters:
+    """Minted adapters not stored in the library: the most recent `capacity`, least recently used dropped
+    (`on_drop(id)` is told, so the runtime can let its slot go)."""
+
+    def __init__(self, capacity: int, on_drop: Callable[[str], None]) -> None:
+        self.capacity, self.on_drop = capacity, on_drop
+        self._items: OrderedDict[str, tuple[LoraAdapter, AdapterInfo]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, adapter_id: str, adapter: LoraAdapter, info: AdapterInfo) -> None:
+        with self._lock:
+            self._items[adapter_id] = (adapter, info)
+            self._items.move_to_end(adapter_id)
+            while len(self._items) > self.capacity:
+                dropped, _ = self._items.popitem(last=False)
+                self.on_drop(dropped)
+
+    def get(self, adapter_id: str) -> tuple[LoraAdapter, AdapterInfo] | None:
+        with self._lock:
+            item = self._items.get(adapter_id)
+            if item is not None:
+                self._items.move_to_end(adapter_id)
+            return item
+
+    def pop(self, adapter_id: str) -> None:
+        with self._lock:
+            self._items.pop(adapter_id, None)
+
+    def infos(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [info for _, info in self._items.values()]
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class Service:
+    """`Service.load(config)`; `start()` the lanes inside the event loop; `stop()`; `close()`."""
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        runtime: Runtime,
+        library: ExpertLibrary,
+        minter=None,
+        metrics: Metrics | None = None,
+        owns: Sequence[object] = (),
+    ) -> None:
+        self.config, self.runtime, self.library, self.minter = config, runtime, library, minter
+        self.metrics = metrics or Metrics.create()
+        self.base = runtime.base
+        self.started = time.time()
+        self.base_names = {self.base.name, self.base.hf_id, models.canonical_name(self.base.name)}
+        if minter is not None and models.canonical_name(minter.layout.base_model) != self.base.name:
+            raise GeneratorError(
+                f"the generator mints adapters for {minter.layout.base_model!r}, the service's base model "
+                f"is {self.base.name!r}: pass the generator trained for it"
+            )
+        self._stale: set[str] = set()
+        self._stale_lock = threading.Lock()
+        self.minted = MintedAdapters(config.max_minted, self._mark_stale)
+        self._owns = list(owns)
+        self._pools = {
+            "encoder": ThreadPoolExecutor(1, "loramint-encoder"),
+            "runtime": ThreadPoolExecutor(1, "loramint-runtime"),
+            "files": ThreadPoolExecutor(2, "loramint-files"),
+        }
+        lane = dict(metrics=self.metrics, queue_size=config.queue_size, timeout_s=config.timeout_s)
+        wait = config.batch_wait_ms / 1000
+        self.lanes = {
+            "mint": Lane(
+                "mint",
+                self.mint_batch,
+                executor=self._pools["encoder"],
+                max_batch=config.mint_batch,
+                max_wait_s=wait,
+                **lane,
+            ),
+            "library": Lane("library", _call_each, executor=self._pools["encoder"], **lane),
+            "generate": Lane(
+                "generate",
+                self.complete_batch,
+                executor=self._pools["runtime"],
+                max_batch=config.completion_batch,
+                max_wait_s=wait,
+                **lane,
+            ),
+            "files": Lane("files", _call_each, executor=self._pools["files"], **lane),
+        }
+
+    @classmethod
+    def load(
+        cls,
+        config: ServiceConfig,
+        runtime: Runtime | None = None,
+        library: ExpertLibrary | None = None,
+        minter=None,
+        metrics: Metrics | None = None,
+    ) -> Service:
+        """Open what was not given: the library, the runtime on the base model, the generator (sharing the
+        library's encoder when both use the same embedding model)."""
+        owns: list[object] = []
+        if library is None:
+            library = ExpertLibrary.open(config.library)
+            owns.append(library)
+        if runtime is None:
+            runtime = Runtime(
+                config.base_model,
+                library=library,
+                capacity=config.capacity,
+                max_rank=config.max_rank,
+                device=config.device,
+                top_k=config.top_k,
+            )
+        if minter is None and config.generator:
+            from loramint.gen.minter import Minter
+
+            path = Path(config.generator)
+            try:
+                encoder_name = json.loads((path / "generator.json").read_text()).get("encoder", "")
+            except (OSError, ValueError) as exc:
+                raise GeneratorError(f"{path} is not a generator checkpoint: {exc}") from exc
+            shared = (
+                library.encoder if _model_key(encoder_name) == _model_key(library.embedding_model) else None
+            )
+            minter = Minter.from_pretrained(path, encoder=shared, device=str(runtime.base.device))
+        return cls(config, runtime, library, minter, metrics, owns=owns)
+
+    def start(self) -> None:
+        for lane in self.lanes.values():
+            lane.start()
+
+    async def stop(self) -> None:
+        for lane in self.lanes.values():
+            await lane.stop()
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        for thing in self._owns:
+            thing.close()
+
+    # ---- lookups -----------------------------------------------------------------------------------------
+    def info(self, adapter_id: str) -> AdapterInfo:
+        """Metadata of a minted (in memory) or stored adapter."""
+        validate_id(adapter_id, "adapter id")
+        if (item := self.minted.get(adapter_id)) is not None:
+            return item[1]
+        return expert_info(self.library.get(adapter_id))
+
+    def adapter(self, adapter_id: str) -> LoraAdapter:
+        validate_id(adapter_id, "adapter id")
+        if (item := self.minted.get(adapter_id)) is not None:
+            return item[0]
+        return self.library.get(adapter_id).load_adapter()
+
+    def exists(self, adapter_id: str) -> bool:
+        return adapter_id in self.minted or adapter_id in self.library
+
+    def route_of(self, model: str) -> str | None:
+        """A request's `model` as a route: None (the base model), "auto", or an existing adapter id."""
+        if model in self.base_names:
+            return None
+        if model == AUTO:
+            return AUTO
+        validate_id(model, "model (adapter id)")
+        if not self.exists(model):
+            raise NotFoundError(
+                f"model {model!r} does not exist: use an adapter id from GET /v1/models, {AUTO!r} or "
+                f"the base model {self.base.hf_id!r}"
+            )
+        return model
+
+    def download(self, adapter_id: str) -> bytes:
+        return zip_adapter(self.adapter(adapter_id), adapter_id)
+
+    # ---- minting (the encoder thread) -------------------------------------------------------------------
+    def mint_batch(self, requests: Sequence[MintRequest]) -> list[AdapterInfo | Exception]:
+        """Mint every request: those without a seed and with the same rank in one `mint_many` call each (a
+        seeded sample depends on its batch, so seeded requests run alone and stay reproducible)."""
+        if self.minter is None:
+            error = UnavailableError("this service has no generator configured: minting is off")
+            return [error] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault((req.rank, i if req.seed is not None else None), []).append(i)
+        results: list[AdapterInfo | Exception | None] = [None] * len(requests)
+        for (rank, _), members in groups.items():
+            batch = [requests[i] for i in members]
+            try:
+                adapters = self.minter.mint_many(
+                    [r.description for r in batch], [r.examples for r in batch], batch[0].seed, rank
+                )
+            except Exception as exc:
+                if len(members) == 1:
+                    results[members[0]] = exc
+                    continue
+                adapters = [None] * len(members)  # one bad request must not fail the others: retry alone
+            for i, adapter in zip(members, adapters, strict=True):
+                try:
+                    if adapter is None:
+                        adapter = self.minter.mint(
+                            requests[i].description, requests[i].examples, requests[i].seed, rank
+                        )
+                    results[i] = self._keep(requests[i], adapter)
+                except Exception as exc:
+                    results[i] = exc
+        return results  # type: ignore[return-value]
+
+    def _keep(self, req: MintRequest, adapter: LoraAdapter) -> AdapterInfo:
+        """Store the adapter in the library or keep it in memory, under the request's id or its content's."""
+        digest = adapter.content_hash()
+        adapter_id = validate_id(req.id, "adapter id") if req.id else f"minted-{digest[:16]}"
+        stored = self.library.get(adapter_id) if adapter_id in self.library else None
+        if stored is not None or (req.id and adapter_id in self.minted):
+            if req.id or stored.content_hash != digest:
+                raise AlreadyExistsError(f"an adapter with id {adapter_id!r} already exists: pick another id")
+            return expert_info(stored)  # minted (and stored) before: the same adapter
+        metrics = {"minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or [])}}
+        if req.store:
+            expert = self.library.add(
+                adapter,
+                id=adapter_id,
+                name=req.name or adapter_id,
+                description=req.description,
+                family=req.family,
+                metrics=metrics,
+            )
+            self.minted.pop(adapter_id)
+            self.metrics.minted.labels("true").inc()
+            return expert_info(expert)
+        if (item := self.minted.get(adapter_id)) is not None:
+            return item[1]
+        info = adapter_info(
+            adapter_id,
+            adapter,
+            digest,
+            name=req.name or adapter_id,
+            description=req.description,
+            family=req.family,
+            metrics=metrics,
+        )
+        self.minted.put(adapter_id, adapter, info)
+        self.metrics.minted.labels("false").inc()
+        return info
+
+    # ---- the library (the encoder thread) ---------------------------------------------------------------
+    def retrieve(self, description: str, k: int, family: str | None) -> list[RetrievedExpert]:
+        return [
+            RetrievedExpert(**expert_info(e).model_dump(), score=s)
+            for e, s in self.library.search(description, k=k, family=family)
+        ]
+
+    def route_auto(self, text: str) -> Route:
+        """The library's `top_k` nearest experts to `text`, weighted by similarity ({} when it is empty)."""
+        hits = self.library.search(text, k=self.config.top_k)
+        return dict(zip([e.id for e, _ in hits], similarity_weights([s for _, s in hits]), strict=True))
+
+    def upload(
+        self, fileobj: BinaryIO, *, description: str, id: str | None, name: str | None, family: str
+    ) -> AdapterInfo:
+        """Validate an uploaded PEFT zip (format, base model, shapes, finite values, what the runtime serves)
+        and add it to the library. Nothing is stored unless every check passes."""
+        if id is not None:
+            validate_id(id, "expert id")
+            if self.exists(id):
+                raise AlreadyExistsError(f"an adapter with id {id!r} already exists: delete it first")
+        with tempfile.TemporaryDirectory(prefix="loramint-upload-") as tmp:
+            extract_adapter(fileobj, Path(tmp), self.config.max_unzipped_bytes)
+            adapter = LoraAdapter.load(tmp, base_model=self.base.name)
+        self._check_servable(adapter)
+        expert = self.library.add(
+            adapter, id=id, name=name or id or "uploaded", description=description, family=family
+        )
+        self._mark_stale(expert.id)  # an old expert of that id may still be resident
+        return expert_info(expert)
+
+    def _check_servable(self, adapter: LoraAdapter) -> None:
+        stack = self.runtime.stack
+        unknown = sorted(set(adapter.weights) - set(stack.shapes))
+        if unknown:
+            raise AdapterError(
+                f"adapter targets {unknown[:3]}, which this service's runtime does not serve "
+                f"(it serves {sorted({m.rsplit('.', 1)[-1] for m in stack.shapes})})"
+            )
+        if (rank := max(adapter.ranks.values())) > stack.max_rank:
+            raise AdapterError(f"adapter rank {rank} exceeds the service's max_rank {stack.max_rank}")
+
+    def delete(self, expert_id: str) -> None:
+        self.library.remove(expert_id)
+        self._mark_stale(expert_id)
+
+    # ---- completions (the runtime thread) ---------------------------------------------------------------
+    def complete_batch(self, jobs: Sequence[CompletionJob]) -> list[CompletionResult | Exception]:
+        """Decode every job: rows with the same max_tokens together in one runtime pass (each with its own
+        adapter or mixture); a job that cannot be prepared fails alone."""
+        results: list[CompletionResult | Exception | None] = [None] * len(jobs)
+        rows: list[_Row] = []
+        for i, job in enumerate(jobs):
+            try:
+                rows.append(self._prepare(i, job))
+            except Exception as exc:
+                results[i] = exc
+        self._evict_stale()
+        for group in self._groups(rows):
+            try:
+                self._decode(group, results)
+            except Exception as exc:
+                for row in group:
+                    if results[row.index] is None:
+                        results[row.index] = exc
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, index: int, job: CompletionJob) -> _Row:
+        tok = self.base.tokenizer
+        if job.messages is not None:
+            if getattr(tok, "chat_template", None) is None:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in job.messages) + "assistant:"
+            else:
+                text = tok.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = job.prompt or ""
+        n_prompt = len(tok(text, add_special_tokens=False).input_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty")
+        limit = getattr(self.base.model.config, "max_position_embeddings", None)
+        if limit is not None and n_prompt + job.max_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens and max_tokens is {job.max_tokens}: together over the "
+                f"base model's context of {limit} tokens"
+            )
+        if job.route is None:
+            route = {}
+        elif isinstance(job.route, str):
+            if not self.exists(job.route):
+                raise NotFoundError(f"model {job.route!r} does not exist (deleted?)")
+            route = {job.route: 1.0}
+        else:
+            route = dict(job.route)
+        return _Row(index, job, text, n_prompt, route)
+
+    def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Rows by max_tokens, split so that no group names more experts than the runtime holds."""
+        by_length: dict[int, list[_Row]] = {}
+        for row in rows:
+            by_length.setdefault(row.job.max_tokens, []).append(row)
+        groups = []
+        for same in by_length.values():
+            group: list[_Row] = []
+            experts: set[str] = set()
+            for row in same:
+                if group and len(experts | set(row.route)) > self.runtime.stack.capacity:
+                    groups.append(group)
+                    group, experts = [], set()
+                group.append(row)
+                experts |= set(row.route)
+            groups.append(group)
+        return groups
+
+    def _decode(self, group: list[_Row], results: list) -> None:
+        stack = self.runtime.stack
+        wanted = list(dict.fromkeys(e for row in group for e in row.route))
+        if resident := [e for e in wanted if e in stack]:
+            stack.slots(resident)  # most recently used first, so the loads below evict none of them
+        for expert_id in wanted:
+            if expert_id not in stack:
+                stack.add(expert_id, self.adapter(expert_id))
+        filters = [_StopFilter(row.job.stop, row.job.sink) for row in group]
+        for r, piece in self.runtime.stream(
+            [row.text for row in group],
+            [row.route or None for row in group],
+            max_new_tokens=group[0].job.max_tokens,
+            chat=False,
+        ):
+            filters[r].feed(piece)
+        tok = self.base.tokenizer
+        for row, f in zip(group, filters, strict=True):
+            text = f.close()
+            n = len(tok(text, add_special_tokens=False).input_ids)
+            finish = "stop" if f.stopped or n < row.job.max_tokens else "length"
+            results[row.index] = CompletionResult(text, finish, row.prompt_tokens, n, row.route)
+            self.metrics.completion_tokens.inc(n)
+
+    def _mark_stale(self, adapter_id: str) -> None:
+        with self._stale_lock:
+            self._stale.add(adapter_id)
+
+    def _evict_stale(self) -> None:
+        """Drop resident copies of deleted or replaced adapters (on the runtime thread, between passes)."""
+        with self._stale_lock:
+            stale, self._stale = self._stale, set()
+        for adapter_id in stale:
+            if adapter_id in self.runtime.stack:
+                self.runtime.stack.remove(adapter_id)
+
+
+def _call_each(calls: Sequence[Callable[[], object]]) -> list[object]:
+    out: list[object] = []
+    for call in calls:
+        try:
+            out.append(call())
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def expert_info(expert: Expert) -> AdapterInfo:
+    return AdapterInfo(
+        id=expert.id,
+        stored=True,
+        name=expert.name,
+        description=expert.description,
+        family=expert.family,
+        base_model=expert.base_model,
+        rank=expert.rank,
+        alpha=expert.alpha,
+        target_modules=list(expert.target_modules),
+        num_modules=len(expert.modules),
+        nbytes=expert.nbytes,
+        content_hash=expert.content_hash,
+        created=int(expert.created_at),
+        metrics=expert.metrics,
+        download_url=f"/v1/adapters/{expert.id}/download",
+    )
+
+
+def adapter_info(adapter_id: str, adapter: LoraAdapter, digest: str, **fields) -> AdapterInfo:
+    cfg = adapter.config
+    return AdapterInfo(
+        id=adapter_id,
+        stored=False,
+        base_model=cfg.base_model,
+        rank=cfg.r,
+        alpha=cfg.alpha,
+        target_modules=sorted(cfg.target_modules),
+        num_modules=len(adapter.modules),
+        nbytes=adapter.nbytes(),
+        content_hash=digest,
+        created=int(time.time()),
+        download_url=f"/v1/adapters/{adapter_id}/download",
+        **fields,
+    )

@@ -1,0 +1,121 @@
+"""Every error the service answers with, mapped to one HTTP status in one table; bodies in OpenAI's error shape
+`{"error": {"message", "type", "code"}}` so OpenAI clients show the message."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from loramint.errors import (
+    AdapterError,
+    AlreadyExistsError,
+    FetchError,
+    GeneratorError,
+    InvalidIdError,
+    LibraryError,
+    LoramintError,
+    ModelError,
+    NotFoundError,
+    TaskError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(LoramintError):
+    """Base of the errors only the HTTP layer raises."""
+
+
+class AuthError(ServiceError):
+    """No API key, or not one of the configured keys."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """A request body or an upload is over its configured limit."""
+
+
+class QueueFullError(ServiceError):
+    """A work queue is full: the client should retry later."""
+
+
+class WorkTimeoutError(ServiceError):
+    """The work did not finish within the configured timeout."""
+
+
+class UnavailableError(ServiceError):
+    """A capability is not configured (no generator) or the service is shutting down."""
+
+
+class ContextLengthError(ServiceError, ValueError):
+    """Prompt tokens + max_tokens exceed the base model's context."""
+
+
+STATUS: dict[type[BaseException], int] = {  # most specific first: the first isinstance match wins
+    InvalidIdError: 400,
+    ContextLengthError: 400,
+    AuthError: 401,
+    NotFoundError: 404,
+    AlreadyExistsError: 409,
+    PayloadTooLargeError: 413,
+    AdapterError: 422,
+    GeneratorError: 422,
+    TaskError: 422,
+    QueueFullError: 429,
+    LibraryError: 500,
+    ModelError: 500,
+    FetchError: 502,
+    UnavailableError: 503,
+    WorkTimeoutError: 504,
+    ValueError: 422,
+}
+
+
+def status_of(exc: BaseException) -> int:
+    return next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+
+
+def error_body(message: str, kind: str, code: int, **extra) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code, **extra}}
+
+
+def _respond(exc: BaseException, code: int) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+    if code == 429:
+        headers = {"Retry-After": "1"}
+    return JSONResponse(error_body(str(exc), type(exc).__name__, code), status_code=code, headers=headers)
+
+
+async def _known(_request: Request, exc: Exception) -> JSONResponse:
+    code = status_of(exc)
+    if code >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return _respond(exc, code)
+
+
+async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
+    detail = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in errors]
+    return JSONResponse(error_body(message, "RequestValidationError", 422, detail=detail), status_code=422)
+
+
+async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(
+        error_body(str(exc.detail), "HTTPException", exc.status_code),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers: loramint errors and ValueError by the table, validation, HTTP errors."""
+    app.add_exception_handler(LoramintError, _known)
+    app.add_exception_handler(ValueError, _known)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(HTTPException, _http)

@@ -1,0 +1,234 @@
+"""Every request and response body of the service. Field limits here are hard caps (what the code handles);
+the configured, usually tighter, limits are checked by the service (`ServiceConfig.max_*`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loramint.gen.minter import MAX_DESCRIPTION_CHARS, MAX_EXAMPLES
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
+Example = Annotated[str, Field(min_length=1, max_length=64_000)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+# ---- adapters and experts ---------------------------------------------------------------------------------
+class MintRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: Text = Field(description="What the task asks for, in a sentence or a paragraph.")
+    examples: list[Example] | None = Field(
+        None, max_length=MAX_EXAMPLES, description="A few example texts (input and answer) to condition on."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Sample the latent (default: the prior's mean)."
+    )
+    rank: int | None = Field(None, ge=1, le=256, description="Keep only the strongest `rank` components.")
+    store: bool = Field(False, description="Add the adapter to the expert library (retrievable, kept).")
+    id: Id | None = Field(None, description="The adapter's id (default: minted-<content hash>).")
+    name: str | None = Field(None, max_length=200, description="Library name (default: the id).")
+    family: str = Field("minted", max_length=128, description="Library family of a stored adapter.")
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    stored: bool = Field(description="Whether it is in the expert library (else kept in memory, LRU).")
+    name: str
+    description: str
+    family: str
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    num_modules: int
+    nbytes: int
+    content_hash: str
+    created: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    download_url: str
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: Text
+    k: int = Field(5, ge=1, le=100)
+    family: str | None = Field(None, max_length=128)
+
+
+class RetrievedExpert(AdapterInfo):
+    score: float = Field(description="Cosine similarity of the descriptions' embeddings.")
+
+
+class RetrieveResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RetrievedExpert]
+
+
+class ExpertList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    offset: int
+    limit: int
+    total: int
+    has_more: bool
+
+
+class Deleted(BaseModel):
+    id: str
+    object: Literal["expert"] = "expert"
+    deleted: bool = True
+
+
+# ---- OpenAI-compatible -------------------------------------------------------------------------------------
+Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None
+MODEL_HELP = 'An adapter id, "auto" (the library\'s nearest experts to the prompt, mixed) or the base model.'
+SAMPLING_HELP = "Accepted for compatibility; the runtime decodes greedily."
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    model: Id = Field(description=MODEL_HELP)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description=SAMPLING_HELP)
+    top_p: float | None = Field(None, gt=0, le=1, description=SAMPLING_HELP)
+    n: int = Field(1, ge=1, le=1, description="One choice per prompt (greedy decoding would repeat it).")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = Field(None, description="Up to 4 sequences; the text ends before the first one.")
+    seed: int | None = Field(None, description=SAMPLING_HELP)
+    user: str | None = Field(None, max_length=256)
+
+
+class CompletionRequest(_Generation):
+    prompt: (
+        Annotated[str, Field(max_length=1_000_000)]
+        | Annotated[list[Annotated[str, Field(max_length=1_000_000)]], Field(min_length=1, max_length=16)]
+    )
+    echo: Literal[False] = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+    route: dict[str, float] | None = Field(None, description="The experts and weights that served it.")
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+    route: dict[str, float] | None = None
+
+
+class ChatResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """vLLM's shape: the base model has `root` = its own id and no parent; an adapter names its base model
+    as `parent` and its own id as `root`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "loramint"
+    root: str
+    parent: str | None
+    max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- operations --------------------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    base_model: str
+    experts: int
+    minted: int
+    generator: bool
+    queues: dict[str, int]

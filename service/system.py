@@ -1,0 +1,33 @@
+"""Routes for operators: /healthz (liveness and what is loaded) and /metrics (Prometheus text format)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from loramint.service.core import Service
+from loramint.service.deps import Reader, get_service
+from loramint.service.schemas import Health
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz(request: Request) -> Health:
+    service: Service = get_service(request)
+    return Health(
+        base_model=service.base.hf_id,
+        experts=len(service.library),
+        minted=len(service.minted),
+        generator=service.minter is not None,
+        queues={name: lane.depth for name, lane in service.lanes.items()},
+    )
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(service: Reader) -> Response:
+    """Request counts and latency histograms per route, queue depths, rejections (429), timeouts (504),
+    batch sizes, worker time, adapters minted, completion tokens."""
+    for name, lane in service.lanes.items():
+        service.metrics.queue_depth.labels(name).set(lane.depth)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)

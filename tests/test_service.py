@@ -1,0 +1,223 @@
+"""service/: the HTTP API through FastAPI's TestClient on tiny-llama, a 14-expert clustered library and a
+generator trained for a few steps (its quality is not under test); plus one real uvicorn process driven by the
+official `openai` client."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import threading
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save
+from test_generator import SMALL, _clustered_library
+
+from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora
+from loramint.gen.minter import Minter
+from loramint.runtime.runtime import Runtime
+from loramint.service import ServiceConfig, create_app
+from loramint.training.config import GeneratorTrainConfig
+from loramint.training.generator import train_generator
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SNAPSHOT = Path(__file__).with_name("service_openapi.json")
+BASE = "loramint/tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny):
+    """The clustered library, a generator trained 6 steps on it, and a runtime on tiny-llama."""
+    root = tmp_path_factory.mktemp("service")
+    library = _clustered_library(root / "lib")
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(root / "generator"),
+        model=SMALL,
+        steps=6,
+        batch_size=8,
+        top_k=3,
+        val_tasks=0,
+    )
+    train_generator(config, progress=False)
+    minter = Minter.from_pretrained(config.out, encoder=library.encoder)
+    base = replace(tiny, model=copy.deepcopy(tiny.model))  # the runtime wraps its model's linear layers
+    runtime = Runtime(base, library=library, capacity=8, max_rank=8)
+    settings = ServiceConfig(
+        library=str(root / "lib"),
+        generator=config.out,
+        base_model="tiny-llama",
+        api_keys=[KEY],
+        max_description_chars=500,
+        max_examples=4,
+        max_tokens=64,
+        max_body_bytes=256 << 10,
+        max_upload_bytes=256 << 10,
+        max_unzipped_bytes=1 << 20,
+        batch_wait_ms=20,
+    )
+    yield {"root": root, "library": library, "minter": minter, "runtime": runtime, "config": settings}
+    library.close()
+
+
+def make_app(world, **changes):
+    config = replace(world["config"], **changes)
+    minter = changes.pop("minter", None) or world["minter"]
+    return create_app(config, runtime=world["runtime"], library=world["library"], minter=minter)
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    with TestClient(make_app(world)) as c:
+        yield c
+
+
+def error_type(response) -> str:
+    return response.json()["error"]["type"]
+
+
+def adapter_zip(adapter: LoraAdapter | None = None, files: dict[str, bytes] | None = None) -> bytes:
+    """A zip of a PEFT folder (`adapter`), or of arbitrary `files` {name: bytes}."""
+    if adapter is not None:
+        files = {
+            f"my_adapter/{CONFIG_FILE}": json.dumps(adapter.config.to_peft(adapter.modules)).encode(),
+            f"my_adapter/{WEIGHTS_FILE}": save(adapter.state_dict()),
+        }
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in (files or {}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, description: str = "Translate English to French.", headers=AUTH, **form):
+    return client.post(
+        "/v1/experts",
+        files={"file": ("adapter.zip", data, "application/zip")},
+        data={"description": description, **form},
+        headers=headers,
+    )
+
+
+def library_state(world) -> tuple[list[str], list[str]]:
+    lib = world["library"]
+    return sorted(e.id for e in lib.list()), sorted(p.name for p in lib.experts_dir.iterdir())
+
+
+# ---- minting -----------------------------------------------------------------------------------------------
+def test_mint_unstored_then_get_download_and_complete(client, world, tiny, tmp_path):
+    response = client.post("/v1/adapters", json={"description": "Add the two numbers."}, headers=AUTH)
+    assert response.status_code == 201, response.text
+    info = response.json()
+    assert info["id"].startswith("minted-") and info["stored"] is False and info["base_model"] == "tiny-llama"
+    assert info["rank"] == 2 and info["num_modules"] == 4
+    assert client.get(f"/v1/adapters/{info['id']}").json() == info
+    assert client.get(f"/v1/experts/{info['id']}").status_code == 404  # not in the library
+    assert info["id"] not in world["library"]
+
+    # the download is a stock PEFT folder: PEFT's own loader gives the same logits as the adapter applied
+    download = client.get(info["download_url"])
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert sorted(archive.namelist()) == [f"{info['id']}/{CONFIG_FILE}", f"{info['id']}/{WEIGHTS_FILE}"]
+        archive.extractall(tmp_path)
+    folder = tmp_path / info["id"]
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["base_model_name_or_path"] == BASE and not config["modules_to_save"]
+    from peft import PeftModel
+
+    ids = tiny.tokenizer("hello there", return_tensors="pt").input_ids
+    adapter = LoraAdapter.load(folder)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(copy.deepcopy(tiny.model), folder).eval()(ids).logits
+        with apply_lora(tiny.model, adapter):
+            ours = tiny.model(ids).logits
+        plain = tiny.model(ids).logits
+    assert torch.allclose(peft_logits, ours, atol=1e-5) and not torch.allclose(ours, plain, atol=1e-4)
+
+    completion = client.post(
+        "/v1/completions", json={"model": info["id"], "prompt": "1 + 2 =", "max_tokens": 4}
+    )
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["choices"][0]["route"] == {info["id"]: 1.0}
+
+
+def test_mint_stored_is_retrievable_and_idempotent(client, world):
+    description = "Write a limerick about a lazy dog."
+    first = client.post("/v1/adapters", json={"description": description, "store": True}, headers=AUTH)
+    assert first.status_code == 201, first.text
+    info = first.json()
+    assert info["stored"] is True and info["family"] == "minted" and info["id"] in world["library"]
+    assert client.get(f"/v1/experts/{info['id']}").json()["description"] == description
+    again = client.post("/v1/adapters", json={"description": description, "store": True}, headers=AUTH)
+    assert again.status_code == 201 and again.json()["id"] == info["id"]  # same adapter, stored once
+    hits = client.post("/v1/retrieve", json={"description": description, "k": 3}).json()["data"]
+    assert hits[0]["id"] == info["id"] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    named = {"description": description, "store": True, "id": info["id"]}
+    assert client.post("/v1/adapters", json=named, headers=AUTH).status_code == 409
+
+
+def test_mint_seed_and_rank(client):
+    def mint(**body):
+        response = client.post(
+            "/v1/adapters", json={"description": "Double the number.", **body}, headers=AUTH
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    mean, s1, s1_again, s2 = mint(), mint(seed=1), mint(seed=1), mint(seed=2)
+    assert s1["content_hash"] == s1_again["content_hash"]
+    assert len({mean["content_hash"], s1["content_hash"], s2["content_hash"]}) == 3
+    assert mint(rank=1)["rank"] == 1
+    too_high = client.post("/v1/adapters", json={"description": "Double it.", "rank": 5}, headers=AUTH)
+    assert too_high.status_code == 422 and error_type(too_high) == "GeneratorError"
+
+
+def test_concurrent_requests_are_batched_and_equal_to_alone(world):
+    """Mint and completion requests arriving together run as one mint_many call / one runtime pass, each
+    row with its own adapter, and give what each gives alone."""
+    descriptions = ["Add one to the number.", "Tell a bedtime story about the moon.", "Multiply them."]
+    models = ["arith_1", None, "write_2"]
+    with TestClient(make_app(world, batch_wait_ms=400)) as c:
+        base = c.get("/v1/models").json()["data"][0]["id"]
+        models[1] = base
+        minted, completed = [None] * 3, [None] * 3
+
+        def mint(i):
+            minted[i] = c.post("/v1/adapters", json={"description": descriptions[i]}, headers=AUTH).json()
+
+        def complete(i):
+            body = {"model": models[i], "prompt": f"question {i}:", "max_tokens": 6}
+            completed[i] = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=f, args=(i,)) for f in (mint, complete) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = c.get("/metrics").text
+        service = c.app.state.service
+        for i in range(3):
+            alone = world["minter"].mint(descriptions[i])
+            batched = service.adapter(minted[i]["id"])
+            assert all(torch.allclose(alone.delta(m), batched.delta(m), atol=1e-5) for m in alone.modules)
+            body = {"model": models[i], "prompt": f"question {i}:", "max_tokens": 6}
+            assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == completed[i]
+    assert _sample(metrics, "loramint_batch_size_count", lane="mint") == 1
+    assert _sample(metrics, "loramint_batch_size_sum", lane="mint") == 3
+    assert _sample(metrics, "loramint_batch_size_count", lane="generate") == 1
+    assert _sample(metrics, "loramint_batch_size_sum", lane="generate") == 3
+
+
+def _sample(metrics: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{name}\{{{wanted}\}} (\S+)$", metrics, re.M)
+    assert match, f"{name}{{{wanted}}} not in /metrics"
+    return float(match.group(1))
