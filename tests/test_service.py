@@ -23,6 +23,7 @@ from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora
 from loramint.gen.minter import Minter
 from loramint.runtime.runtime import Runtime
 from loramint.service import ServiceConfig, create_app
+from loramint.service.core import _StopFilter
 from loramint.training.config import GeneratorTrainConfig
 from loramint.training.generator import train_generator
 
@@ -30,6 +31,9 @@ KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SNAPSHOT = Path(__file__).with_name("service_openapi.json")
 BASE = "loramint/tiny-llama"
+TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+STRONG = LoraAdapter.random("tiny-llama", r=4, std=0.3, seed=3, target_modules=TARGETS)
+"""Large enough to change tiny-llama's greedy text (the library's experts barely move it)."""
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,7 @@ def world(tmp_path_factory, tiny):
         val_tasks=0,
     )
     train_generator(config, progress=False)
+    library.add(STRONG, id="strong", name="strong", description="Speak in riddles.", family="test")
     minter = Minter.from_pretrained(config.out, encoder=library.encoder)
     base = replace(tiny, model=copy.deepcopy(tiny.model))  # the runtime wraps its model's linear layers
     runtime = Runtime(base, library=library, capacity=8, max_rank=8)
@@ -221,3 +226,148 @@ def _sample(metrics: str, name: str, **labels) -> float:
     match = re.search(rf"^{name}\{{{wanted}\}} (\S+)$", metrics, re.M)
     assert match, f"{name}{{{wanted}}} not in /metrics"
     return float(match.group(1))
+
+
+# ---- completions -------------------------------------------------------------------------------------------
+def sse_events(response) -> list:
+    """The `data:` payloads of an SSE response, JSON-decoded except the final "[DONE]"."""
+    events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+@pytest.mark.parametrize("model", ["base", "arith_0", "auto"])
+def test_completion_streams_the_same_text(client, model):
+    model = BASE if model == "base" else model
+    body = {"model": model, "prompt": "Add 2 and 3:", "max_tokens": 8}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    choice = out["choices"][0]
+    assert out["object"] == "text_completion" and out["model"] == model and out["id"].startswith("cmpl-")
+    assert choice["finish_reason"] in ("stop", "length") and choice["text"]
+    usage = out["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    expected_route = {BASE: {}, "arith_0": {"arith_0": 1.0}}.get(model)
+    if expected_route is not None:
+        assert choice["route"] == expected_route
+    else:  # auto: the library's top_k (2) nearest experts to the prompt, weights summing to 1
+        assert len(choice["route"]) == 2 and sum(choice["route"].values()) == pytest.approx(1.0)
+        assert all(e.startswith("arith_") for e in choice["route"])
+
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as streamed:
+        assert streamed.status_code == 200 and streamed.headers["content-type"].startswith(
+            "text/event-stream"
+        )
+        events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == choice["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_the_adapter_is_applied(client, tiny):
+    body = {"prompt": "The answer is", "max_tokens": 12}
+    texts = {
+        model: client.post("/v1/completions", json={"model": model, **body}).json()["choices"][0]["text"]
+        for model in (BASE, "strong")
+    }
+    reference = Runtime(replace(tiny, model=copy.deepcopy(tiny.model)), capacity=1, max_rank=4)
+    reference.add("strong", STRONG)
+    assert texts["strong"] != texts[BASE]
+    assert texts["strong"].strip() == reference.generate([body["prompt"]], ["strong"], 12, chat=False)[0]
+
+
+def test_chat_completion_and_stream(client):
+    body = {
+        "model": "write_1",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]},
+        ],
+        "max_tokens": 8,
+    }
+    out = client.post("/v1/chat/completions", json=body).json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    message = out["choices"][0]["message"]
+    assert message["role"] == "assistant" and message["content"]
+    body["stream"], body["stream_options"] = True, {"include_usage": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+        events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == message["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == out["usage"]
+
+
+def test_stop_sequences_cut_the_text(client):
+    body = {"model": "strong", "prompt": "The answer is", "max_tokens": 16}
+    full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    cut = client.post("/v1/completions", json={**body, "stop": [stop, "\u2603never"]}).json()["choices"][0]
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+    with client.stream("POST", "/v1/completions", json={**body, "stop": stop, "stream": True}) as streamed:
+        pieces = [c["choices"][0]["text"] for c in sse_events(streamed)[:-1]]
+    assert "".join(pieces) == cut["text"]
+
+
+def test_stop_filter_holds_back_a_possible_stop_sequence():
+    sent: list[str] = []
+    f = _StopFilter(["END"], sent.append)
+    for piece in ["ab", "cE", "N", "xyE", "ND", "more"]:
+        f.feed(piece)
+    # text that could still be the start of "END" (the last 2 characters) is held until it cannot
+    assert f.close() == "abcENxy" and f.stopped and sent == ["ab", "c", "ENx", "y"]
+
+
+def test_completion_errors(client):
+    def post(path="/v1/completions", **body):
+        return client.post(path, json={"model": BASE, "prompt": "hi", **body})
+
+    assert post(model="no-such-adapter").status_code == 404
+    assert error_type(post(model="no-such-adapter")) == "NotFoundError"
+    assert post(model="../etc/passwd").status_code == 400
+    assert post(max_tokens=65).status_code == 422  # configured limit 64
+    assert post(n=2).status_code == 422
+    long_prompt = " ".join(["word"] * 700)  # tiny-llama's context is 512 tokens
+    too_long = post(prompt=long_prompt, max_tokens=8)
+    assert too_long.status_code == 400 and error_type(too_long) == "ContextLengthError"
+    streamed = post(model="missing", stream=True)
+    assert streamed.status_code == 404  # errors before the first chunk are still HTTP errors
+    assert client.post("/v1/chat/completions", json={"model": BASE, "messages": []}).status_code == 422
+
+
+def test_models_list_vllm_shape(client):
+    minted = client.post("/v1/adapters", json={"description": "Compose a haiku."}, headers=AUTH).json()
+    cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+    assert cards[BASE]["parent"] is None and cards[BASE]["root"] == BASE
+    assert cards[BASE]["max_model_len"] == 512
+    for model in ("auto", "arith_0", "write_6", minted["id"]):
+        assert cards[model]["parent"] == BASE and cards[model]["root"] == model
+        assert cards[model]["object"] == "model" and cards[model]["owned_by"] == "loramint"
+
+
+def test_healthz_and_metrics(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["base_model"] == BASE and health["generator"] is True
+    assert set(health["queues"]) == {"mint", "library", "generate", "files"}
+    client.get("/v1/adapters/arith_0")
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert (
+        _sample(
+            text, "loramint_requests_total", method="GET", route="/v1/adapters/{adapter_id}", status="200"
+        )
+        >= 1
+    )
+    assert "# TYPE loramint_request_seconds histogram" in text
+    assert 'loramint_request_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
+    assert "loramint_completion_tokens_total" in text
