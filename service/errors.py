@@ -91,7 +91,7 @@ def _respond(exc: BaseException, code: int) -> JSONResponse:
 
 async def _known(_request: Request, exc: Exception) -> JSONResponse:
     code = status_of(exc)
-    if code >= 500:
+    if code in (500, 502):  # our fault, not the client's or the load's
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     return _respond(exc, code)
 

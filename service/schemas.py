@@ -92,7 +92,7 @@ class StreamOptions(BaseModel):
 
 
 class _Generation(BaseModel):
-    model: Id = Field(description=MODEL_HELP)
+    model: str = Field(max_length=1000, description=MODEL_HELP)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description=SAMPLING_HELP)
     top_p: float | None = Field(None, gt=0, le=1, description=SAMPLING_HELP)

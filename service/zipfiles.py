@@ -78,7 +78,7 @@ def _check_name(info: zipfile.ZipInfo) -> str:
         raise AdapterError(f"refusing zip entry {name!r}: absolute or non-POSIX path")
     if any(part == ".." for part in name.split("/")):
         raise AdapterError(f"refusing zip entry {name!r}: '..' in its path")
-    if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: no type recorded (a plain file)
         raise AdapterError(f"refusing zip entry {name!r}: links and special files are not allowed")
     if info.flag_bits & 0x1:
         raise AdapterError(f"refusing zip entry {name!r}: encrypted")

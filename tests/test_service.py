@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -72,9 +74,9 @@ def world(tmp_path_factory, tiny):
     library.close()
 
 
-def make_app(world, **changes):
+def make_app(world, minter=None, **changes):
     config = replace(world["config"], **changes)
-    minter = changes.pop("minter", None) or world["minter"]
+    minter = minter or world["minter"]
     return create_app(config, runtime=world["runtime"], library=world["library"], minter=minter)
 
 
@@ -371,3 +373,272 @@ def test_healthz_and_metrics(client):
     assert "# TYPE loramint_request_seconds histogram" in text
     assert 'loramint_request_seconds_bucket{le="0.005",method="GET",route="/healthz"}' in text
     assert "loramint_completion_tokens_total" in text
+
+
+# ---- the expert library ------------------------------------------------------------------------------------
+def test_upload_list_page_retrieve_serve_delete(client, world):
+    adapter = LoraAdapter.random("tiny-llama", r=4, std=0.3, seed=11, target_modules=TARGETS)
+    description = "Convert temperatures from Celsius to Fahrenheit."
+    response = upload(client, adapter_zip(adapter), description, id="celsius", family="units")
+    assert response.status_code == 201, response.text
+    info = response.json()
+    assert info["id"] == "celsius" and info["stored"] and info["rank"] == 4 and info["num_modules"] == 8
+    assert info["content_hash"] == adapter.content_hash()  # stored exactly as uploaded
+    assert upload(client, adapter_zip(adapter), description, id="celsius").status_code == 409
+
+    everything = [e["id"] for e in client.get("/v1/experts", params={"limit": 1000}).json()["data"]]
+    assert everything == [e.id for e in world["library"].list()] and "celsius" in everything
+    page = client.get("/v1/experts", params={"offset": 2, "limit": 3}).json()
+    assert [e["id"] for e in page["data"]] == everything[2:5]
+    assert page["total"] == len(everything) and page["has_more"] is True
+    last = client.get("/v1/experts", params={"offset": len(everything) - 1, "limit": 3}).json()
+    assert [e["id"] for e in last["data"]] == everything[-1:] and last["has_more"] is False
+    units = client.get("/v1/experts", params={"family": "units"}).json()
+    assert [e["id"] for e in units["data"]] == ["celsius"] and units["total"] == 1
+    hits = client.post(
+        "/v1/retrieve", json={"description": "Celsius to Fahrenheit conversion", "k": 2}
+    ).json()
+    assert hits["data"][0]["id"] == "celsius"
+
+    prompt = {"prompt": "The answer is", "max_tokens": 8}
+    served = client.post("/v1/completions", json={"model": "celsius", **prompt}).json()["choices"][0]["text"]
+    assert (
+        served != client.post("/v1/completions", json={"model": BASE, **prompt}).json()["choices"][0]["text"]
+    )
+
+    # deleting drops it from the library and from the runtime; a new upload under the id is served fresh
+    assert client.delete("/v1/experts/celsius").status_code == 401
+    deleted = client.delete("/v1/experts/celsius", headers=AUTH)
+    assert deleted.status_code == 200 and deleted.json() == {
+        "id": "celsius",
+        "object": "expert",
+        "deleted": True,
+    }
+    assert "celsius" not in world["library"] and client.get("/v1/adapters/celsius").status_code == 404
+    assert client.post("/v1/completions", json={"model": "celsius", **prompt}).status_code == 404
+    assert client.delete("/v1/experts/celsius", headers=AUTH).status_code == 404
+    other = LoraAdapter.random("tiny-llama", r=4, std=0.3, seed=12, target_modules=TARGETS)
+    assert upload(client, adapter_zip(other), description, id="celsius").status_code == 201
+    again = client.post("/v1/completions", json={"model": "celsius", **prompt}).json()["choices"][0]["text"]
+    reference = Runtime(replace(world["runtime"].base, model=_fresh_tiny()), capacity=1, max_rank=4)
+    reference.add("other", other)
+    assert again.strip() == reference.generate([prompt["prompt"]], ["other"], 8, chat=False)[0]
+    client.delete("/v1/experts/celsius", headers=AUTH)
+
+
+def _fresh_tiny():
+    from loramint.models import load_base_model
+
+    return load_base_model("tiny-llama").model
+
+
+def _nan_adapter() -> LoraAdapter:
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=5)
+    a, b = next(iter(adapter.weights.values()))
+    a[0, 0] = float("nan")
+    return adapter
+
+
+def _symlink_zip() -> bytes:
+    good = zipfile.ZipFile(io.BytesIO(adapter_zip(LoraAdapter.random("tiny-llama", r=2, seed=6))))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for info in good.infolist():
+            archive.writestr(info, good.read(info))
+        link = zipfile.ZipInfo("my_adapter/README.md")
+        link.external_attr = 0o120777 << 16  # a symlink entry, target /etc/passwd
+        archive.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def _good_files(prefix: str = "") -> dict[str, bytes]:
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=8)
+    return {
+        f"{prefix}{CONFIG_FILE}": json.dumps(adapter.config.to_peft(adapter.modules)).encode(),
+        f"{prefix}{WEIGHTS_FILE}": save(adapter.state_dict()),
+    }
+
+
+MALICIOUS = {
+    "traversal": {**_good_files(), "../../evil.txt": b"x"},
+    "traversal-into-folder": _good_files("../"),
+    "absolute": {f"/tmp/{CONFIG_FILE}": b"{}", WEIGHTS_FILE: b""},
+    "pickle": {**_good_files(), "adapter_model.bin": b"\x80\x04K\x01."},
+    "nested": _good_files("a/b/"),
+    "zip-bomb": {**_good_files(), "README.md": b"\0" * (4 << 20)},
+    "no-weights": {CONFIG_FILE: b"{}"},
+    "another-base-model": {
+        CONFIG_FILE: json.dumps({"base_model_name_or_path": "tiny-llama", "r": 2, "lora_alpha": 4}).encode(),
+        WEIGHTS_FILE: save(
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 576),
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(576, 2),
+            }
+        ),
+    },
+    "modules-to-save": {
+        **_good_files(),
+        WEIGHTS_FILE: save(
+            {
+                **LoraAdapter.random("tiny-llama", r=2, seed=9).state_dict(),
+                "base_model.model.lm_head.modules_to_save.default.weight": torch.zeros(4, 4),
+            }
+        ),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [*MALICIOUS, "not-a-zip", "nan", "symlink", "rank-above-max"],
+)
+def test_bad_uploads_are_refused_and_nothing_is_stored(client, world, payload):
+    before = library_state(world)
+    if payload == "not-a-zip":
+        data = b"PK\x03\x04 certainly not a zip"
+    elif payload == "nan":
+        data = adapter_zip(_nan_adapter())
+    elif payload == "symlink":
+        data = _symlink_zip()
+    elif payload == "rank-above-max":  # valid PEFT, but above the runtime's max_rank (8)
+        data = adapter_zip(LoraAdapter.random("tiny-llama", r=12, seed=10))
+    else:
+        data = adapter_zip(files=MALICIOUS[payload])
+    response = upload(client, data, id=f"bad-{payload}")
+    assert response.status_code == 422, response.text
+    assert error_type(response) == "AdapterError" and response.json()["error"]["message"]
+    assert library_state(world) == before
+    assert not (world["root"] / "evil.txt").exists() and not Path("/tmp/adapter_config.json").exists()
+
+
+def test_upload_limits_and_auth(client, world):
+    before = library_state(world)
+    good = adapter_zip(LoraAdapter.random("tiny-llama", r=2, seed=13))
+    assert upload(client, good, headers={}).status_code == 401
+    wrong = upload(client, good, headers={"Authorization": "Bearer not-the-key"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    oversize = adapter_zip(files={**_good_files(), "README.md": os.urandom(300 << 10)})  # incompressible
+    assert upload(client, oversize).status_code == 413
+    assert upload(client, good, description="x" * 501).status_code == 422
+    assert upload(client, good, id="../escape").status_code == 400
+    assert library_state(world) == before
+
+
+# ---- security and limits ---------------------------------------------------------------------------------
+def test_mutating_endpoints_need_a_key_reads_do_not(client):
+    mint = {"description": "Add numbers."}
+    assert client.post("/v1/adapters", json=mint).status_code == 401
+    assert error_type(client.post("/v1/adapters", json=mint)) == "AuthError"
+    assert (
+        client.post("/v1/adapters", json=mint, headers={"Authorization": "Bearer wrong-key-123"}).status_code
+        == 401
+    )
+    assert client.delete("/v1/experts/arith_0").status_code == 401
+    assert "arith_0" in client.app.state.service.library
+    for path in ("/v1/models", "/v1/experts", "/v1/adapters/arith_0", "/healthz", "/metrics"):
+        assert client.get(path).status_code == 200, path
+    assert client.post("/v1/retrieve", json={"description": "sums"}).status_code == 200
+
+
+def test_auth_all_guards_reads_too(world):
+    with TestClient(make_app(world, auth="all")) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.post("/v1/completions", json={"model": BASE, "prompt": "x"}).status_code == 401
+        assert c.get("/v1/models", headers=AUTH).status_code == 200
+        assert c.get("/healthz").status_code == 200  # liveness stays open
+    with pytest.raises(ValueError, match="LORAMINT_API_KEYS"):
+        make_app(world, api_keys=[])
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"description": "x" * 501}, 422),  # configured max_description_chars
+        ({"description": "x" * 9000}, 422),  # the schema's hard cap
+        ({"description": ""}, 422),
+        ({"description": "ok", "examples": ["a"] * 5}, 422),  # configured max_examples 4
+        ({"description": "ok", "rank": 0}, 422),
+        ({"description": "ok", "seed": -1}, 422),
+        ({"description": "ok", "unknown": 1}, 422),
+        ({"description": "ok", "id": "../../etc"}, 400),
+        ({"description": "ok", "id": "a..b"}, 400),
+        ({"description": "y" * (300 << 10)}, 413),  # over max_body_bytes (256 KiB)
+    ],
+)
+def test_mint_limits(client, body, status):
+    before = len(client.app.state.service.minted)
+    response = client.post("/v1/adapters", json=body, headers=AUTH)
+    assert response.status_code == status, response.text
+    assert "error" in response.json()
+    assert len(client.app.state.service.minted) == before
+
+
+@pytest.mark.parametrize("bad", ["bad!id", "..hidden", "a..b", ".dot", "x" * 129, "a b"])
+def test_invalid_ids_are_400(client, bad):
+    for response in (
+        client.get(f"/v1/adapters/{bad}"),
+        client.get(f"/v1/adapters/{bad}/download"),
+        client.get(f"/v1/experts/{bad}"),
+        client.delete(f"/v1/experts/{bad}", headers=AUTH),
+        client.post("/v1/completions", json={"model": bad, "prompt": "x"}),
+    ):
+        assert response.status_code == 400, (bad, response.request.url, response.text)
+        assert error_type(response) == "InvalidIdError"
+
+
+def test_a_full_queue_answers_429_and_a_late_job_504(world):
+    """One mint blocks the only worker, one waits in the queue (size 1): a third is refused at once; the
+    waiting ones time out; afterwards the service works again."""
+    started, release = threading.Event(), threading.Event()
+
+    class Blocking:
+        layout = world["minter"].layout
+
+        def mint_many(self, *args, **kwargs):
+            started.set()
+            release.wait(10)
+            return world["minter"].mint_many(*args, **kwargs)
+
+        def mint(self, *args, **kwargs):
+            return world["minter"].mint(*args, **kwargs)
+
+    app = make_app(world, minter=Blocking(), queue_size=1, mint_batch=1, batch_wait_ms=0, timeout_s=1.5)
+    with TestClient(app) as c:
+        answers: dict[str, int] = {}
+
+        def mint(name):
+            answers[name] = c.post("/v1/adapters", json={"description": name}, headers=AUTH).status_code
+
+        first = threading.Thread(target=mint, args=("first",))
+        first.start()
+        assert started.wait(10)
+        second = threading.Thread(target=mint, args=("second",))
+        second.start()
+        deadline = time.monotonic() + 5
+        while c.get("/healthz").json()["queues"]["mint"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        full = c.post("/v1/adapters", json={"description": "third"}, headers=AUTH)
+        assert full.status_code == 429 and error_type(full) == "QueueFullError"
+        assert full.headers["retry-after"] == "1"
+        first.join()
+        second.join()
+        assert answers == {"first": 504, "second": 504}
+        release.set()
+        while c.get("/healthz").json()["queues"]["mint"] > 0:  # the timed-out job leaves the queue
+            time.sleep(0.01)
+        ok = c.post("/v1/adapters", json={"description": "fourth"}, headers=AUTH)
+        assert ok.status_code == 201, ok.text
+        metrics = c.get("/metrics").text
+    assert _sample(metrics, "loramint_queue_rejected_total", lane="mint") == 1
+    assert _sample(metrics, "loramint_queue_timeouts_total", lane="mint") == 2
+
+
+def test_openapi_snapshot(client):
+    """The API's shape is committed: a change shows in the diff (LORAMINT_UPDATE_SNAPSHOTS=1 rewrites it)."""
+    schema = json.dumps(client.app.openapi(), indent=1, sort_keys=True) + "\n"
+    if os.environ.get("LORAMINT_UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
+        SNAPSHOT.write_text(schema)
+    assert schema == SNAPSHOT.read_text()
+    paths = json.loads(schema)["paths"]
+    for path in ("/v1/adapters", "/v1/retrieve", "/v1/experts", "/v1/completions", "/v1/chat/completions"):
+        assert path in paths
