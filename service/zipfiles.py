@@ -97,6 +97,8 @@ def _read_limited(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: int) 
                         f"(limit {budget} in all, ratio {MAX_RATIO}): refused"
                     )
                 out.write(chunk)
+    except AdapterError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise AdapterError(f"zip entry {info.filename!r} is corrupt: {exc}") from exc
     return out.getvalue()

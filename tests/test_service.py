@@ -9,6 +9,9 @@ import io
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -488,10 +491,24 @@ MALICIOUS = {
 }
 
 
-@pytest.mark.parametrize(
-    "payload",
-    [*MALICIOUS, "not-a-zip", "nan", "symlink", "rank-above-max"],
-)
+REASONS = {
+    "traversal": "'..' in its path",
+    "traversal-into-folder": "'..' in its path",
+    "absolute": "absolute",
+    "pickle": "never loads pickles",
+    "nested": "top level or in one folder",
+    "zip-bomb": "decompresses to more than",
+    "no-weights": "no adapter_model.safetensors",
+    "another-base-model": "trained for another base model",
+    "modules-to-save": "no modules_to_save",
+    "not-a-zip": "not a readable zip",
+    "nan": "NaN",
+    "symlink": "links and special files",
+    "rank-above-max": "exceeds the service's max_rank",
+}
+
+
+@pytest.mark.parametrize("payload", list(REASONS))
 def test_bad_uploads_are_refused_and_nothing_is_stored(client, world, payload):
     before = library_state(world)
     if payload == "not-a-zip":
@@ -506,7 +523,8 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(client, world, payload):
         data = adapter_zip(files=MALICIOUS[payload])
     response = upload(client, data, id=f"bad-{payload}")
     assert response.status_code == 422, response.text
-    assert error_type(response) == "AdapterError" and response.json()["error"]["message"]
+    assert error_type(response) == "AdapterError"
+    assert REASONS[payload] in response.json()["error"]["message"]
     assert library_state(world) == before
     assert not (world["root"] / "evil.txt").exists() and not Path("/tmp/adapter_config.json").exists()
 
@@ -642,3 +660,76 @@ def test_openapi_snapshot(client):
     paths = json.loads(schema)["paths"]
     for path in ("/v1/adapters", "/v1/retrieve", "/v1/experts", "/v1/completions", "/v1/chat/completions"):
         assert path in paths
+
+
+# ---- a real server -----------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uvicorn_process_with_the_openai_client(world, tmp_path):
+    """`loramint serve` in its own process on loopback, driven by the official openai client."""
+    import httpx
+    import openai
+
+    port = _free_port()
+    env = {**os.environ, "LORAMINT_API_KEYS": KEY, "LORAMINT_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "loramint.cli",
+        "serve",
+        "--service.base_model=tiny-llama",
+        f"--service.library={world['config'].library}",
+        f"--service.generator={world['config'].generator}",
+        "--service.port=1",  # LORAMINT_PORT overrides it
+        "--log_level=warning",
+    ]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start in 120 s"
+            time.sleep(0.25)
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        models = {m.id: m for m in client.models.list()}
+        assert BASE in models and "arith_0" in models and models["arith_0"].parent == BASE
+
+        completion = client.completions.create(model="arith_0", prompt="2 + 2 =", max_tokens=5)
+        assert completion.choices[0].finish_reason in ("stop", "length")
+        assert completion.usage.completion_tokens <= 5
+
+        messages = [{"role": "user", "content": "Write a poem about the sea."}]
+        chat = client.chat.completions.create(model="auto", messages=messages, max_tokens=6)
+        assert chat.choices[0].message.role == "assistant"
+        pieces = [
+            chunk.choices[0].delta.content or ""
+            for chunk in client.chat.completions.create(
+                model="auto", messages=messages, max_tokens=6, stream=True
+            )
+            if chunk.choices
+        ]
+        assert "".join(pieces) == chat.choices[0].message.content
+
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+        minted = httpx.post(f"{url}/v1/adapters", json={"description": "Add the numbers."}, headers=AUTH)
+        assert minted.status_code == 201
+        text = client.completions.create(model=minted.json()["id"], prompt="1 + 1 =", max_tokens=3)
+        assert text.model == minted.json()["id"]
+        assert httpx.post(f"{url}/v1/adapters", json={"description": "x"}).status_code == 401
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
