@@ -475,9 +475,19 @@ class Service:
         wanted = list(dict.fromkeys(e for row in group for e in row.route))
         if resident := [e for e in wanted if e in stack]:
             stack.slots(resident)  # most recently used first, so the loads below evict none of them
+        failed: dict[str, Exception] = {}
         for expert_id in wanted:
             if expert_id not in stack:
-                stack.add(expert_id, self.adapter(expert_id))
+                try:
+                    stack.add(expert_id, self.adapter(expert_id))
+                except Exception as exc:  # e.g. deleted meanwhile, or not servable: its rows fail alone
+                    failed[expert_id] = exc
+        for row in group:
+            if bad := next((e for e in row.route if e in failed), None):
+                results[row.index] = failed[bad]
+        group = [row for row in group if results[row.index] is None]
+        if not group:
+            return
         filters = [_StopFilter(row.job.stop, row.job.sink) for row in group]
         for r, piece in self.runtime.stream(
             [row.text for row in group],

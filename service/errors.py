@@ -34,10 +34,6 @@ class AuthError(ServiceError):
     """No API key, or not one of the configured keys."""
 
 
-class PayloadTooLargeError(ServiceError):
-    """A request body or an upload is over its configured limit."""
-
-
 class QueueFullError(ServiceError):
     """A work queue is full: the client should retry later."""
 
@@ -60,7 +56,6 @@ STATUS: dict[type[BaseException], int] = {  # most specific first: the first isi
     AuthError: 401,
     NotFoundError: 404,
     AlreadyExistsError: 409,
-    PayloadTooLargeError: 413,
     AdapterError: 422,
     GeneratorError: 422,
     TaskError: 422,
@@ -106,8 +101,11 @@ async def _validation(_request: Request, exc: RequestValidationError) -> JSONRes
 
 
 async def _http(_request: Request, exc: HTTPException) -> JSONResponse:
+    kind = (
+        "PayloadTooLargeError" if exc.status_code == 413 else "HTTPException"
+    )  # see metrics.ObserveAndLimit
     return JSONResponse(
-        error_body(str(exc.detail), "HTTPException", exc.status_code),
+        error_body(str(exc.detail), kind, exc.status_code),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

@@ -118,6 +118,10 @@ class Lane:
             self.metrics.batch_size.labels(self.name).observe(len(jobs))
             try:
                 results = await loop.run_in_executor(self.executor, self.handler, [j.item for j in jobs])
+                if len(results) != len(jobs):
+                    raise RuntimeError(
+                        f"{self.name} handler returned {len(results)} results for {len(jobs)} jobs"
+                    )
             except Exception as exc:  # the handler failed as a whole: every job gets the error
                 log.exception("%s worker batch failed", self.name)
                 results = [exc] * len(jobs)

@@ -7,9 +7,10 @@ import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loramint.service.errors import PayloadTooLargeError, error_body
+from loramint.service.errors import error_body
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -105,8 +106,8 @@ class ObserveAndLimit:
                 nonlocal seen
                 message = await receive()
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes")
+                if seen > limit:  # an HTTPException: FastAPI's body parsing passes it on unchanged
+                    raise HTTPException(413, f"request body is over the limit of {limit} bytes")
                 return message
 
             await self.app(scope, receive_limited, send_counted)

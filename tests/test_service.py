@@ -25,10 +25,11 @@ from safetensors.torch import save
 from test_generator import SMALL, _clustered_library
 
 from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora
+from loramint.errors import NotFoundError
 from loramint.gen.minter import Minter
 from loramint.runtime.runtime import Runtime
 from loramint.service import ServiceConfig, create_app
-from loramint.service.core import _StopFilter
+from loramint.service.core import CompletionJob, CompletionResult, _StopFilter
 from loramint.training.config import GeneratorTrainConfig
 from loramint.training.generator import train_generator
 
@@ -733,3 +734,58 @@ def test_uvicorn_process_with_the_openai_client(world, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_chunked_body_over_the_limit_is_413(client):
+    def chunks():
+        yield b'{"description": "'
+        for _ in range(40):
+            yield b"z" * (8 << 10)
+        yield b'"}'
+
+    response = client.post("/v1/retrieve", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and error_type(response) == "PayloadTooLargeError"
+
+
+def test_a_row_that_cannot_load_fails_alone(client):
+    service = client.app.state.service
+    jobs = [
+        CompletionJob(prompt="hello", route=None, max_tokens=3),
+        CompletionJob(prompt="hello", route={"ghost": 1.0}, max_tokens=3),
+        CompletionJob(prompt="hello", route="strong", max_tokens=3),
+    ]
+    results = service.complete_batch(jobs)
+    assert isinstance(results[1], NotFoundError)
+    assert isinstance(results[0], CompletionResult) and isinstance(results[2], CompletionResult)
+    assert results[2].route == {"strong": 1.0} and results[0].route == {}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"LORAMINT_API_KEYS": "key-one-123, key-two-456"}, {"api_keys": ["key-one-123", "key-two-456"]}),
+        ({"LORAMINT_PORT": "9001", "LORAMINT_TIMEOUT_S": "2.5"}, {"port": 9001, "timeout_s": 2.5}),
+        ({"LORAMINT_GENERATOR": "", "LORAMINT_AUTH": "none"}, {"generator": None, "auth": "none"}),
+        ({"LORAMINT_DEVICE": "cpu", "LORAMINT_CACHE": "/elsewhere"}, {"device": "cpu"}),
+    ],
+)
+def test_config_from_env(env, expected):
+    config = ServiceConfig(port=8000).with_env(env)
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"auth": "some"}, "auth must be"),
+        ({"port": 70000}, "port must be"),
+        ({"api_keys": ["short"]}, "at least 8"),
+        ({"queue_size": 0}, "queue_size must be >= 1"),
+        ({"top_k": 100}, "cannot exceed capacity"),
+    ],
+)
+def test_config_is_validated(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceConfig(**changes)
+    with pytest.raises(ValueError, match="LORAMINT_PORT"):
+        ServiceConfig().with_env({"LORAMINT_PORT": "eighty"})
