@@ -323,12 +323,16 @@ class Service:
     def _keep(self, req: MintRequest, adapter: LoraAdapter) -> AdapterInfo:
         """Store the adapter in the library or keep it in memory, under the request's id or its content's."""
         digest = adapter.content_hash()
-        adapter_id = validate_id(req.id, "adapter id") if req.id else f"minted-{digest[:16]}"
-        stored = self.library.get(adapter_id) if adapter_id in self.library else None
-        if stored is not None or (req.id and adapter_id in self.minted):
-            if req.id or stored.content_hash != digest:
+        if req.id is not None:
+            adapter_id = validate_id(req.id, "adapter id")
+            if self.exists(adapter_id):
                 raise AlreadyExistsError(f"an adapter with id {adapter_id!r} already exists: pick another id")
-            return expert_info(stored)  # minted (and stored) before: the same adapter
+        else:  # the same adapter minted again gets the same id
+            adapter_id = f"minted-{digest[:16]}"
+            if adapter_id in self.library:
+                return expert_info(self.library.get(adapter_id))
+            if not req.store and (item := self.minted.get(adapter_id)) is not None:
+                return item[1]
         metrics = {"minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or [])}}
         if req.store:
             expert = self.library.add(
@@ -342,8 +346,6 @@ class Service:
             self.minted.pop(adapter_id)
             self.metrics.minted.labels("true").inc()
             return expert_info(expert)
-        if (item := self.minted.get(adapter_id)) is not None:
-            return item[1]
         info = adapter_info(
             adapter_id,
             adapter,

@@ -789,3 +789,28 @@ def test_config_is_validated(changes, message):
         ServiceConfig(**changes)
     with pytest.raises(ValueError, match="LORAMINT_PORT"):
         ServiceConfig().with_env({"LORAMINT_PORT": "eighty"})
+
+
+def test_mint_under_a_chosen_id_never_replaces_anything(client, world):
+    before = world["library"].get("arith_0").content_hash
+    taken = client.post(
+        "/v1/adapters", json={"description": "Sum it.", "id": "arith_0", "store": True}, headers=AUTH
+    )
+    assert taken.status_code == 409 and error_type(taken) == "AlreadyExistsError"
+    assert world["library"].get("arith_0").content_hash == before
+    mine = client.post("/v1/adapters", json={"description": "Sum it.", "id": "my-summer"}, headers=AUTH)
+    assert mine.status_code == 201 and mine.json()["id"] == "my-summer" and not mine.json()["stored"]
+    again = client.post("/v1/adapters", json={"description": "Other.", "id": "my-summer"}, headers=AUTH)
+    assert again.status_code == 409
+    assert client.get("/v1/adapters/my-summer").json()["description"] == "Sum it."
+    body = {"model": "my-summer", "prompt": "1 + 1 =", "max_tokens": 3}
+    assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_without_a_generator_minting_is_503(world):
+    config = replace(world["config"], generator=None)
+    with TestClient(create_app(config, runtime=world["runtime"], library=world["library"])) as c:
+        response = c.post("/v1/adapters", json={"description": "Add."}, headers=AUTH)
+        assert response.status_code == 503 and error_type(response) == "UnavailableError"
+        assert c.get("/healthz").json()["generator"] is False
+        assert c.post("/v1/retrieve", json={"description": "Add."}).status_code == 200
