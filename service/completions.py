@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -113,7 +114,7 @@ def _enqueue_all(lane: Lane, jobs: Sequence[CompletionJob]) -> list[asyncio.Futu
 
 
 async def _serve(service: Service, req, jobs: list[CompletionJob], queries: list[str], fmt):
-    route = service.route_of(req.model)
+    route = await run_in_threadpool(service.route_of, req.model)  # a library lookup: not on the loop
     for job, query in zip(jobs, queries, strict=True):
         if route == AUTO:
             job.route = await service.lanes["library"].submit(lambda q=query: service.route_auto(q))

@@ -814,3 +814,31 @@ def test_without_a_generator_minting_is_503(world):
         assert response.status_code == 503 and error_type(response) == "UnavailableError"
         assert c.get("/healthz").json()["generator"] is False
         assert c.post("/v1/retrieve", json={"description": "Add."}).status_code == 200
+
+
+def test_a_list_of_prompts_is_one_batch_equal_to_each_alone(client):
+    prompts = ["The answer is", "Once upon a time there was", "x"]
+    body = {"model": "strong", "max_tokens": 6}
+    both = client.post("/v1/completions", json={**body, "prompt": prompts}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2]
+    alone = [client.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0] for p in prompts]
+    assert [c["text"] for c in both["choices"]] == [c["text"] for c in alone]
+    assert both["usage"]["completion_tokens"] == sum(
+        client.post("/v1/completions", json={**body, "prompt": p}).json()["usage"]["completion_tokens"]
+        for p in prompts
+    )
+    with client.stream(
+        "POST", "/v1/completions", json={**body, "prompt": prompts, "stream": True}
+    ) as streamed:
+        chunks = sse_events(streamed)[:-1]
+    for i, choice in enumerate(alone):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+
+
+def test_encoded_traversal_in_the_url_matches_no_route(client):
+    for path in ("/v1/adapters/..%2F..%2Fetc%2Fpasswd/download", "/v1/experts/%2E%2E%2Flibrary.sqlite"):
+        response = client.get(path)
+        assert response.status_code in (400, 404), (path, response.status_code)
+        assert response.headers["content-type"] == "application/json"
