@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from loramint.gen.minter import Minter
 from loramint.index import ExpertLibrary
 from loramint.runtime.runtime import Runtime
 from loramint.service import adapters, completions, errors, experts, system
@@ -24,7 +25,7 @@ def create_app(
     *,
     runtime: Runtime | None = None,
     library: ExpertLibrary | None = None,
-    minter=None,
+    minter: Minter | None = None,
 ) -> FastAPI:
     """The service's app. `runtime`, `library`, `minter`: already loaded objects to use instead of loading
     them from `config` (the caller keeps ownership of those)."""

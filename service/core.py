@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from loramint import models
 from loramint.adapters import LoraAdapter
@@ -33,6 +33,9 @@ from loramint.service.lanes import Lane
 from loramint.service.metrics import Metrics
 from loramint.service.schemas import AdapterInfo, MintRequest, RetrievedExpert
 from loramint.service.zipfiles import extract_adapter, zip_adapter
+
+if TYPE_CHECKING:
+    from loramint.gen.minter import Minter
 
 log = logging.getLogger(__name__)
 Route = dict[str, float]
@@ -155,7 +158,7 @@ class Service:
         config: ServiceConfig,
         runtime: Runtime,
         library: ExpertLibrary,
-        minter=None,
+        minter: Minter | None = None,
         metrics: Metrics | None = None,
         owns: Sequence[object] = (),
     ) -> None:
@@ -207,15 +210,24 @@ class Service:
         config: ServiceConfig,
         runtime: Runtime | None = None,
         library: ExpertLibrary | None = None,
-        minter=None,
+        minter: Minter | None = None,
         metrics: Metrics | None = None,
     ) -> Service:
         """Open what was not given: the library, the runtime on the base model, the generator (sharing the
         library's encoder when both use the same embedding model)."""
-        owns: list[object] = []
+        owns: list[ExpertLibrary] = []
         if library is None:
             library = ExpertLibrary.open(config.library)
             owns.append(library)
+        try:
+            return cls._load(config, runtime, library, minter, metrics, owns)
+        except BaseException:
+            for opened in owns:
+                opened.close()
+            raise
+
+    @classmethod
+    def _load(cls, config, runtime, library, minter, metrics, owns) -> Service:
         if runtime is None:
             runtime = Runtime(
                 config.base_model,

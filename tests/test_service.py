@@ -25,7 +25,7 @@ from safetensors.torch import save
 from test_generator import SMALL, _clustered_library
 
 from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora
-from loramint.errors import NotFoundError
+from loramint.errors import GeneratorError, NotFoundError
 from loramint.gen.minter import Minter
 from loramint.runtime.runtime import Runtime
 from loramint.service import ServiceConfig, create_app
@@ -195,8 +195,8 @@ def test_concurrent_requests_are_batched_and_equal_to_alone(world):
     """Mint and completion requests arriving together run as one mint_many call / one runtime pass, each
     row with its own adapter, and give what each gives alone."""
     descriptions = ["Add one to the number.", "Tell a bedtime story about the moon.", "Multiply them."]
-    models = ["arith_1", None, "write_2"]
-    with TestClient(make_app(world, batch_wait_ms=400)) as c:
+    models = ["strong", None, "arith_1"]  # one pass, three different routes
+    with TestClient(make_app(world, batch_wait_ms=800)) as c:  # all six arrive within 0.8 s
         base = c.get("/v1/models").json()["data"][0]["id"]
         models[1] = base
         minted, completed = [None] * 3, [None] * 3
@@ -842,3 +842,12 @@ def test_encoded_traversal_in_the_url_matches_no_route(client):
         response = client.get(path)
         assert response.status_code in (400, 404), (path, response.status_code)
         assert response.headers["content-type"] == "application/json"
+
+
+def test_a_missing_generator_stops_startup_with_a_clear_error(world, tmp_path):
+    config = replace(world["config"], generator=str(tmp_path / "nowhere"))
+    with (
+        pytest.raises(GeneratorError, match="not a generator checkpoint"),
+        TestClient(create_app(config, runtime=world["runtime"])),
+    ):
+        pass
