@@ -20,7 +20,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 for every interface)."""
     port: int = 8000
-    library: str = "data/library"
+    library: str = "data/library-ni-family"
     """Expert library folder (created when missing)."""
     generator: str | None = "data/generator/ni-family"
     """Generator checkpoint (`loramint train-generator`); None serves without minting (POST /v1/adapters: 503)."""

@@ -851,3 +851,33 @@ def test_a_missing_generator_stops_startup_with_a_clear_error(world, tmp_path):
         TestClient(create_app(config, runtime=world["runtime"])),
     ):
         pass
+
+
+def test_a_stream_that_cannot_start_in_time_is_504(world):
+    """A busy runtime: a streaming request gets a plain HTTP 504 (no half-open event stream)."""
+    started, release = threading.Event(), threading.Event()
+    with TestClient(make_app(world, timeout_s=1.0, batch_wait_ms=0)) as c:
+        lane = c.app.state.service.lanes["generate"]
+        real = lane.handler
+
+        def blocking(jobs):
+            started.set()
+            release.wait(10)
+            return real(jobs)
+
+        lane.handler = blocking
+        body = {"model": BASE, "prompt": "hi", "max_tokens": 2}
+        answers = []
+        busy = threading.Thread(
+            target=lambda: answers.append(c.post("/v1/completions", json=body).status_code)
+        )
+        busy.start()
+        assert started.wait(10)
+        streamed = c.post("/v1/completions", json={**body, "stream": True})
+        assert streamed.status_code == 504 and error_type(streamed) == "WorkTimeoutError"
+        busy.join()
+        assert answers == [504]
+        release.set()
+        lane.handler = real
+        ok = c.post("/v1/completions", json={**body, "stream": True})
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
