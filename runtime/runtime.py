@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -52,7 +53,10 @@ class Runtime:
         device: str | None = None,
         top_k: int = 2,
         router: str | Path | LearnedRouter | None = None,
+        loader: Callable[[str], LoraAdapter] | None = None,
     ) -> None:
+        """`loader(id)` -> adapter: where experts named in requests come from when they are not resident
+        (default: those given to `add`, then the library)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.base = base if isinstance(base, BaseModel) else load_base_model(base, device=device)
         self.library = ExpertLibrary.open(library) if isinstance(library, (str, Path)) else library
@@ -64,6 +68,7 @@ class Runtime:
         self._local: dict[str, LoraAdapter] = {}
         self.router = LearnedRouter.load(router) if isinstance(router, (str, Path)) else router
         self._lock = threading.RLock()  # one forward pass owns the model's plan at a time
+        self.loader = loader
 
     # ---- experts -----------------------------------------------------------------------------------------
     def add(self, expert_id: str, adapter: LoraAdapter) -> None:
@@ -71,9 +76,18 @@ class Runtime:
         self.stack.add(expert_id, adapter)
         self._local[expert_id] = adapter
 
+    def remove(self, expert_id: str) -> None:
+        """Stop serving `expert_id`: its resident copy goes, and it is loaded afresh if named again."""
+        with self._lock:
+            self._local.pop(expert_id, None)
+            if expert_id in self.stack:
+                self.stack.remove(expert_id)
+
     def _load(self, expert_id: str) -> LoraAdapter:
         if expert_id in self._local:
             return self._local[expert_id]
+        if self.loader is not None:
+            return self.loader(expert_id)
         if self.library is None or expert_id not in self.library:
             raise NotFoundError(f"no expert {expert_id!r} (not added, not in the library)")
         return self.library.get(expert_id).load_adapter()
@@ -146,13 +160,17 @@ class Runtime:
         self,
         prompts: Sequence[str],
         adapters: Sequence[Route | str] | Route | str = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | Sequence[int] = 64,
         routing: str = "request",
         chat: bool = True,
         streamer=None,
+        cancel: threading.Event | None = None,
     ) -> list[str]:
         """Greedy completions of every prompt in one batch (KV cache), each row with its own adapter /
-        mixture; `streamer`: a transformers streamer fed the new tokens [B] of every step."""
+        mixture and its own `max_new_tokens` (an int for all); a row that is done stops costing anything but
+        its padding. `cancel.set()` ends the pass after the current step; `streamer`: a transformers streamer
+        fed the new tokens [B] of every step."""
+        limits = _limits(max_new_tokens, len(prompts))
         with self._lock:
             input_ids, mask, plan, pad = self._batch(prompts, adapters, routing, chat)
             self.holder.plan = plan
@@ -160,36 +178,43 @@ class Runtime:
                 out = self.base.model.generate(
                     input_ids=input_ids,
                     attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=max(limits),
                     do_sample=False,
                     pad_token_id=pad,
                     streamer=streamer,
+                    stopping_criteria=[_RowStop(input_ids.shape[1], limits, cancel)],
                 )
             finally:
                 self.holder.plan = None
         tok = self.base.tokenizer
-        return [t.strip() for t in tok.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+        new = [row[:n] for row, n in zip(out[:, input_ids.shape[1] :], limits, strict=True)]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
     def stream(
         self,
         prompts: Sequence[str],
         adapters: Sequence[Route | str] | Route | str = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | Sequence[int] = 64,
         routing: str = "request",
         chat: bool = True,
+        cancel: threading.Event | None = None,
+        usage: list[Usage] | None = None,
     ) -> Iterator[tuple[int, str]]:
         """Like `generate`, but yields (row, text piece) as tokens are decoded, every row of the batch
         interleaved; a row's pieces join to its completion (unstripped). Decoding runs in a worker thread;
-        an error there is raised here. Stopping the iteration early lets the batch finish in the background."""
+        an error there is raised here. Closing the iterator early cancels the pass after its current step.
+        `usage`, if given, receives one `Usage` per row (tokens generated, finish reason) at the end."""
+        limits = _limits(max_new_tokens, len(prompts))
         tok = self.base.tokenizer
         eos = self.base.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
         streamer = _StepStreamer()
         errors: list[BaseException] = []
+        cancel = cancel or threading.Event()
 
         def work() -> None:
             try:
-                self.generate(prompts, adapters, max_new_tokens, routing, chat, streamer=streamer)
+                self.generate(prompts, adapters, limits, routing, chat, streamer=streamer, cancel=cancel)
             except BaseException as e:  # noqa: BLE001 (handed to the consumer)
                 errors.append(e)
             finally:
@@ -198,23 +223,30 @@ class Runtime:
         threading.Thread(target=work, daemon=True, name="loramint-stream").start()
         tokens: list[list[int]] = [[] for _ in prompts]
         sent = [""] * len(prompts)
-        done = [False] * len(prompts)
-        while (step := streamer.queue.get()) is not None:
-            for row, token in enumerate(step):
-                if done[row]:
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                tokens[row].append(token)
-                text = tok.decode(tokens[row], skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
-                    continue
-                if len(text) > len(sent[row]):
-                    yield row, text[len(sent[row]) :]
-                    sent[row] = text
+        finish = [""] * len(prompts)
+        try:
+            while (step := streamer.queue.get()) is not None:
+                for row, token in enumerate(step):
+                    if finish[row]:
+                        continue
+                    if token in eos:
+                        finish[row] = "stop"
+                        continue
+                    tokens[row].append(token)
+                    if len(tokens[row]) >= limits[row]:
+                        finish[row] = "length"
+                    text = tok.decode(tokens[row], skip_special_tokens=True)
+                    if text.endswith("\ufffd") and not finish[row]:  # a character split across tokens
+                        continue
+                    if len(text) > len(sent[row]):
+                        yield row, text[len(sent[row]) :]
+                        sent[row] = text
+        finally:
+            cancel.set()  # the consumer stopped early (or we are done): the pass ends after this step
         if errors:
             raise errors[0]
+        if usage is not None:
+            usage.extend(Usage(len(t), f or "length") for t, f in zip(tokens, finish, strict=True))
 
     @torch.no_grad()
     def logits(
@@ -254,3 +286,34 @@ class _StepStreamer:
 
     def end(self) -> None:
         self.queue.put(None)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One streamed row's outcome: tokens generated and why it ended ("stop": end of sequence, "length":
+    its max_new_tokens)."""
+
+    completion_tokens: int
+    finish_reason: str
+
+
+def _limits(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != n or any(not isinstance(m, int) or m < 1 for m in limits):
+        raise ValueError(
+            f"max_new_tokens must be a positive int or one per prompt ({n}), got {max_new_tokens!r}"
+        )
+    return limits
+
+
+class _RowStop:
+    """Stopping criterion: row b is done after limits[b] new tokens; every row once `cancel` is set."""
+
+    def __init__(self, width: int, limits: list[int], cancel: threading.Event | None) -> None:
+        self.width, self.cancel = width, cancel
+        self.limits = torch.tensor(limits)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids.shape[1] - self.width >= self.limits).to(input_ids.device)

@@ -26,7 +26,7 @@ from loramint.adapters import LoraAdapter
 from loramint.errors import AdapterError, AlreadyExistsError, GeneratorError, NotFoundError
 from loramint.index import Expert, ExpertLibrary
 from loramint.paths import validate_id
-from loramint.runtime.runtime import Runtime, similarity_weights
+from loramint.runtime.runtime import Runtime, Usage, similarity_weights
 from loramint.service.config import ServiceConfig
 from loramint.service.errors import ContextLengthError, UnavailableError
 from loramint.service.lanes import Lane
@@ -467,20 +467,18 @@ class Service:
         return _Row(index, job, text, n_prompt, route)
 
     def _groups(self, rows: list[_Row]) -> list[list[_Row]]:
-        """Rows by max_tokens, split so that no group names more experts than the runtime holds."""
-        by_length: dict[int, list[_Row]] = {}
+        """Rows in arrival order, split so that no group names more experts than the runtime holds (each row
+        keeps its own max_tokens inside a group)."""
+        groups: list[list[_Row]] = []
+        group: list[_Row] = []
+        experts: set[str] = set()
         for row in rows:
-            by_length.setdefault(row.job.max_tokens, []).append(row)
-        groups = []
-        for same in by_length.values():
-            group: list[_Row] = []
-            experts: set[str] = set()
-            for row in same:
-                if group and len(experts | set(row.route)) > self.runtime.stack.capacity:
-                    groups.append(group)
-                    group, experts = [], set()
-                group.append(row)
-                experts |= set(row.route)
+            if group and len(experts | set(row.route)) > self.runtime.stack.capacity:
+                groups.append(group)
+                group, experts = [], set()
+            group.append(row)
+            experts |= set(row.route)
+        if group:
             groups.append(group)
         return groups
 
@@ -503,18 +501,22 @@ class Service:
         if not group:
             return
         filters = [_StopFilter(row.job.stop, row.job.sink) for row in group]
+        usage: list[Usage] = []
         for r, piece in self.runtime.stream(
             [row.text for row in group],
             [row.route or None for row in group],
-            max_new_tokens=group[0].job.max_tokens,
+            max_new_tokens=[row.job.max_tokens for row in group],
             chat=False,
+            usage=usage,
         ):
             filters[r].feed(piece)
         tok = self.base.tokenizer
-        for row, f in zip(group, filters, strict=True):
+        for row, f, used in zip(group, filters, usage, strict=True):
             text = f.close()
-            n = len(tok(text, add_special_tokens=False).input_ids)
-            finish = "stop" if f.stopped or n < row.job.max_tokens else "length"
+            if f.stopped:  # cut at a stop sequence: count the tokens of what is returned
+                n, finish = len(tok(text, add_special_tokens=False).input_ids), "stop"
+            else:
+                n, finish = used.completion_tokens, used.finish_reason
             results[row.index] = CompletionResult(text, finish, row.prompt_tokens, n, row.route)
             self.metrics.completion_tokens.inc(n)
 
@@ -527,8 +529,7 @@ class Service:
         with self._stale_lock:
             stale, self._stale = self._stale, set()
         for adapter_id in stale:
-            if adapter_id in self.runtime.stack:
-                self.runtime.stack.remove(adapter_id)
+            self.runtime.remove(adapter_id)
 
 
 def _call_each(calls: Sequence[Callable[[], object]]) -> list[object]:

@@ -274,6 +274,46 @@ def test_stream_yields_each_rows_completion_piece_by_piece(runtime):
     assert runtime.holder.plan is None
 
 
+def test_rows_have_their_own_token_limits_usage_and_cancel(runtime):
+    """Per-row max_new_tokens: each row equals running it alone with its limit; usage counts its tokens;
+    closing the stream early cancels the pass; remove() forgets an added adapter; a loader hook serves ids."""
+    from loramint.runtime.runtime import Usage
+
+    prompts, routes, limits = ["Add 2 and 3.", "A poem about the sea"], ["adder", "poet"], [2, 7]
+    batched = runtime.generate(prompts, routes, max_new_tokens=limits)
+    alone = [runtime.generate([p], [r], max_new_tokens=n)[0] for p, r, n in zip(prompts, routes, limits)]
+    assert batched == alone
+    usage: list[Usage] = []
+    pieces = {0: "", 1: ""}
+    for row, piece in runtime.stream(prompts, routes, max_new_tokens=limits, usage=usage):
+        pieces[row] += piece
+    assert [p.strip() for p in pieces.values()] == batched
+    assert all(u.completion_tokens <= n for u, n in zip(usage, limits, strict=True))
+    assert all(
+        u.finish_reason == ("length" if u.completion_tokens == n else "stop")
+        for u, n in zip(usage, limits, strict=True)
+    )
+    steps = []
+    hook = runtime.base.model.register_forward_hook(lambda *_: steps.append(1))
+    try:
+        stream = runtime.stream(["Hello"] * 2, None, max_new_tokens=200)
+        next(stream)
+        stream.close()  # cancels the pass after its current step
+        with runtime._lock:  # the pass has ended
+            assert runtime.holder.plan is None and len(steps) < 100
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="one per prompt"):
+        runtime.generate(prompts, routes, max_new_tokens=[3])
+    runtime.add("mine", adapter(50))
+    runtime.remove("mine")
+    assert "mine" not in runtime.stack
+    with pytest.raises(NotFoundError, match="mine"):
+        runtime.generate(["x"], "mine", max_new_tokens=1)
+    runtime.loader = lambda eid: adapter(51) if eid == "mine" else runtime.library.get(eid).load_adapter()
+    assert len(runtime.generate(["x"], "mine", max_new_tokens=1)) == 1 and "mine" in runtime.stack
+
+
 def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
     """Only the gates learn; the answer loss falls; every expert gets tokens; the saved router routes alike."""
     from loramint.runtime.router import LearnedRouter
