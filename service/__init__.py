@@ -1,7 +1,8 @@
 """The FastAPI service (issue 6): mint, retrieve, manage experts, complete text through the runtime.
 
 `create_app(ServiceConfig(...))` (`loramint serve`); routers: `adapters` (mint, metadata, download,
-retrieve), `experts` (upload, list, delete), `completions` (OpenAI-compatible), `system` (healthz, metrics).
+retrieve), `experts` (upload, list, delete), `completions` (OpenAI-compatible), `system` (healthz, metrics),
+`web` (the page at `/`, service/static/index.html).
 The work itself lives in `core.Service` and runs on worker threads behind bounded queues (`lanes`).
 `create_app` is imported lazily so that `loramint.service.config` stays light (the CLI builds its parser
 from it).

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from loramint.gen.minter import Minter
 from loramint.index import ExpertLibrary
 from loramint.runtime.runtime import Runtime
-from loramint.service import adapters, completions, errors, experts, system
+from loramint.service import adapters, completions, errors, experts, system, web
 from loramint.service.config import ServiceConfig
 from loramint.service.core import Service
 from loramint.service.metrics import Metrics, ObserveAndLimit
@@ -51,7 +51,7 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (adapters, experts, completions, system):
+    for module in (adapters, experts, completions, system, web):
         app.include_router(module.router)
     app.add_middleware(
         ObserveAndLimit,
