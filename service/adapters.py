@@ -9,9 +9,10 @@ from fastapi import APIRouter, Path, Response
 from loramint.paths import validate_id
 from loramint.service.core import Service
 from loramint.service.deps import Reader, Writer
+from loramint.service.errors import responses
 from loramint.service.schemas import AdapterInfo, MintRequest, RetrieveRequest, RetrieveResponse
 
-router = APIRouter(prefix="/v1", tags=["adapters"])
+router = APIRouter(prefix="/v1", tags=["adapters"], responses=responses(401))
 AdapterId = Annotated[str, Path(description="An adapter (expert) id.")]
 
 
@@ -21,7 +22,12 @@ def check_text(service: Service, what: str, text: str) -> None:
         raise ValueError(f"{what} has {len(text)} characters, the limit is {limit}")
 
 
-@router.post("/adapters", response_model=AdapterInfo, status_code=201)
+@router.post(
+    "/adapters",
+    response_model=AdapterInfo,
+    status_code=201,
+    responses=responses(400, 409, 413, 422, 429, 503, 504),
+)
 async def mint(req: MintRequest, service: Writer) -> AdapterInfo:
     """Mint a LoRA adapter from a task description (one generator pass; concurrent requests are batched).
     `store: true` adds it to the expert library; otherwise the service keeps it in memory (LRU)."""
@@ -37,7 +43,7 @@ async def mint(req: MintRequest, service: Writer) -> AdapterInfo:
     return await service.lanes["mint"].submit(req)
 
 
-@router.get("/adapters/{adapter_id}", response_model=AdapterInfo)
+@router.get("/adapters/{adapter_id}", response_model=AdapterInfo, responses=responses(400, 404, 422))
 def get_adapter(adapter_id: AdapterId, service: Reader) -> AdapterInfo:
     """Metadata of a minted or stored adapter."""
     return service.info(adapter_id)
@@ -46,7 +52,10 @@ def get_adapter(adapter_id: AdapterId, service: Reader) -> AdapterInfo:
 @router.get(
     "/adapters/{adapter_id}/download",
     response_class=Response,
-    responses={200: {"content": {"application/zip": {}}, "description": "A stock PEFT folder, zipped."}},
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "A stock PEFT folder, zipped."},
+        **responses(400, 404, 422, 429, 504),
+    },
 )
 async def download(adapter_id: AdapterId, service: Reader) -> Response:
     """The adapter as a zip of a PEFT folder (`adapter_config.json` with `base_model_name_or_path`,
@@ -57,7 +66,7 @@ async def download(adapter_id: AdapterId, service: Reader) -> Response:
     return Response(data, media_type="application/zip", headers=headers)
 
 
-@router.post("/retrieve", response_model=RetrieveResponse)
+@router.post("/retrieve", response_model=RetrieveResponse, responses=responses(400, 413, 422, 429, 504))
 async def retrieve(req: RetrieveRequest, service: Reader) -> RetrieveResponse:
     """The library's k experts whose descriptions are nearest to `description`, best first."""
     check_text(service, "description", req.description)

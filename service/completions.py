@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from loramint.service.core import AUTO, CompletionJob, CompletionResult, Service, expert_info
 from loramint.service.deps import Reader
-from loramint.service.errors import WorkTimeoutError, error_body, status_of
+from loramint.service.errors import WorkTimeoutError, error_body, responses, status_of
 from loramint.service.lanes import Lane
 from loramint.service.schemas import (
     AssistantMessage,
@@ -37,8 +37,11 @@ from loramint.service.schemas import (
     Usage,
 )
 
-router = APIRouter(prefix="/v1", tags=["openai"])
-STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"}}
+router = APIRouter(prefix="/v1", tags=["openai"], responses=responses(401))
+STREAM = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream=true"},
+    **responses(400, 404, 413, 422, 429, 504),
+}
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=STREAM)

@@ -22,6 +22,7 @@ from loramint.errors import (
     NotFoundError,
     TaskError,
 )
+from loramint.service.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,24 @@ STATUS: dict[type[BaseException], int] = {  # most specific first: the first isi
     WorkTimeoutError: 504,
     ValueError: 422,
 }
+
+
+WHEN = {
+    400: "A body that cannot be parsed, an invalid id, or a prompt over the base model's context.",
+    401: "No API key, or not a valid one.",
+    404: "No adapter, expert or model of that id.",
+    409: "An adapter or expert of that id already exists.",
+    413: "The request body is over the size limit.",
+    422: "The request is invalid (fields, limits, an unusable adapter).",
+    429: "The work queue is full: retry later (Retry-After).",
+    503: "Not configured (no generator) or shutting down.",
+    504: "The work did not finish within the timeout.",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses, each with the error body's schema."""
+    return {code: {"model": ErrorResponse, "description": WHEN[code]} for code in codes}
 
 
 def status_of(exc: BaseException) -> int:

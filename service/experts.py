@@ -10,13 +10,16 @@ from loramint.paths import validate_id
 from loramint.service.adapters import check_text
 from loramint.service.core import expert_info
 from loramint.service.deps import Reader, Writer
+from loramint.service.errors import responses
 from loramint.service.schemas import AdapterInfo, Deleted, ExpertList
 
-router = APIRouter(prefix="/v1/experts", tags=["experts"])
+router = APIRouter(prefix="/v1/experts", tags=["experts"], responses=responses(401, 422))
 ExpertId = Annotated[str, Path(description="An expert id.")]
+MAX_OFFSET = 2**63 - 1
+"""SQLite's largest integer: a larger offset overflowed in the library's query (HTTP 500, found by fuzzing)."""
 
 
-@router.post("", response_model=AdapterInfo, status_code=201)
+@router.post("", response_model=AdapterInfo, status_code=201, responses=responses(400, 409, 413, 429, 504))
 async def upload(
     service: Writer,
     file: Annotated[UploadFile, File(description="A zip of a PEFT LoRA folder (safetensors only).")],
@@ -39,7 +42,7 @@ async def upload(
 @router.get("", response_model=ExpertList)
 def list_experts(
     service: Reader,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     family: Annotated[str | None, Query(max_length=128)] = None,
 ) -> ExpertList:
@@ -55,12 +58,12 @@ def list_experts(
     )
 
 
-@router.get("/{expert_id}", response_model=AdapterInfo)
+@router.get("/{expert_id}", response_model=AdapterInfo, responses=responses(400, 404))
 def get_expert(expert_id: ExpertId, service: Reader) -> AdapterInfo:
     return expert_info(service.library.get(expert_id))
 
 
-@router.delete("/{expert_id}", response_model=Deleted)
+@router.delete("/{expert_id}", response_model=Deleted, responses=responses(400, 404, 429, 504))
 async def delete_expert(expert_id: ExpertId, service: Writer) -> Deleted:
     """Remove an expert from the library (its row, vector and folder) and from the runtime."""
     validate_id(expert_id, "expert id")

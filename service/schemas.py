@@ -224,6 +224,20 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ---- errors ------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong and what to do.")
+    type: str = Field(description="The error's class, e.g. NotFoundError, RequestValidationError.")
+    code: int = Field(description="The HTTP status.")
+    detail: list[dict[str, Any]] | None = Field(None, description="Every validation error (422 only).")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, so OpenAI clients show the message."""
+
+    error: ErrorDetail
+
+
 # ---- operations --------------------------------------------------------------------------------------------
 class Health(BaseModel):
     status: Literal["ok"] = "ok"

@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from loramint.service.core import Service
 from loramint.service.deps import Reader, get_service
+from loramint.service.errors import responses
 from loramint.service.schemas import Health
 
 router = APIRouter(tags=["system"])
@@ -24,7 +25,9 @@ def healthz(request: Request) -> Health:
     )
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, **responses(401)}
+)
 def metrics(service: Reader) -> Response:
     """Request counts and latency histograms per route, queue depths, rejections (429), timeouts (504),
     batch sizes, worker time, adapters minted, completion tokens."""

@@ -881,3 +881,30 @@ def test_a_stream_that_cannot_start_in_time_is_504(world):
         lane.handler = real
         ok = c.post("/v1/completions", json={**body, "stream": True})
         assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+
+
+# ---- found by fuzzing the OpenAPI schema (tests/test_schema_fuzz.py) ---------------------------------------
+@pytest.mark.parametrize("query", ["offset=9223372036854775808", "offset=-1", "limit=0", "limit=1001"])
+def test_expert_paging_out_of_range_is_422(client, query):
+    """An offset past SQLite's integers was an OverflowError in the library's query: HTTP 500."""
+    response = client.get(f"/v1/experts?{query}")
+    assert response.status_code == 422 and error_type(response) == "RequestValidationError"
+    assert client.get("/v1/experts?offset=9223372036854775807").json()["data"] == []
+
+
+def test_error_answers_are_documented_with_their_body(client):
+    """Every error status a route can answer is in its OpenAPI entry, with the `{"error": ...}` body."""
+    paths = client.app.openapi()["paths"]
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for method, path, codes in [
+        ("post", "/v1/adapters", {"400", "401", "409", "413", "422", "429", "503", "504"}),
+        ("get", "/v1/adapters/{adapter_id}", {"400", "401", "404", "422"}),
+        ("post", "/v1/retrieve", {"400", "401", "413", "422", "429", "504"}),
+        ("post", "/v1/chat/completions", {"400", "401", "404", "413", "422", "429", "504"}),
+        ("delete", "/v1/experts/{expert_id}", {"400", "401", "404", "422", "429", "504"}),
+    ]:
+        responses = paths[path][method]["responses"]
+        assert codes <= set(responses), (path, codes - set(responses))
+        assert all(responses[c]["content"]["application/json"]["schema"] == ref for c in codes)
+    response = client.post("/v1/retrieve", content=b"\xff\xfe", headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422) and set(response.json()["error"]) >= {"message", "type", "code"}
