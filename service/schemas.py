@@ -5,10 +5,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from loramint.gen.minter import MAX_DESCRIPTION_CHARS, MAX_EXAMPLES
 
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (e.g. \\ud800): send valid Unicode") from None
+    return text
+
+
+Unicode = Annotated[str, AfterValidator(_unicode)]
+"""Text a tokenizer can take. Pydantic let lone surrogates ("\\ud800" in JSON) through into plain `str` fields
+(constrained ones refuse them) and the tokenizer failed with a TypeError: HTTP 500, found by fuzzing."""
 Text = Annotated[str, Field(min_length=1, max_length=MAX_DESCRIPTION_CHARS)]
 Example = Annotated[str, Field(min_length=1, max_length=64_000)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
@@ -82,7 +94,9 @@ class Deleted(BaseModel):
 
 
 # ---- OpenAI-compatible -------------------------------------------------------------------------------------
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=4)] | None
+StopText = Annotated[Unicode, Field(min_length=1, max_length=256)]
+"""Not empty: every text contains "", so an empty stop sequence cut every answer to nothing."""
+Stop = StopText | Annotated[list[StopText], Field(max_length=4)] | None
 MODEL_HELP = 'An adapter id, "auto" (the library\'s nearest experts to the prompt, mixed) or the base model.'
 SAMPLING_HELP = "Accepted for compatibility; the runtime decodes greedily."
 
@@ -114,12 +128,12 @@ class CompletionRequest(_Generation):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Unicode
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Unicode | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

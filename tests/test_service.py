@@ -908,3 +908,20 @@ def test_error_answers_are_documented_with_their_body(client):
         assert all(responses[c]["content"]["application/json"]["schema"] == ref for c in codes)
     response = client.post("/v1/retrieve", content=b"\xff\xfe", headers={"Content-Type": "application/json"})
     assert response.status_code in (400, 422) and set(response.json()["error"]) >= {"message", "type", "code"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "a\ud800"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": "\ud800"},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ""},  # would cut every answer to ""
+    ],
+)
+@pytest.mark.parametrize("model", [BASE, "auto"])
+def test_text_a_tokenizer_cannot_take_is_422(client, body, model):
+    """A lone surrogate in a chat message reached the tokenizer (TypeError, HTTP 500)."""
+    data = json.dumps({"model": model, "max_tokens": 2, **body})  # ensure_ascii: "\ud800" as JSON escapes
+    response = client.post("/v1/chat/completions", content=data, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and error_type(response) == "RequestValidationError"
