@@ -9,6 +9,8 @@ import re
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -40,12 +42,12 @@ def test_the_page_is_served_self_contained(world):
 
 
 # ---- a real browser ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(world):
-    """The app in a uvicorn server on a loopback port, in a thread of this process."""
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` in a uvicorn server on a loopback port, in a thread of this process; yields its URL."""
     import uvicorn
 
-    config = uvicorn.Config(make_app(world), host="127.0.0.1", port=_free_port(), log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -53,9 +55,17 @@ def server(world):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{config.port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    with serving(make_app(world)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +196,26 @@ def test_a_failed_completion_shows_the_api_message(server, browser):
     browser.find_element("id", "download").click()
     WebDriverWait(browser, WAIT_S).until(lambda d: _visible_error(d, "download-error"))
     assert _text(browser, "download-error").startswith("404: ")
+
+
+def test_with_auth_all_the_page_sends_the_key_on_reads_too(world, browser):
+    """Under `auth: all` retrieval, completions and the download need the key as well: the page sends it."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S)
+    with serving(make_app(world, auth="all")) as url:
+        browser.get(f"{url}/")
+        wait.until(lambda d: BASE in _text(d, "service-info"))  # /healthz stays open
+        browser.find_element("id", "api-key").send_keys(KEY)
+        browser.find_element("id", "description").send_keys("Multiply the numbers.", Keys.CONTROL, Keys.ENTER)
+        wait.until(lambda d: d.find_elements("css selector", "#experts tbody tr"))
+        adapter_id = _text(browser, "adapter-id")
+        assert httpx.get(f"{url}/v1/adapters/{adapter_id}/download").status_code == 401
+        browser.find_element("id", "compare").click()
+        wait.until(lambda d: all(_state(d, f"{p}-output") in ("done", "error") for p in ("adapter", "base")))
+        assert _state(browser, "adapter-output") == _state(browser, "base-output") == "done"
+        browser.find_element("id", "download").click()
+        saved = browser.downloads / f"{adapter_id}.zip"
+        wait.until(lambda _: saved.exists() and zipfile.is_zipfile(saved))
+        assert not _visible_error(browser, "experts-error") and not _visible_error(browser, "download-error")
