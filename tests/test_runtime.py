@@ -281,7 +281,10 @@ def test_rows_have_their_own_token_limits_usage_and_cancel(runtime):
 
     prompts, routes, limits = ["Add 2 and 3.", "A poem about the sea"], ["adder", "poet"], [2, 7]
     batched = runtime.generate(prompts, routes, max_new_tokens=limits)
-    alone = [runtime.generate([p], [r], max_new_tokens=n)[0] for p, r, n in zip(prompts, routes, limits, strict=True)]
+    alone = [
+        runtime.generate([p], [r], max_new_tokens=n)[0]
+        for p, r, n in zip(prompts, routes, limits, strict=True)
+    ]
     assert batched == alone
     usage: list[Usage] = []
     pieces = {0: "", 1: ""}
