@@ -261,8 +261,17 @@ def test_minted_methods_in_the_harness(functional, tiny):
     from loramint.training.methods import MethodConfig, short_description
 
     scoring = ScoringConfig(max_length=64, batch_size=16, n_generate=4, max_new_tokens=6, n_bootstrap=100)
-    names = ["base", "minted", "minted-sampled", "minted+examples", "minted-short", "reconstructed"]
-    config = MethodConfig(generator=functional["root"] / "generator", n_samples=3)
+    names = [
+        "base",
+        "minted",
+        "minted-sampled",
+        "minted+examples",
+        "minted-short",
+        "reconstructed",
+        "topk",
+        "minted+topk",
+    ]
+    config = MethodConfig(generator=functional["root"] / "generator", n_samples=3, top_k=2)
     unseen = [t for t in functional["tasks"] if t.name in UNSEEN]
     with ExpertLibrary.open(functional["root"] / "lib") as library:
         result = evaluate(
@@ -293,10 +302,13 @@ def test_minted_methods_in_the_harness(functional, tiny):
         chosen = sampled["shot_nll"][[None, 0, 1, 2].index(sampled["seed"])]
         assert chosen == pytest.approx(min(sampled["shot_nll"]), abs=1e-4)
         assert methods["minted+examples"]["per_task"][name]["info"]["n_shots"] == 5
+        hybrid = methods["minted+topk"]["per_task"][name]["info"]
+        assert hybrid["minted_weight"] == 0.5 and len(hybrid["experts"]) == 2
+        assert hybrid["experts"] == methods["topk"]["per_task"][name]["info"]["experts"]  # same retrieval
         short = methods["minted-short"]["per_task"][name]["info"]["description"]
         assert short == short_description(next(t for t in unseen if t.name == name))
     # every challenger is compared, paired, with every other method; the report carries the tables
-    assert set(result["comparisons"]) == set(names) - {"base"}
+    assert set(result["comparisons"]) == set(names) - {"base", "topk"}  # every minted*/reconstructed
     versus = result["comparisons"]["minted"]["base"]
     gain = methods["minted"]["vs_base"]
     assert (

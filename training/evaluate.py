@@ -55,7 +55,7 @@ from loramint.training.metrics import (
 
 METRIC = "answer_nll"
 BASELINES = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
-MINTED = ("minted", "minted-sampled", "minted+examples", "minted-short")
+MINTED = ("minted", "minted-sampled", "minted+examples", "minted-short", "minted+topk")
 CHALLENGERS = (*MINTED, "reconstructed")
 """Methods compared pairwise with every other method of the run (`comparisons` in the result)."""
 ALL_METHODS = BASELINES

@@ -490,6 +490,21 @@ def minted_sampled_method(ctx: MethodContext) -> Method:
     return method
 
 
+@register("minted+topk")
+def minted_topk_method(ctx: MethodContext) -> Method:
+    """Half the minted adapter, half the top-k mixture (its weights halved): does retrieval fix what the
+    generator misses (a near-duplicate sibling) and vice versa? Zero-shot, description only, like both."""
+    topk = topk_method(ctx)
+
+    def method(task: Task) -> Intervention:
+        retrieved = topk(task)
+        minted = ctx.minter().mint(task.description)
+        mixture = [(minted, 0.5)] + [(a, 0.5 * w) for a, w in retrieved.mixture]
+        return Intervention(mixture=mixture, info={**retrieved.info, "minted_weight": 0.5})
+
+    return method
+
+
 # ---- routed per token by the runtime -------------------------------------------------------------------------
 
 
