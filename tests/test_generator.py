@@ -103,6 +103,7 @@ def test_recon_training_mints_held_out_experts_of_the_right_cluster(trained):
     report = trained["report"]
     assert report["n_experts"] == 14 and len(report["val"]) == 2 and len(report["train"]) == 12
     first, best = report["curve"][0]["val/mse"], report["best"]
+    assert all(-1 <= p["val/minted_cos"] <= 1 and -1 <= p["val/expert_cos"] <= 1 for p in report["curve"])
     # predicting the library mean scores ~1 (normalised units): the generator mints the held-out experts'
     # cluster from their descriptions alone
     assert best < 0.25 and best < 0.5 * first
@@ -389,3 +390,14 @@ def test_cli_train_generator_writes_checkpoint_report_and_curve(trained, tmp_pat
     assert [c["step"] for c in report["curve"]] == [0, 10, 20]
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert Minter.from_pretrained(tmp_path / "g").model.config.d_latent == 4
+
+
+def test_mean_pairwise_cos_flags_a_collapsed_generator():
+    from loramint.training.generator import mean_pairwise_cos
+
+    same = torch.randn(1, 4, 6).expand(3, 4, 6)
+    assert float(mean_pairwise_cos({"a": same, "b": same[:, :2]})) == pytest.approx(1.0, abs=1e-6)
+    eye = torch.eye(3).reshape(3, 3, 1)  # three mutually orthogonal adapters
+    assert float(mean_pairwise_cos({"a": eye})) == pytest.approx(0.0, abs=1e-6)
+    opposite = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
+    assert float(mean_pairwise_cos({"a": opposite})) == pytest.approx(-1.0, abs=1e-6)

@@ -269,6 +269,9 @@ class GeneratorModule(L.LightningModule):
         with torch.no_grad():
             minted = self.mint_tokens(cond, [None] * len(val))
             metrics = {"val/mse": group_mse(minted, self._tok(val))}
+            if len(val) > 1:  # collapse check: minted adapters of different tasks must differ like experts do
+                metrics["val/minted_cos"] = mean_pairwise_cos(minted)
+                metrics["val/expert_cos"] = mean_pairwise_cos(self._tok(val))
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
         self.log_dict(metrics, prog_bar=True, batch_size=1)
@@ -326,6 +329,15 @@ class GeneratorModule(L.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
+
+
+def mean_pairwise_cos(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cosine between the n adapters of a batch of normalised tokens {group: [n, ...]} (off-diagonal):
+    ~1 when a generator mints the same adapter whatever the task (collapse); experts sit near 0."""
+    flat = torch.cat([t.reshape(t.shape[0], -1).float() for t in tokens.values()], dim=1)
+    unit = torch.nn.functional.normalize(flat, dim=1)
+    n = unit.shape[0]
+    return ((unit @ unit.T).sum() - n) / (n * (n - 1))
 
 
 def group_mse(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
