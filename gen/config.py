@@ -15,8 +15,14 @@ class GeneratorConfig:
     """Width of the MLPs and of the decoder trunk."""
     d_latent: int = 64
     dropout: float = 0.0
+    residual_k: int = 0
+    """0: the decoder emits the whole adapter. K > 0: the minted adapter is the K retrieved experts'
+    similarity-weighted mixture (a learned gain per layer and module type) plus the decoded correction
+    (`gen.residual`), so the description decides the starting point and minting cannot collapse to one
+    adapter for every task."""
 
     def __post_init__(self) -> None:
         bad = [k for k in ("cond_dim", "d_model", "hidden", "d_latent") if getattr(self, k) < 1]
+        bad += ["residual_k"] if self.residual_k < 0 else []
         if bad or not 0 <= self.dropout < 1:
             raise ValueError(f"invalid GeneratorConfig field(s) {bad or ['dropout']}: {self}")

@@ -29,6 +29,7 @@ from loramint.errors import GeneratorError
 from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
+from loramint.gen.residual import assemble, compose, mixture_weights
 from loramint.paths import fsync_dir
 
 FORMAT = "loramint-generator"
@@ -45,9 +46,17 @@ class Bank:
     keys: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
+    factors: dict[str, torch.Tensor] | None = None
+    """Residual generators: the experts' raw canonical factors as layout tokens {group: [N, L, dim]}."""
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def expert(self, layout: Layout, i: int) -> LoraAdapter:
+        """Expert i as an adapter (float32), from `factors`."""
+        if self.factors is None:
+            raise GeneratorError("this bank holds no expert factors (not a residual generator)")
+        return layout.from_tokens({g: t[i].float() for g, t in self.factors.items()})
 
 
 def save_generator(
@@ -82,10 +91,13 @@ def save_generator(
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         normalizer.save(tmp / "normalizer.safetensors")
         tensors = {"keys": bank.keys, "mu": bank.mu, "logvar": bank.logvar}
-        save_file(
-            {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
-            str(tmp / "bank.safetensors"),
-        )
+        tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+        if model.config.residual_k:
+            if bank.factors is None:
+                raise GeneratorError("a residual generator's bank must hold its experts' factors")
+            # fp16: LoRA factors lose nothing measurable and the checkpoint halves
+            tensors |= {f"factors.{g}": t.detach().cpu().half().contiguous() for g, t in bank.factors.items()}
+        save_file(tensors, str(tmp / "bank.safetensors"))
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -119,10 +131,20 @@ class Minter:
                 f"encoder {encoder.name!r} gives {encoder.dim}-d embeddings, the generator expects "
                 f"{model.config.cond_dim}: was it trained with another encoder?"
             )
+        if not model.config.residual_k <= len(bank):
+            raise GeneratorError(
+                f"residual_k {model.config.residual_k} exceeds the bank's {len(bank)} experts"
+            )
         self.model = model.eval()
         self.normalizer, self.bank, self.encoder = normalizer, bank, encoder
         self.top_k, self.tau = top_k, tau
         self.meta = meta or {}
+        self._experts: dict[int, LoraAdapter] = {}
+
+    @property
+    def max_rank(self) -> int:
+        """Rank of a minted adapter before any truncation: r, or (residual_k + 1) r for a residual generator."""
+        return (self.model.config.residual_k + 1) * self.layout.rank
 
     @property
     def layout(self) -> Layout:
@@ -157,7 +179,14 @@ class Minter:
             raise GeneratorError(
                 f"{path}/model.safetensors: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
-        bank = Bank(list(meta["bank"]), *(tensors[k].to(device) for k in ("keys", "mu", "logvar")))
+        factors = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("factors.")} or None
+        if model.config.residual_k and factors is None:
+            raise GeneratorError(
+                f"{path}/bank.safetensors lacks the experts' factors a residual generator needs"
+            )
+        bank = Bank(
+            list(meta["bank"]), *(tensors[k].to(device) for k in ("keys", "mu", "logvar")), factors=factors
+        )
         if encoder is None:
             from loramint.encoders import Encoder
 
@@ -213,7 +242,27 @@ class Minter:
         cond = self.condition(descriptions, examples)
         sem_mu, sem_logvar = self.prior_inputs(cond)
         tokens = self.model.generate(cond, sem_mu, sem_logvar, seed=_check_seed(seed))
-        return [self._adapter({g: t[i] for g, t in tokens.items()}, rank) for i in range(len(descriptions))]
+        mixes = self._mixtures(cond)
+        return [
+            self._adapter({g: t[i] for g, t in tokens.items()}, rank, *mixes[i])
+            for i in range(len(descriptions))
+        ]
+
+    def _mixtures(self, cond: torch.Tensor) -> list[tuple[list[LoraAdapter], torch.Tensor | None]]:
+        """Per condition row: the residual generator's retrieved experts and their cosines (else nothing)."""
+        k = self.model.config.residual_k
+        if not k:
+            return [([], None)] * cond.shape[0]
+        top = (cond @ self.bank.keys.T).topk(k, dim=-1)
+        return [
+            ([self._expert(int(i)) for i in idx], sims.float().cpu())
+            for idx, sims in zip(top.indices, top.values, strict=True)
+        ]
+
+    def _expert(self, i: int) -> LoraAdapter:
+        if i not in self._experts:
+            self._experts[i] = self.bank.expert(self.layout, i)
+        return self._experts[i]
 
     def mint(
         self,
@@ -244,16 +293,35 @@ class Minter:
         mu, _ = self.model.prior(cond, *self.prior_inputs(cond))  # [D, Z]
         mixed = torch.nn.functional.normalize((w * cond).sum(0, keepdim=True), dim=-1)  # [1, C]
         tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
-        return self._adapter({g: t[0] for g, t in tokens.items()}, rank)
+        experts, sims = [], None
+        if self.model.config.residual_k:  # each description's retrieved mixture, weighted by its share
+            per = self._mixtures(cond)
+            experts = [e for es, _ in per for e in es]
+            sims = torch.cat([wd * mixture_weights(s) for wd, (_, s) in zip(w[:, 0].cpu(), per, strict=True)])
+        return self._adapter({g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True)
 
-    def _adapter(self, tokens: dict[str, torch.Tensor], rank: int | None) -> LoraAdapter:
-        """Normalised tokens of one adapter -> a `LoraAdapter` (canonical factors, optionally truncated)."""
-        raw = self.normalizer.denormalize({g: t.float().cpu() for g, t in tokens.items()})
-        adapter = self.layout.from_tokens(raw)
-        if rank is None or rank == self.layout.rank:
+    def _adapter(
+        self,
+        tokens: dict[str, torch.Tensor],
+        rank: int | None,
+        experts: Sequence[LoraAdapter] = (),
+        sims: torch.Tensor | None = None,
+        fused: bool = False,
+    ) -> LoraAdapter:
+        """Normalised tokens of one adapter (+ a residual generator's retrieved experts) -> a `LoraAdapter`
+        (canonical factors when not residual; optionally truncated to `rank` by SVD)."""
+        if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= self.max_rank):
+            raise GeneratorError(f"rank must be an integer in [1, {self.max_rank}], got {rank!r}")
+        tokens = {g: t.float().cpu() for g, t in tokens.items()}
+        if fused and self.model.config.residual_k:  # weights already final: compose, not assemble
+            correction = self.layout.from_tokens(
+                {g: t * self.normalizer.scale[g].to(t) for g, t in tokens.items()}
+            )
+            adapter = compose(self.layout, experts, sims, correction, self.model.mix_gain.detach())
+        else:
+            adapter = assemble(self.model, self.normalizer, tokens, experts, sims)
+        if rank is None or rank == adapter.config.r:
             return adapter
-        if not isinstance(rank, int) or not 1 <= rank <= self.layout.rank:
-            raise GeneratorError(f"rank must be an integer in [1, {self.layout.rank}], got {rank!r}")
         return truncate(adapter, rank)
 
 

@@ -82,9 +82,11 @@ class LoraCVAE(nn.Module):
         self.dec_in = mlp(cfg.d_latent + cfg.cond_dim, cfg.hidden, cfg.d_model, cfg.dropout)
         self.trunk = nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, cfg.hidden), nn.GELU())
         self.heads = nn.ModuleDict({key(g): nn.Linear(cfg.hidden, self.dims[g]) for g in self.groups})
+        if cfg.residual_k:  # gain on the retrieved mixture per (layer, module type), see gen.residual
+            self.mix_gain = nn.Parameter(torch.ones(n_layers, len(layout.module_types)))
         with (
             torch.no_grad()
-        ):  # start near 0 = the library's mean adapter, not a random one that breaks the model
+        ):  # start near 0: the library's mean adapter (residual: the retrieved mixture), never a random one
             for head in self.heads.values():
                 head.weight.mul_(HEAD_INIT_SCALE)
                 head.bias.zero_()

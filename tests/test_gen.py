@@ -7,6 +7,7 @@ import torch
 
 from loramint.adapters import LoraAdapter
 from loramint.gen.canonical import canonical_factors, canonicalize
+from loramint.gen.layout import Layout
 
 
 def factors(seed: int, r: int = 4, n_in: int = 24, n_out: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,6 @@ def test_canonicalize_an_adapter_keeps_every_module_update():
 
 
 def test_layout_turns_an_adapter_into_group_tokens_and_back_exactly(tmp_path):
-    from loramint.gen.layout import Layout
 
     adapter = LoraAdapter.random("tiny-llama", r=4, target_modules=("q_proj", "v_proj", "down_proj"), seed=1)
     layout = Layout.of(adapter)
@@ -75,7 +75,6 @@ def test_layout_turns_an_adapter_into_group_tokens_and_back_exactly(tmp_path):
 
 def test_layout_refuses_what_it_cannot_represent():
     from loramint.errors import AdapterError
-    from loramint.gen.layout import Layout
 
     adapter = LoraAdapter.random("tiny-llama", r=4, seed=1)
     partial = LoraAdapter(adapter.config, dict(list(adapter.weights.items())[:-1]))
@@ -143,7 +142,7 @@ def test_semantic_prior_is_the_moment_matched_mixture_and_kl_is_exact():
 
 
 def test_cvae_shapes_gradients_and_deterministic_minting():
-    from loramint.gen.layout import Layout
+
     from loramint.gen.model import GeneratorConfig, LoraCVAE
 
     adapter = canonicalize(
@@ -232,3 +231,35 @@ def test_expert_set_from_a_library_with_phrasings_and_leave_one_out_neighbours(t
     assert torch.all(sims[:, 0] < 1.0)
     with pytest.raises(ValueError, match="k must be"):
         data.neighbours(data.keys, k=4, exclude=list(range(4)))
+
+
+def test_compose_is_the_exact_weighted_sum_and_differentiable():
+    from loramint.gen.residual import compose, delta_error, delta_inner, mixture_weights
+
+    experts = [canonicalize(LoraAdapter.random("tiny-llama", r=2, seed=s)) for s in (1, 2, 3)]
+    layout = Layout.of(experts[0])
+    correction = LoraAdapter.random("tiny-llama", r=2, seed=4)
+    for m, (a, b) in correction.weights.items():
+        correction.weights[m] = (a, b.clone().requires_grad_(True))
+    weights = mixture_weights(torch.tensor([0.6, 0.3, -0.1]))
+    torch.testing.assert_close(weights, torch.tensor([2 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(mixture_weights(torch.tensor([-0.2, -0.1])), torch.tensor([0.5, 0.5]))
+    gain = torch.rand(len(layout.layers), len(layout.module_types)) + 0.5
+    out = compose(layout, experts, weights, correction, gain)
+    assert out.config.r == 8 and out.config.scaling(out.modules[0]) == 1.0
+    for li, layer in enumerate(layout.layers):
+        for ti, t in enumerate(layout.module_types):
+            m = layout.path(layer, t)
+            want = gain[li, ti] * sum(
+                w * e.delta(m) for e, w in zip(experts, weights, strict=True)
+            ) + correction.delta(m)
+            torch.testing.assert_close(out.delta(m), want, atol=1e-5, rtol=1e-4)
+    # factor-space inner products equal the dense ones; the error is 0 at the target and has gradients
+    dense = lambda ad: torch.cat([ad.delta(m).flatten() for m in ad.modules])  # noqa: E731
+    inner = float(delta_inner(out, experts[0]).detach())
+    assert inner == pytest.approx(float((dense(out) @ dense(experts[0])).detach()), rel=1e-4)
+    assert float(delta_error(experts[1], experts[1])) == pytest.approx(0.0, abs=1e-5)
+    delta_error(out, experts[0]).backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for _, b in correction.weights.values())
+    with pytest.raises(ValueError, match="3 experts but 2 weights"):
+        compose(layout, experts, weights[:2], correction)

@@ -392,12 +392,126 @@ def test_cli_train_generator_writes_checkpoint_report_and_curve(trained, tmp_pat
     assert Minter.from_pretrained(tmp_path / "g").model.config.d_latent == 4
 
 
-def test_mean_pairwise_cos_flags_a_collapsed_generator():
-    from loramint.training.generator import mean_pairwise_cos
+def test_collapse_is_measured_in_weight_space_and_refused():
+    from loramint.gen.residual import delta_cosines, mean_off_diagonal
+    from loramint.training.generator import collapsed
 
-    same = torch.randn(1, 4, 6).expand(3, 4, 6)
-    assert float(mean_pairwise_cos({"a": same, "b": same[:, :2]})) == pytest.approx(1.0, abs=1e-6)
-    eye = torch.eye(3).reshape(3, 3, 1)  # three mutually orthogonal adapters
-    assert float(mean_pairwise_cos({"a": eye})) == pytest.approx(0.0, abs=1e-6)
-    opposite = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])
-    assert float(mean_pairwise_cos({"a": opposite})) == pytest.approx(-1.0, abs=1e-6)
+    a, b = (LoraAdapter.random("tiny-llama", r=2, seed=s) for s in (1, 2))
+    # another factorisation of a's update is the same adapter: cosine 1 although the factors differ
+    scaled = LoraAdapter(a.config, {m: (2 * x, y / 2) for m, (x, y) in a.weights.items()})
+    cos = delta_cosines([a, scaled, b])
+    assert float(cos[0, 1]) == pytest.approx(1.0, abs=1e-5)
+    dense = lambda ad: torch.cat([ad.delta(m).flatten() for m in ad.modules])  # noqa: E731
+    expected = torch.nn.functional.cosine_similarity(dense(a), dense(b), dim=0)
+    assert float(cos[0, 2]) == pytest.approx(float(expected), abs=1e-5)
+    assert mean_off_diagonal(delta_cosines([a, scaled])) == pytest.approx(1.0, abs=1e-5)
+    assert collapsed({"val/minted_cos": 0.99, "val/expert_cos": 0.1}, 0.9)
+    assert not collapsed({"val/minted_cos": 0.5, "val/expert_cos": 0.1}, 0.9)
+    assert not collapsed({"val/minted_cos": 0.99, "val/expert_cos": 0.995}, 0.9)  # experts that alike
+    assert not collapsed({"val/mse": 1.0}, 0.9)
+
+
+RESIDUAL = replace(SMALL, residual_k=2)
+
+
+@pytest.fixture(scope="module")
+def residual(trained):
+    """Residual generators on the clustered library: untrained (1 step at a negligible rate) and trained
+    on the reconstruction objective (relative ΔW error of the composed adapter)."""
+    root = trained["root"]
+    config = replace(trained["config"], model=RESIDUAL, out=str(root / "residual"), steps=150)
+    untrained = train_generator(replace(config, steps=1, lr=1e-9, out=str(root / "r0")), progress=False)
+    return {"report": train_generator(config, progress=False), "untrained": untrained, "root": root}
+
+
+def test_an_untrained_residual_generator_mints_the_retrieved_mixture(residual):
+    from loramint.gen.residual import delta_cosines, mixture_weights
+
+    minter = Minter.from_pretrained(residual["root"] / "r0")
+    assert minter.max_rank == 6 and minter.bank.factors is not None
+    text = "Add up the numbers and report the total."
+    adapter = minter.mint(text)
+    assert adapter.config.r == 6
+    cond = minter.condition([text])
+    top = (cond @ minter.bank.keys.T).topk(2, dim=-1)
+    weights = mixture_weights(top.values[0])
+    with ExpertLibrary.open(residual["root"] / "lib") as library:
+        parts = [library.get(minter.bank.names[int(i)]).load_adapter() for i in top.indices[0]]
+    for module in adapter.modules[:3]:
+        mixture = sum(w * p.delta(module) for p, w in zip(parts, weights, strict=True))
+        torch.testing.assert_close(
+            adapter.delta(module), mixture, atol=0.05 * float(mixture.abs().max()), rtol=0
+        )
+    poem = minter.mint("Write a poem about the mountains.")
+    assert float(delta_cosines([adapter, poem])[0, 1]) < 0.5  # different retrievals, different adapters
+
+
+def test_a_residual_generator_learns_trains_and_round_trips(residual, tmp_path):
+    report = residual["report"]
+    curve = report["curve"]
+    assert curve[0]["val/mse"] > 0 and report["best"] <= curve[0]["val/mse"]
+    assert report["generator_bytes"] > 0
+    minter = Minter.from_pretrained(residual["root"] / "residual")
+    with ExpertLibrary.open(residual["root"] / "lib") as library:
+        arith, write = library.get("arith_0").load_adapter(), library.get("write_0").load_adapter()
+    adapter = minter.mint("Add up the numbers and report the total.")
+    assert _delta_distance(adapter, arith) < 0.5 * _delta_distance(adapter, write)
+    # truncation to the library's rank, fusion between the parts, PEFT round trip
+    low = minter.mint("Add up the numbers and report the total.", rank=2)
+    assert low.config.r == 2 and _delta_distance(low, arith) < 0.5 * _delta_distance(low, write)
+    poem = minter.mint("Write a poem about the mountains.")
+    fused = minter.fuse(["Add up the numbers and report the total.", "Write a poem about the mountains."])
+    assert fused.config.r == 10  # both descriptions' 2 experts + one correction, rank 2 each
+    assert _delta_distance(fused, adapter) < _delta_distance(poem, adapter)
+    assert _delta_distance(fused, poem) < _delta_distance(adapter, poem)
+    assert _delta_distance(LoraAdapter.load(adapter.save(tmp_path / "a")), adapter) < 1e-4
+    with pytest.raises(GeneratorError, match=r"rank must be an integer in \[1, 6\]"):
+        minter.mint("Add.", rank=7)
+
+
+def test_a_residual_checkpoint_without_its_experts_is_refused(residual, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(residual["root"] / "r0", tmp_path / "g")
+    tensors = {k: v for k, v in load_file(str(copy / "bank.safetensors")).items() if "factors" not in k}
+    save_file(tensors, str(copy / "bank.safetensors"))
+    with pytest.raises(GeneratorError, match="lacks the experts' factors"):
+        Minter.from_pretrained(copy)
+
+
+def test_a_residual_generator_trains_functionally_below_the_retrieved_mixture(functional, tiny):
+    """The functional objective improves on the top-k mixture it starts from (tiny-llama, synthetic tasks)."""
+    root = functional["root"]
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(root / "residual"),
+        model=RESIDUAL,
+        objective="functional",
+        steps=40,
+        lr=3e-3,
+        top_k=2,
+        val_tasks=0,
+        functional_tasks=2,
+        functional_batch=8,
+        max_length=64,
+    )
+    train_generator(
+        replace(config, steps=1, lr=1e-9, out=str(root / "residual0")),
+        functional["seen"],
+        tiny,
+        progress=False,
+    )
+    train_generator(config, functional["seen"], tiny, progress=False)
+
+    def minted_nll(path) -> float:
+        minter = Minter.from_pretrained(path)
+        total = 0.0
+        for task in functional["seen"]:
+            with apply_lora(tiny.model, minter.mint(task.description)):
+                total += answer_nll(tiny.model, tiny.tokenizer, task, eval_split(task)[0][:16], 64)
+        return total / len(functional["seen"])
+
+    before, after = minted_nll(root / "residual0"), minted_nll(root / "residual")
+    assert after < before - 0.05, (before, after)

@@ -114,6 +114,9 @@ class GeneratorTrainConfig:
     monitor: Literal["val/mse", "val/nll"] = "val/mse"
     patience: int = 10
     """Validations without improvement before stopping."""
+    max_minted_cos: float = 0.9
+    """A validation state whose held-out tasks' minted adapters have a mean pairwise ΔW cosine above this is
+    never kept as the best (collapse: one adapter whatever the task; experts' own mean is ~0.1)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +138,7 @@ class GeneratorTrainConfig:
             and (self.monitor != "val/nll" or self.val_examples > 0),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
+            "max_minted_cos": -1 <= self.max_minted_cos <= 1,
         }
         if bad := [k for k, ok in checks.items() if not ok]:
             raise ValueError(f"invalid generator training setting(s) {bad}: {self}")

@@ -40,6 +40,7 @@ from loramint.gen.data import ExpertSet
 from loramint.gen.minter import Bank, save_generator
 from loramint.gen.model import LoraCVAE, semantic_prior
 from loramint.gen.phrasings import phrasings
+from loramint.gen.residual import assemble, delta_cosines, delta_error, mean_off_diagonal
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
 from loramint.sysinfo import machine
@@ -170,6 +171,11 @@ class GeneratorModule(L.LightningModule):
             torch.cat([c, s]) for c, s in zip(experts.conds, data.shots, strict=True)
         ]  # [P_i + V_i, C]
         self.train_idx = torch.tensor(data.train)
+        layout, norm = experts.layout, experts.normalizer
+        self.raw_experts = [  # raw canonical factors: the residual mixture's parts and the ΔW-space targets
+            layout.from_tokens(norm.denormalize({g: t[i] for g, t in self.tokens.items()}))
+            for i in range(len(experts))
+        ]
         self.best: dict[str, Any] = {"score": float("inf"), "state": None, "step": 0}
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
@@ -208,9 +214,28 @@ class GeneratorModule(L.LightningModule):
         mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
         return self.net.decode(mu_p, cond)
 
-    def adapter_weights(self, tokens: dict[str, torch.Tensor]) -> LoraAdapter:
-        """One adapter's normalised tokens {group: [L, dim]} -> a LoraAdapter whose tensors keep their grads."""
-        return self.data.experts.layout.from_tokens(self.data.experts.normalizer.denormalize(tokens))
+    def assemble(
+        self, tokens: dict[str, torch.Tensor], cond: torch.Tensor, exclude: Sequence[int | None]
+    ) -> list[LoraAdapter]:
+        """Each row's adapter from decoded tokens {group: [B, L, dim]}: with a residual generator composed
+        with the K training experts nearest its condition (never its own expert), as `Minter` does."""
+        k = self.net.config.residual_k
+        if k:
+            sims = cond @ self.keys[self.train_idx].T  # [B, P]
+            for row, own in enumerate(exclude):
+                if own is not None:
+                    sims[row, self.train_idx == own] = -torch.inf
+            top = sims.topk(k, dim=-1)
+            nbrs = self.train_idx[top.indices]  # [B, K]
+        out = []
+        for b in range(cond.shape[0]):
+            row = {g: t[b] for g, t in tokens.items()}
+            if k:
+                experts = [self.raw_experts[i] for i in nbrs[b].tolist()]
+                out.append(assemble(self.net, self.data.experts.normalizer, row, experts, top.values[b]))
+            else:
+                out.append(assemble(self.net, self.data.experts.normalizer, row))
+        return out
 
     def encoded(self, name: str, split: int) -> list:
         key = f"{name}:{split}"
@@ -230,8 +255,10 @@ class GeneratorModule(L.LightningModule):
             target = self._tok(idx)
             sem_mu, sem_logvar = self.semantic(cond, idx.tolist(), self.train_idx)
             out = self.net(target, cond, sem_mu, sem_logvar)
-            recon = group_mse(out["recon"], target)
-            prior = group_mse(self.net.decode(out["mu_p"], cond), target)
+            recon, prior = (
+                self.recon_error(tokens, cond, idx)
+                for tokens in (out["recon"], self.net.decode(out["mu_p"], cond))
+            )
             kl = out["kl"].mean() / self.cfg.model.d_latent
             loss = recon + self.cfg.prior_weight * prior + self.cfg.beta * kl
             logs |= {"train/recon": recon, "train/prior_mse": prior, "train/kl": kl}
@@ -242,10 +269,23 @@ class GeneratorModule(L.LightningModule):
         self.log_dict(logs | {"train/loss": loss}, prog_bar=True, on_step=True, batch_size=len(idx))
         return loss
 
+    def recon_error(
+        self, tokens: dict[str, torch.Tensor], cond: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        """Reconstruction error of decoded tokens against the experts `idx`: element-wise MSE of normalised
+        tokens, or for a residual generator the relative ΔW error of the composed adapter (its tokens are a
+        correction, not an adapter)."""
+        if not self.net.config.residual_k:
+            return group_mse(tokens, self._tok(idx))
+        adapters = self.assemble(tokens, cond, idx.tolist())
+        return torch.stack(
+            [delta_error(a, self.raw_experts[i]) for a, i in zip(adapters, idx.tolist(), strict=True)]
+        ).mean()
+
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
         base = self.base[0]
-        tokens = self.mint_tokens(cond, idx.tolist())
+        adapters = self.assemble(self.mint_tokens(cond, idx.tolist()), cond, idx.tolist())
         losses = []
         for b, i in enumerate(idx.tolist()):
             name = self.data.experts.names[i]
@@ -256,8 +296,7 @@ class GeneratorModule(L.LightningModule):
                 items, min(self.cfg.functional_batch, len(items))
             )
             batch = collate(picked, base.tokenizer.pad_token_id)
-            adapter = self.adapter_weights({g: t[b] for g, t in tokens.items()})
-            with apply_lora(base.model, adapter):
+            with apply_lora(base.model, adapters[b]):
                 logits, targets = answer_logits(base.model, batch)
             losses.append(F.cross_entropy(logits.float(), targets))
         return torch.stack(losses).mean()
@@ -267,24 +306,27 @@ class GeneratorModule(L.LightningModule):
         val = torch.tensor(self.data.val)
         cond = self.keys[val]
         with torch.no_grad():
-            minted = self.mint_tokens(cond, [None] * len(val))
-            metrics = {"val/mse": group_mse(minted, self._tok(val))}
+            tokens = self.mint_tokens(cond, [None] * len(val))
+            minted = self.assemble(tokens, cond, [None] * len(val))
+            metrics = {"val/mse": self.recon_error(tokens, cond, val)}
             if len(val) > 1:  # collapse check: minted adapters of different tasks must differ like experts do
-                metrics["val/minted_cos"] = mean_pairwise_cos(minted)
-                metrics["val/expert_cos"] = mean_pairwise_cos(self._tok(val))
+                metrics["val/minted_cos"] = mean_off_diagonal(delta_cosines(minted))
+                metrics["val/expert_cos"] = mean_off_diagonal(
+                    delta_cosines([self.raw_experts[i] for i in val.tolist()])
+                )
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
         self.log_dict(metrics, prog_bar=True, batch_size=1)
         score = float(metrics[self.cfg.monitor])
         self.curve.append({"step": self.global_step, **{k: float(v) for k, v in metrics.items()}})
-        if score < self.best["score"]:
+        if score < self.best["score"] and not collapsed(metrics, self.cfg.max_minted_cos):
             self.best = {
                 "score": score,
                 "state": copy.deepcopy(self.net.state_dict()),
                 "step": self.global_step,
             }
 
-    def val_nll(self, val: torch.Tensor, minted: dict[str, torch.Tensor]) -> dict[str, float]:
+    def val_nll(self, val: torch.Tensor, minted: list[LoraAdapter]) -> dict[str, float]:
         """Answer NLL on the val tasks' evaluation examples: minted, and (once) base and the real expert."""
         model = self.base[0].model
         ref = self._val_reference is None
@@ -292,14 +334,11 @@ class GeneratorModule(L.LightningModule):
         for b, i in enumerate(val.tolist()):
             items = self.encoded(self.data.experts.names[i], 1)[: self.cfg.val_examples]
             batch = collate(items, self.base[0].tokenizer.pad_token_id)
-            with apply_lora(model, self.adapter_weights({g: t[b] for g, t in minted.items()})):
+            with apply_lora(model, minted[b]):
                 sums["nll"] += batch_nll(model, batch)
             if ref:
                 sums["base"] += batch_nll(model, batch)
-                expert = self.data.experts.layout.from_tokens(
-                    self.data.experts.normalizer.denormalize(self._tok(torch.tensor(i)))
-                )
-                with apply_lora(model, expert):
+                with apply_lora(model, self.raw_experts[i]):
                     sums["expert"] += batch_nll(model, batch)
         n = len(val)
         if ref:
@@ -331,13 +370,14 @@ class GeneratorModule(L.LightningModule):
         return DataLoader([0], batch_size=None)
 
 
-def mean_pairwise_cos(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cosine between the n adapters of a batch of normalised tokens {group: [n, ...]} (off-diagonal):
-    ~1 when a generator mints the same adapter whatever the task (collapse); experts sit near 0."""
-    flat = torch.cat([t.reshape(t.shape[0], -1).float() for t in tokens.values()], dim=1)
-    unit = torch.nn.functional.normalize(flat, dim=1)
-    n = unit.shape[0]
-    return ((unit @ unit.T).sum() - n) / (n * (n - 1))
+def collapsed(metrics: dict[str, Any], limit: float) -> bool:
+    """A validation state that mints nearly one adapter whatever the task: the held-out tasks' minted
+    adapters' mean pairwise ΔW cosine is above `limit` and above their real experts' own (a library whose
+    experts are that alike may mint alike adapters)."""
+    if "val/minted_cos" not in metrics:
+        return False
+    minted = float(metrics["val/minted_cos"])
+    return minted > limit and minted > float(metrics["val/expert_cos"])
 
 
 def group_mse(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -358,7 +398,8 @@ def posterior_bank(net: LoraCVAE, experts: ExpertSet) -> Bank:
     """Every expert's posterior mean/log-variance under the trained encoder, with its description key."""
     with torch.no_grad():
         mu, logvar = net.encode(experts.tokens, experts.keys)
-    return Bank(list(experts.names), experts.keys.clone(), mu, logvar)
+    factors = experts.normalizer.denormalize(experts.tokens) if net.config.residual_k else None
+    return Bank(list(experts.names), experts.keys.clone(), mu, logvar, factors)
 
 
 def train_generator(
