@@ -34,8 +34,9 @@ class ServiceConfig:
     """Which endpoints need a key: "writes" (mint, upload, delete), "all", or "none" (trusted network only)."""
     capacity: int = 64
     """Experts resident in the runtime at once (LRU)."""
-    max_rank: int = 16
-    """Highest LoRA rank the runtime serves; uploads above it are refused."""
+    max_rank: int = 32
+    """Highest LoRA rank the runtime serves; uploads above it are refused. The default generator mints
+    rank 32 (its 3 retrieved rank-8 experts + an 8-rank correction; `rank` in a mint request compresses)."""
     top_k: int = 2
     """Experts mixed for `model: "auto"` (retrieved by the prompt, weighted by similarity)."""
     queue_size: int = 64
