@@ -88,6 +88,8 @@ class GeneratorTrainConfig:
     """Experts per reconstruction step."""
     lr: float = 1e-3
     weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: no clipping); steps with a non-finite loss are skipped."""
     beta: float = 1e-3
     """Weight of KL(q || learned prior) per latent dimension."""
     prior_weight: float = 1.0
@@ -127,6 +129,7 @@ class GeneratorTrainConfig:
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
+            "grad_clip": self.grad_clip >= 0,
             "beta": self.beta >= 0,
             "top_k": self.top_k >= 1,
             "tau": self.tau > 0,

@@ -177,6 +177,7 @@ class GeneratorModule(L.LightningModule):
             for i in range(len(experts))
         ]
         self.best: dict[str, Any] = {"score": float("inf"), "state": None, "step": 0}
+        self.skipped = 0  # training steps skipped for a non-finite loss
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
@@ -266,6 +267,9 @@ class GeneratorModule(L.LightningModule):
             fn = self.functional(idx[: self.cfg.functional_tasks], cond[: self.cfg.functional_tasks])
             loss = loss + self.cfg.functional_weight * fn
             logs["train/nll"] = fn
+        if not torch.isfinite(loss):  # skip the step: one overflow must not poison the weights
+            self.skipped += 1
+            return None
         self.log_dict(logs | {"train/loss": loss}, prog_bar=True, on_step=True, batch_size=len(idx))
         return loss
 
@@ -441,6 +445,7 @@ def train_generator(
         enable_progress_bar=progress,
         enable_model_summary=False,
         callbacks=callbacks,
+        gradient_clip_val=config.grad_clip or None,
     )
     trainer.fit(module)
     if module.best["state"] is not None:
@@ -449,6 +454,7 @@ def train_generator(
     report = {
         "steps": int(trainer.global_step),
         "best_step": module.best["step"] if data.val else int(trainer.global_step),
+        "skipped_nonfinite_steps": module.skipped,
         "best": module.best["score"] if data.val else None,
         "monitor": config.monitor,
         "curve": module.curve,
