@@ -515,3 +515,19 @@ def test_a_residual_generator_trains_functionally_below_the_retrieved_mixture(fu
 
     before, after = minted_nll(root / "residual0"), minted_nll(root / "residual")
     assert after < before - 0.05, (before, after)
+
+
+def test_a_step_with_a_non_finite_gradient_is_dropped():
+    from types import SimpleNamespace
+
+    from loramint.training.generator import GeneratorModule
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    module = SimpleNamespace(net=net, skipped=0, nonfinite_params=set())
+    net(torch.ones(1, 2)).sum().backward()
+    GeneratorModule.on_before_optimizer_step(module, None)  # finite: kept
+    assert module.skipped == 0 and all(p.grad is not None for p in net.parameters())
+    net[1].weight.grad[0, 0] = float("nan")
+    GeneratorModule.on_before_optimizer_step(module, None)
+    assert module.skipped == 1 and module.nonfinite_params == {"1.weight"}
+    assert all(p.grad is None for p in net.parameters())  # AdamW skips parameters without a gradient

@@ -177,7 +177,8 @@ class GeneratorModule(L.LightningModule):
             for i in range(len(experts))
         ]
         self.best: dict[str, Any] = {"score": float("inf"), "state": None, "step": 0}
-        self.skipped = 0  # training steps skipped for a non-finite loss
+        self.skipped = 0  # training steps skipped for a non-finite loss or gradient
+        self.nonfinite_params: set[str] = set()
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
@@ -356,6 +357,16 @@ class GeneratorModule(L.LightningModule):
             "val/recovered": (base - nll) / max(base - expert, 1e-9),
         }
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Drop the step's gradients when any is non-finite (a finite loss can still back-propagate an inf,
+        e.g. through a saturated softmax): one bad batch must not turn the generator's weights into NaN."""
+        bad = [n for n, p in self.net.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        if bad:
+            self.skipped += 1
+            self.nonfinite_params.update(bad)
+            for p in self.net.parameters():
+                p.grad = None
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
@@ -455,6 +466,7 @@ def train_generator(
         "steps": int(trainer.global_step),
         "best_step": module.best["step"] if data.val else int(trainer.global_step),
         "skipped_nonfinite_steps": module.skipped,
+        "nonfinite_grad_params": sorted(module.nonfinite_params),
         "best": module.best["score"] if data.val else None,
         "monitor": config.monitor,
         "curve": module.curve,
