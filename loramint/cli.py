@@ -522,6 +522,64 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level)
 
 
+# ---- default artifacts -------------------------------------------------------------------------------------
+def pack_defaults(
+    library: Path = Path("data/library-ni-family"),
+    generator: Path = Path("data/generator/ni-family"),
+    out: Path = Path("artifacts"),
+    data: Path = Path("data"),
+    max_file_mb: float = 40.0,
+    force: bool = False,
+) -> None:
+    """Pack the default library and generator into small checksummed files for git (see `loramint setup`).
+
+    Writes <out>/library-<name>/ (library.json: every expert's metadata; the factors in fp16 safetensors
+    shards), <out>/generator-<name>/ (model.safetensors in fp16, the other files as they are, large ones
+    sharded) and <out>/MANIFEST.json (sha256 and size of every file).
+
+    Args:
+        library: the expert library to pack.
+        generator: the generator checkpoint to pack.
+        out: the artifacts folder (replaced as a whole, only with --force when it is not empty).
+        data: the data root `setup` restores under: each bundle is recorded by its path relative to it.
+        max_file_mb: largest file written, in MB (10^6 bytes); bigger tensors are split into shards.
+        force: replace a non-empty `out`.
+    """
+    from loramint.artifacts import pack_defaults as pack
+
+    summary = pack(
+        library, generator, out, data, max_bytes=int(max_file_mb * 1e6), force=force, log=console.print
+    )
+    table = Table("file", "MB", "sha256")
+    for name, entry in summary["files"].items():
+        table.add_row(name, f"{entry['bytes'] / 1e6:.2f}", entry["sha256"][:16])
+    console.print(table)
+    console.print(
+        f"packed {summary['library']['experts']} experts and a generator into {out}: "
+        f"{len(summary['files'])} files, {summary['total_bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s "
+        f"(fp16: max relative ΔW error {summary['library']['fp16_max_relative_delta_error']:.1e}, "
+        f"generator weights {summary['generator']['fp16_max_relative_error']:.1e})"
+    )
+
+
+def setup(artifacts: Path = Path("artifacts"), data: Path = Path("data"), force: bool = False) -> None:
+    """Restore the default library and generator from the committed artifacts (what a fresh clone needs).
+
+    Verifies every file against <artifacts>/MANIFEST.json first (nothing is written if one fails), then
+    rebuilds the library through ExpertLibrary (embeddings recomputed) and writes the generator checkpoint,
+    each in a temp folder renamed into place. Targets already set up from the same artifacts are skipped.
+
+    Args:
+        artifacts: the artifacts folder (from `loramint pack-defaults`).
+        data: the data root; e.g. data/library-ni-family and data/generator/ni-family are written.
+        force: replace targets that exist but were not set up from these artifacts (their contents are lost).
+    """
+    from loramint.artifacts import setup as run_setup
+
+    summary = run_setup(artifacts, data, force=force, log=console.print, progress=True)
+    console.print(f"setup done in {summary['seconds']:.1f}s")
+
+
 COMMANDS = {
     "models": {"list": models_list, "prepare": models_prepare},
     "tasks": {
@@ -537,6 +595,8 @@ COMMANDS = {
     "mint": mint,
     "train-router": train_router,
     "serve": serve,
+    "pack-defaults": pack_defaults,
+    "setup": setup,
 }
 
 
@@ -546,6 +606,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mint"]:  # the one short flag users expect: `loramint mint "..." -o out_dir`
         argv = ["--out" if a == "-o" else a for a in argv]
+    if argv[:1] in (["setup"], ["pack-defaults"]):  # a bare `--force` means `--force true`
+        argv = [
+            x
+            for i, a in enumerate(argv)
+            for x in (
+                [a, "true"]
+                if a == "--force" and (i + 1 == len(argv) or argv[i + 1].lower() not in ("true", "false"))
+                else [a]
+            )
+        ]
     try:
         CLI(COMMANDS, args=argv, as_positional=True)
     except LoramintError as exc:

@@ -244,7 +244,10 @@ class Service:
             try:
                 encoder_name = json.loads((path / "generator.json").read_text()).get("encoder", "")
             except (OSError, ValueError) as exc:
-                raise GeneratorError(f"{path} is not a generator checkpoint: {exc}") from exc
+                raise GeneratorError(
+                    f"{path} is not a generator checkpoint: {exc} (on a fresh clone, `loramint setup` restores "
+                    "the default one from artifacts/)"
+                ) from exc
             shared = (
                 library.encoder if _model_key(encoder_name) == _model_key(library.embedding_model) else None
             )

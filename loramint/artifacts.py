@@ -1,0 +1,672 @@
+"""The default artifacts: an expert library and a generator checkpoint packed as small, checksummed files for
+git, and restored from them on a fresh machine (`loramint pack-defaults` / `loramint setup`).
+
+Layout of an artifacts folder (every file below 40 MB by default, so no git host refuses one):
+
+    MANIFEST.json                  sha256 and size of every other file, and what each bundle restores to
+    library-<name>/library.json    every expert's metadata (id, name, description, family, metrics, adapter
+                                   config, ...) and the library's settings (embedding model, dimension)
+    library-<name>/experts*.safetensors
+                                   the experts' LoRA factors in fp16 ("<id>/<module>.lora_A" / ".lora_B"),
+                                   plus each description's embedding ("<id>/embedding", fp16) for a check
+    generator-<name>/pack.json     how each checkpoint file is restored
+    generator-<name>/...           generator.json and the other small files as they are; model.safetensors
+                                   in fp16; any safetensors file above the limit split into shards
+
+No SQLite, FAISS or pickle files: `setup` rebuilds the library through `ExpertLibrary.add` (factors back to
+float32, description embeddings recomputed with the library's encoder) and writes the checkpoint files back
+(fp16 model weights to float32). A tensor too large for one file is split along dim 0 into keys
+"<name>@0", "<name>@1", ... and concatenated again on restore.
+
+`setup` checks every file against MANIFEST.json before it writes anything, builds each target in a temp
+folder next to it and renames it into place, and refuses to replace a non-empty target it did not set up
+from these same artifacts unless `force=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from loramint import __version__
+from loramint.adapters import AdapterConfig, LoraAdapter
+from loramint.errors import LoramintError
+from loramint.paths import file_lock, fsync_dir, sha256_file
+
+FORMAT = "loramint-artifacts"
+VERSION = 1
+MANIFEST = "MANIFEST.json"
+LIBRARY_INDEX = "library.json"
+GENERATOR_INDEX = "pack.json"
+MARKER = ".loramint-setup.json"
+"""Written into each restored target: which manifest it came from (a rerun of setup skips it)."""
+MAX_FILE_BYTES = 40_000_000
+"""Largest artifact file pack writes (GitHub warns at 50 MB and refuses 100 MB)."""
+FP16_MAX = float(torch.finfo(torch.float16).max)
+HEADER_BASE = 4096
+HEADER_PER_TENSOR = 160
+"""A shard's budget for its safetensors JSON header: HEADER_BASE + HEADER_PER_TENSOR + len(key) per tensor
+(an entry takes ~70 bytes plus its key); the written file's size is checked anyway."""
+MIN_EMBEDDING_COSINE = 0.99
+"""Recomputed description embeddings below this cosine to the packed ones get a warning."""
+
+Log = Callable[[str], None]
+
+
+class ArtifactError(LoramintError):
+    """An artifacts folder is missing, corrupt or inconsistent, or a target cannot be written."""
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+# ---- shards -------------------------------------------------------------------------------------------------
+def _cost(key: str, tensor: torch.Tensor) -> int:
+    """Bytes a tensor adds to a shard: its data and its header entry."""
+    return tensor.nbytes + HEADER_PER_TENSOR + len(key.encode())
+
+
+def _split(name: str, tensor: torch.Tensor, budget: int) -> list[tuple[str, torch.Tensor]]:
+    """`tensor` as it goes into shards: whole, or cut along dim 0 into "<name>@<i>" parts that each fit
+    `budget` bytes (header entry included)."""
+    if _cost(name, tensor) <= budget:
+        return [(name, tensor)]
+    room = budget - HEADER_PER_TENSOR - len(name.encode()) - 12  # the data of one part ("@" + index)
+    row = tensor.nbytes // tensor.shape[0] if tensor.ndim and tensor.shape[0] else tensor.nbytes
+    if tensor.ndim == 0 or tensor.shape[0] < 2 or row > room:
+        raise ArtifactError(
+            f"tensor {name!r} ({tensor.nbytes} bytes) cannot be split along dim 0 into parts of at most "
+            f"{max(room, 0)} bytes: raise the per-file limit"
+        )
+    rows = room // row
+    return [
+        (f"{name}@{i}", tensor[start : start + rows].contiguous())
+        for i, start in enumerate(range(0, tensor.shape[0], rows))
+    ]
+
+
+def write_shards(
+    tensors: dict[str, torch.Tensor], folder: Path, stem: str, max_bytes: int = MAX_FILE_BYTES
+) -> list[str]:
+    """Write `tensors` (in their order) into safetensors files of at most `max_bytes` each; returns their
+    names: `<stem>.safetensors` if one file is enough, else `<stem>-00001-of-0000N.safetensors`, ..."""
+    budget = max_bytes - HEADER_BASE
+    if budget <= HEADER_PER_TENSOR:
+        raise ArtifactError(f"max_bytes must exceed {HEADER_BASE + HEADER_PER_TENSOR}, got {max_bytes}")
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, tensor in tensors.items():
+        if "@" in name:
+            raise ArtifactError(f"tensor name {name!r} contains '@', which marks split parts in shards")
+        for key, part in _split(name, tensor.detach().cpu().contiguous(), budget):
+            if groups[-1] and used + _cost(key, part) > budget:
+                groups.append({})
+                used = 0
+            groups[-1][key] = part
+            used += _cost(key, part)
+    n = len(groups)
+    names = (
+        [f"{stem}.safetensors"]
+        if n == 1
+        else [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    for name, group in zip(names, groups, strict=True):
+        save_file(group, str(folder / name))
+        if (size := (folder / name).stat().st_size) > max_bytes:
+            raise ArtifactError(f"{name} came out at {size} bytes, above the limit {max_bytes}")
+    return names
+
+
+def read_shards(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors `write_shards` wrote into `paths`, split parts concatenated again."""
+    whole: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for path in paths:
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from exc
+        for key, tensor in state.items():
+            name, _, index = key.partition("@")
+            if index:
+                if not index.isdigit() or int(index) in parts.setdefault(name, {}):
+                    raise ArtifactError(f"{path.name}: bad or repeated part key {key!r}")
+                parts[name][int(index)] = tensor
+            elif key in whole:
+                raise ArtifactError(f"{path.name}: tensor {key!r} appears in two shards")
+            else:
+                whole[key] = tensor
+    for name, pieces in parts.items():
+        if name in whole or sorted(pieces) != list(range(len(pieces))):
+            raise ArtifactError(f"tensor {name!r}: its parts are incomplete or clash with a whole tensor")
+        whole[name] = torch.cat([pieces[i] for i in range(len(pieces))])
+    return whole
+
+
+def _to_fp16(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """fp16 copy of a float32 tensor; refuses values fp16 cannot hold."""
+    if not torch.isfinite(tensor).all():
+        raise ArtifactError(f"{name} holds NaN or infinite values")
+    if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+        raise ArtifactError(
+            f"{name} holds values above fp16's range ({FP16_MAX}); it cannot be packed in fp16"
+        )
+    return tensor.to(torch.float16)
+
+
+def _relative_error(exact: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = float(exact.float().norm())
+    return float((exact.float() - approx.float()).norm()) / norm if norm > 0 else 0.0
+
+
+# ---- pack -----------------------------------------------------------------------------------------------------
+def pack_library(
+    library: Path, out: Path, max_bytes: int = MAX_FILE_BYTES, log: Log = _quiet
+) -> dict[str, Any]:
+    """Write the library at `library` into the empty folder `out` (library.json + fp16 shards)."""
+    from loramint.index import ExpertLibrary
+
+    records, tensors, errors = [], {}, []
+    with ExpertLibrary.open(library, create=False) as lib:
+        experts = lib.list()
+        ids, vectors = lib.embeddings()
+        by_id = dict(zip(ids, vectors, strict=True))
+        settings = {"embedding_model": lib.embedding_model, "dim": lib.dim}
+        for n, expert in enumerate(experts, 1):
+            adapter = expert.load_adapter()
+            for module, (a, b) in adapter.weights.items():
+                a16 = _to_fp16(f"expert {expert.id}: {module}.lora_A", a)
+                b16 = _to_fp16(f"expert {expert.id}: {module}.lora_B", b)
+                tensors[f"{expert.id}/{module}.lora_A"] = a16
+                tensors[f"{expert.id}/{module}.lora_B"] = b16
+                exact = adapter.delta(module)
+                errors.append(
+                    _relative_error(exact, adapter.config.scaling(module) * (b16.float() @ a16.float()))
+                )
+            tensors[f"{expert.id}/embedding"] = torch.from_numpy(np.asarray(by_id[expert.id])).half()
+            record = expert.to_dict()
+            record.pop("path")
+            record["adapter_config"] = asdict(adapter.config)
+            record["modules"] = list(adapter.modules)
+            records.append(record)
+            if n % 10 == 0 or n == len(experts):
+                log(f"  library: read {n}/{len(experts)} experts")
+    shards = write_shards(tensors, out, "experts", max_bytes)
+    index = {
+        "format": "loramint-library-pack",
+        "version": VERSION,
+        **settings,
+        "factors_dtype": "float16",
+        "fp16_max_relative_delta_error": max(errors, default=0.0),
+        "shards": shards,
+        "experts": records,
+    }
+    (out / LIBRARY_INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    return {
+        "experts": len(records),
+        "shards": shards,
+        "fp16_max_relative_delta_error": index["fp16_max_relative_delta_error"],
+    }
+
+
+def pack_generator(
+    generator: Path, out: Path, max_bytes: int = MAX_FILE_BYTES, log: Log = _quiet
+) -> dict[str, Any]:
+    """Write the checkpoint folder `generator` into the empty folder `out`: model.safetensors' float32 tensors
+    in fp16, every other file as it is (a safetensors file above `max_bytes` split into shards)."""
+    if not (generator / "generator.json").is_file():
+        raise ArtifactError(f"{generator} is not a generator checkpoint (no generator.json)")
+    files: dict[str, dict[str, Any]] = {}
+    errors: dict[str, float] = {}
+    for path in sorted(generator.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue  # setup markers, temp files of a writer
+        name = path.name
+        fp16 = name == "model.safetensors"
+        if not fp16 and path.stat().st_size <= max_bytes:
+            shutil.copyfile(path, out / name)
+            files[name] = {"copy": name}
+            continue
+        if not name.endswith(".safetensors"):
+            raise ArtifactError(
+                f"{path} has {path.stat().st_size} bytes, above the per-file limit {max_bytes}"
+            )
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        state = load_file(str(path))
+        upcast = []
+        if fp16:
+            for key, tensor in state.items():
+                if tensor.dtype == torch.float32:
+                    half = _to_fp16(f"{name}: {key}", tensor)
+                    errors[key] = _relative_error(tensor, half)
+                    state[key] = half
+                    upcast.append(key)
+        stem = name.removesuffix(".safetensors")
+        shards = write_shards(state, out, stem, max_bytes)
+        if any(s in files for s in shards):
+            raise ArtifactError(f"{generator}: shard names of {name} clash with another file")
+        files[name] = {"shards": shards, "metadata": metadata, "upcast": upcast}
+        log(f"  generator: {name} -> {', '.join(shards)}" + (" (fp16)" if fp16 else ""))
+    index = {
+        "format": "loramint-generator-pack",
+        "version": VERSION,
+        "files": files,
+        "fp16_max_relative_error": max(errors.values(), default=0.0),
+    }
+    (out / GENERATOR_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+    return {"files": sorted(files), "fp16_max_relative_error": index["fp16_max_relative_error"]}
+
+
+def pack_defaults(
+    library: str | Path = "data/library-ni-family",
+    generator: str | Path = "data/generator/ni-family",
+    out: str | Path = "artifacts",
+    data: str | Path = "data",
+    max_bytes: int = MAX_FILE_BYTES,
+    force: bool = False,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Pack a library and a generator checkpoint into `out` (+ MANIFEST.json); returns a summary.
+
+    Each bundle restores (`setup`) to its path relative to `data` (e.g. data/library-ni-family ->
+    "library-ni-family"), or to its folder name when it lies outside `data`.
+    """
+    library, generator, out, data = Path(library), Path(generator), Path(out), Path(data)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ArtifactError(f"{out} exists and is not empty; pass force=True (--force) to replace it")
+    bundles = {
+        "library": {"dir": _prefixed("library", library), "target": _relative_target(library, data)},
+        "generator": {"dir": _prefixed("generator", generator), "target": _relative_target(generator, data)},
+    }
+    started = time.perf_counter()
+    with _staged(out, "pack") as tmp:
+        summary: dict[str, Any] = {}
+        for kind, bundle in bundles.items():
+            folder = tmp / bundle["dir"]
+            folder.mkdir()
+            log(f"packing {kind} {library if kind == 'library' else generator} -> {out / bundle['dir']}")
+            if kind == "library":
+                summary[kind] = pack_library(library, folder, max_bytes, log)
+            else:
+                summary[kind] = pack_generator(generator, folder, max_bytes, log)
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            path.chmod(0o644)  # safetensors writes 0600
+            files[path.relative_to(tmp).as_posix()] = {
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "loramint": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "max_file_bytes": max_bytes,
+            "bundles": bundles,
+            "total_bytes": sum(f["bytes"] for f in files.values()),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    missing = _check_bank(generator, library, log)
+    return {
+        "bank_missing": missing,
+        **summary,
+        "out": str(out),
+        "files": files,
+        "total_bytes": manifest["total_bytes"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _prefixed(kind: str, path: Path) -> str:
+    """The bundle's folder in the artifacts: data/library-ni-family -> library-ni-family,
+    data/generator/ni-family -> generator-ni-family."""
+    return path.name if path.name.startswith(kind) else f"{kind}-{path.name}"
+
+
+def _relative_target(path: Path, data: Path) -> str:
+    try:
+        return path.absolute().relative_to(data.absolute()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _check_bank(generator: Path, library: Path, log: Log) -> list[str]:
+    """Warn when the generator's bank names experts (by id or name) the packed library lacks."""
+    from loramint.index import ExpertLibrary
+
+    try:
+        bank = json.loads((generator / "generator.json").read_text()).get("bank") or []
+    except (OSError, ValueError):
+        return []
+    with ExpertLibrary.open(library, create=False) as lib:
+        known = {key for e in lib.list() for key in (e.id, e.name)}
+    missing = [name for name in bank if name not in known]
+    if missing:
+        log(
+            f"warning: the generator's bank names {len(missing)} experts the library lacks, e.g. {missing[:3]}"
+        )
+    return missing
+
+
+# ---- verify ---------------------------------------------------------------------------------------------------
+def read_manifest(artifacts: str | Path) -> tuple[dict[str, Any], str]:
+    """(MANIFEST.json of `artifacts`, its sha256), with its structure checked."""
+    path = Path(artifacts) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(
+            f"no {MANIFEST} in {Path(artifacts).absolute()}: run `loramint setup` from the repository root, "
+            "or pass --artifacts <folder>"
+        )
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a loramint artifacts manifest")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(
+            f"{path} has version {manifest.get('version')!r}; this loramint reads version {VERSION}"
+        )
+    files, bundles = manifest.get("files"), manifest.get("bundles")
+    if not isinstance(files, dict) or not isinstance(bundles, dict) or not bundles:
+        raise ArtifactError(f"{path} lists no files or no bundles")
+    for name in files:
+        if not _safe_relative(name):
+            raise ArtifactError(f"{path} lists an unsafe path {name!r}")
+    for kind, bundle in bundles.items():
+        if (
+            kind not in ("library", "generator")
+            or not _safe_relative(bundle.get("dir", ""))
+            or not _safe_relative(bundle.get("target", ""))
+        ):
+            raise ArtifactError(f"{path}: bad bundle {kind!r}: {bundle}")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def _safe_relative(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and isinstance(name, str) and not Path(name).is_absolute() and ".." not in parts
+
+
+def verify(artifacts: str | Path, manifest: dict[str, Any], log: Log = _quiet) -> int:
+    """Check every file of the manifest (size, then sha256); raises naming every bad file. Returns bytes."""
+    artifacts = Path(artifacts)
+    bad = []
+    total = 0
+    for name, entry in manifest["files"].items():
+        path = artifacts / name
+        if not path.is_file():
+            bad.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        total += size
+        if size != entry["bytes"]:
+            hint = ""
+            with open(path, "rb") as f:
+                if f.read(40).startswith(b"version https://git-lfs"):
+                    hint = " (a Git LFS pointer: run `git lfs pull`)"
+            bad.append(f"{name}: {size} bytes, the manifest says {entry['bytes']}{hint}")
+        elif sha256_file(path) != entry["sha256"]:
+            bad.append(f"{name}: sha256 mismatch")
+    if bad:
+        raise ArtifactError(
+            f"{len(bad)} artifact file(s) in {artifacts} fail verification, nothing was written: "
+            + "; ".join(bad)
+        )
+    log(f"verified {len(manifest['files'])} files ({total / 1e6:.1f} MB) against {MANIFEST}")
+    return total
+
+
+# ---- setup ----------------------------------------------------------------------------------------------------
+def setup(
+    artifacts: str | Path = "artifacts",
+    data: str | Path = "data",
+    force: bool = False,
+    log: Log = _quiet,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Verify `artifacts` and restore each bundle under `data`; see the module docstring. Returns a summary."""
+    artifacts, data = Path(artifacts), Path(data)
+    started = time.perf_counter()
+    manifest, digest = read_manifest(artifacts)
+    verify(artifacts, manifest, log)
+    _plan(manifest, data, digest, force)  # refuse before touching `data` at all
+    data.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"manifest_sha256": digest}
+    encoder = None
+    with file_lock(data / ".setup.lock"):
+        plan = _plan(manifest, data, digest, force)  # again under the lock: another setup may have run
+        for kind, bundle in manifest["bundles"].items():
+            target, state = plan[kind]
+            if state == "current":
+                log(f"{kind}: {target} is already set up from these artifacts, skipped")
+                summary[kind] = {"target": str(target), "status": "up to date"}
+                continue
+            t0 = time.perf_counter()
+            source = artifacts / bundle["dir"]
+            with _staged(target, "setup") as tmp:
+                if kind == "library":
+                    info, encoder = _restore_library(source, tmp, manifest, bundle["dir"], log, progress)
+                else:
+                    info = _restore_generator(source, tmp, manifest, bundle["dir"], encoder, log)
+                marker = {"manifest_sha256": digest, "bundle": bundle["dir"], "restored_at": time.time()}
+                (tmp / MARKER).write_text(json.dumps(marker) + "\n")
+            status = "restored" if state == "absent" else "replaced"
+            summary[kind] = {
+                "target": str(target),
+                "status": status,
+                **info,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            log(f"{kind}: {status} {target} in {summary[kind]['seconds']:.1f}s")
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def _plan(manifest: dict[str, Any], data: Path, digest: str, force: bool) -> dict[str, tuple[Path, str]]:
+    """Each bundle's target and state; raises if one must not be replaced (before anything is written)."""
+    plan = {}
+    for kind, bundle in manifest["bundles"].items():
+        target = data / bundle["target"]
+        plan[kind] = (target, _state(target, digest))
+        if plan[kind][1] in ("stale", "other") and not force:
+            why = (
+                "was set up from other artifacts" if plan[kind][1] == "stale" else "exists and was not set up"
+            )
+            raise ArtifactError(
+                f"{target} {why}; pass --force to replace it with these artifacts (its contents will be deleted)"
+            )
+    return plan
+
+
+def _state(target: Path, digest: str) -> str:
+    """One of "absent" (missing or empty), "current" (set up from this manifest), "stale" (set up from
+    another manifest) and "other" (not written by setup)."""
+    if not target.exists():
+        return "absent"
+    if target.is_dir() and (not any(target.iterdir()) or _empty_library(target)):
+        return "absent"
+    try:
+        marker = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return "other"
+    if not isinstance(marker, dict):
+        return "other"
+    return "current" if marker.get("manifest_sha256") == digest else "stale"
+
+
+def _empty_library(folder: Path) -> bool:
+    """Whether `folder` is an expert library holding no expert and nothing else (what `loramint serve` or
+    `ExpertLibrary.open` leaves when run before setup): nothing is lost by replacing it."""
+    from loramint.index.library import DB_FILE, EXPERTS_DIR
+
+    allowed = {DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", EXPERTS_DIR, "index.faiss", "index.json", ".lock"}
+    names = {p.name for p in folder.iterdir()}
+    if DB_FILE not in names or not names <= allowed:
+        return False
+    if (folder / EXPERTS_DIR).is_dir() and any((folder / EXPERTS_DIR).iterdir()):
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{(folder / DB_FILE).as_uri()}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM experts").fetchone()[0] == 0
+    except sqlite3.Error:
+        return False
+
+
+def _member(manifest: dict[str, Any], folder: Path, bundle_dir: str, name: str) -> Path:
+    """An artifact file a bundle index refers to: it must be one the manifest lists (hence verified)."""
+    if not _safe_relative(name) or f"{bundle_dir}/{name}" not in manifest["files"]:
+        raise ArtifactError(f"{bundle_dir}: refers to {name!r}, which {MANIFEST} does not list")
+    return folder / name
+
+
+def _read_index(
+    manifest: dict[str, Any], folder: Path, bundle_dir: str, name: str, fmt: str
+) -> dict[str, Any]:
+    path = _member(manifest, folder, bundle_dir, name)
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or index.get("format") != fmt or index.get("version") != VERSION:
+        raise ArtifactError(f"{path} is not a {fmt} version {VERSION} file")
+    return index
+
+
+def _restore_library(
+    source: Path, tmp: Path, manifest: dict[str, Any], bundle_dir: str, log: Log, progress: bool
+) -> tuple[dict[str, Any], Any]:
+    from tqdm.auto import tqdm
+
+    from loramint.encoders import Encoder
+    from loramint.index import ExpertLibrary
+    from loramint.models import canonical_name, prepare
+
+    index = _read_index(manifest, source, bundle_dir, LIBRARY_INDEX, "loramint-library-pack")
+    experts = index["experts"]
+    tensors = read_shards([_member(manifest, source, bundle_dir, s) for s in index["shards"]])
+    for base in sorted({canonical_name(e["base_model"]) for e in experts}):
+        log(f"library: preparing base model {base} (the first time: download and conversion)")
+        prepare(base)
+    log(f"library: loading encoder {index['embedding_model']}")
+    encoder = Encoder(index["embedding_model"])
+    if encoder.dim != index["dim"]:
+        raise ArtifactError(
+            f"encoder {index['embedding_model']!r} gives {encoder.dim}-d vectors, the library has {index['dim']}"
+        )
+    log(f"library: embedding {len(experts)} descriptions")
+    vectors = encoder.encode([e["description"] for e in experts]) if experts else np.zeros((0, encoder.dim))
+    cosines = []
+    with ExpertLibrary.open(tmp, encoder=encoder) as lib:
+        for record, vector in tqdm(
+            list(zip(experts, vectors, strict=True)), desc="experts", unit="expert", disable=not progress
+        ):
+            eid = record["id"]
+            try:
+                weights = {
+                    m: (tensors[f"{eid}/{m}.lora_A"].float(), tensors[f"{eid}/{m}.lora_B"].float())
+                    for m in record["modules"]
+                }
+            except KeyError as exc:
+                raise ArtifactError(f"{bundle_dir}: the shards lack tensor {exc} of expert {eid!r}") from exc
+            adapter = LoraAdapter(AdapterConfig(**record["adapter_config"]), weights)
+            lib.add(
+                adapter,
+                id=eid,
+                name=record["name"],
+                description=record["description"],
+                family=record.get("family", ""),
+                metrics=record.get("metrics") or {},
+                embedding=vector,
+            )
+            if (packed := tensors.get(f"{eid}/embedding")) is not None:
+                cosines.append(
+                    float(
+                        np.dot(vector, packed.float().numpy())
+                        / max(np.linalg.norm(packed.float().numpy()), 1e-12)
+                    )
+                )
+        n = len(lib)
+    min_cos = min(cosines, default=1.0)
+    if min_cos < MIN_EMBEDDING_COSINE:
+        log(
+            f"warning: recomputed description embeddings differ from the packed library's (min cosine "
+            f"{min_cos:.4f}): is the encoder or sentence-transformers a different version?"
+        )
+    return {"experts": n, "min_embedding_cosine": round(min_cos, 6)}, encoder
+
+
+def _restore_generator(
+    source: Path, tmp: Path, manifest: dict[str, Any], bundle_dir: str, encoder: Any, log: Log
+) -> dict[str, Any]:
+    from loramint.gen.minter import Minter
+
+    index = _read_index(manifest, source, bundle_dir, GENERATOR_INDEX, "loramint-generator-pack")
+    for name, entry in index["files"].items():
+        if not _safe_relative(name) or "/" in name:
+            raise ArtifactError(f"{bundle_dir}/{GENERATOR_INDEX}: bad file name {name!r}")
+        if "copy" in entry:
+            shutil.copyfile(_member(manifest, source, bundle_dir, entry["copy"]), tmp / name)
+            continue
+        state = read_shards([_member(manifest, source, bundle_dir, s) for s in entry["shards"]])
+        for key in entry.get("upcast", []):
+            state[key] = state[key].float()
+        save_file(state, str(tmp / name), metadata=entry.get("metadata"))
+        log(f"generator: wrote {name}" + (" (fp16 -> float32)" if entry.get("upcast") else ""))
+    meta = json.loads((tmp / "generator.json").read_text())
+    same = encoder is not None and meta.get("encoder", "").lower() == str(encoder.name).lower()
+    minter = Minter.from_pretrained(tmp, encoder=encoder if same else None)
+    probe = minter.mint("Answer the question about the text.")
+    probe.validate()
+    log(f"generator: loads and mints (bank of {len(minter.bank)} experts, rank {probe.config.r})")
+    return {"bank": len(minter.bank), "files": sorted(index["files"])}
+
+
+@contextmanager
+def _staged(target: Path, what: str) -> Iterator[Path]:
+    """A temp folder next to `target`, renamed into its place on success (an existing `target` is moved
+    aside first and deleted after); removed on failure. Leftovers of killed runs are swept first."""
+    target = target.absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.{what}-"
+    for leftover in target.parent.glob(f"{prefix}*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
+            os.rename(target, old / "old")
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
