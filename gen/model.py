@@ -11,7 +11,7 @@ size (description embedding), Z latent size, K retrieved experts.
 - decoder p(W | z, c): one vector from (z, c), plus each (layer, group) embedding, through a shared trunk
   into one linear head per group: the whole adapter in one batched pass, [B, L, dim_g] per group.
 
-Everything works in the normalised space of `layout.Normalizer`; `gen/minter.py` (to come) wraps
+Everything works in the normalised space of `layout.Normalizer`; `gen/minter.py` wraps
 retrieval, decoding, de-normalising and writing PEFT files.
 """
 
@@ -26,6 +26,15 @@ from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
 
 HEAD_INIT_SCALE = 0.01
+LOGVAR_BOUND = 10.0
+"""Every log-variance the networks emit is squashed into (-LOGVAR_BOUND, LOGVAR_BOUND): e^10 ~ 2.2e4. The
+functional objective never constrains the encoder's log-variance (no KL term), and an unbounded one reaches
+e^88, where exp() overflows to inf and the semantic prior turns NaN."""
+
+
+def bound_logvar(logvar: torch.Tensor) -> torch.Tensor:
+    """Soft clamp to (-LOGVAR_BOUND, LOGVAR_BOUND); ~identity near 0, smooth, gradients never vanish abruptly."""
+    return LOGVAR_BOUND * torch.tanh(logvar / LOGVAR_BOUND)
 
 
 def mlp(n_in: int, hidden: int, n_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -106,14 +115,14 @@ class LoraCVAE(nn.Module):
         parts = [self.enc_in[self._key(g)](tokens[g]) + self._slot(i) for i, g in enumerate(self.groups)]
         pooled = torch.cat(parts, dim=1).mean(dim=1)  # [B, d_model]
         mu, logvar = self.enc_out(torch.cat([pooled, cond], dim=-1)).chunk(2, dim=-1)
-        return mu, logvar
+        return mu, bound_logvar(logvar)
 
     def prior(
         self, cond: torch.Tensor, sem_mu: torch.Tensor, sem_logvar: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cond [B, C] and the semantic prior's (mean, logvar) [B, Z] -> the learned prior's (mu, logvar)."""
         mu, logvar = self.prior_net(torch.cat([cond, sem_mu, sem_logvar], dim=-1)).chunk(2, dim=-1)
-        return mu, logvar
+        return mu, bound_logvar(logvar)
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor) -> dict[str, torch.Tensor]:
         """z [B, Z], cond [B, C] -> {group: [B, L, dim_g]} (normalised)."""

@@ -263,3 +263,15 @@ def test_compose_is_the_exact_weighted_sum_and_differentiable():
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for _, b in correction.weights.values())
     with pytest.raises(ValueError, match="3 experts but 2 weights"):
         compose(layout, experts, weights[:2], correction)
+
+
+def test_log_variances_are_bounded_so_exp_never_overflows():
+    from loramint.gen.model import LOGVAR_BOUND, bound_logvar, semantic_prior
+
+    x = torch.tensor([-1e6, -3.0, 0.0, 0.5, 3.0, 1e6])
+    y = bound_logvar(x)
+    assert y.abs().max() <= LOGVAR_BOUND and torch.isfinite(y.exp()).all()
+    torch.testing.assert_close(y[2:4], x[2:4], atol=1e-3, rtol=0)  # ~identity near 0
+    mu = torch.zeros(1, 2, 3)
+    mean, logvar = semantic_prior(mu, bound_logvar(torch.full((1, 2, 3), 500.0)), torch.zeros(1, 2), 0.1)
+    assert torch.isfinite(mean).all() and torch.isfinite(logvar).all()  # unbounded: e^500 = inf -> NaN

@@ -531,3 +531,20 @@ def test_a_step_with_a_non_finite_gradient_is_dropped():
     GeneratorModule.on_before_optimizer_step(module, None)
     assert module.skipped == 1 and module.nonfinite_params == {"1.weight"}
     assert all(p.grad is None for p in net.parameters())  # AdamW skips parameters without a gradient
+
+
+def test_a_step_that_leaves_a_non_finite_weight_stops_training():
+    from types import SimpleNamespace
+
+    from loramint.training.generator import GeneratorModule
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    module = SimpleNamespace(
+        net=net, nonfinite_weights=None, global_step=7, trainer=SimpleNamespace(should_stop=False)
+    )
+    GeneratorModule.on_train_batch_end(module, None, None, 0)
+    assert module.nonfinite_weights is None and not module.trainer.should_stop
+    with torch.no_grad():
+        net[0].bias[1] = float("inf")
+    GeneratorModule.on_train_batch_end(module, None, None, 0)
+    assert module.nonfinite_weights == {"step": 7, "params": ["0.bias"]} and module.trainer.should_stop

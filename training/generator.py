@@ -179,6 +179,8 @@ class GeneratorModule(L.LightningModule):
         self.best: dict[str, Any] = {"score": float("inf"), "state": None, "step": 0}
         self.skipped = 0  # training steps skipped for a non-finite loss or gradient
         self.nonfinite_params: set[str] = set()
+        self.nonfinite_weights: dict[str, Any] | None = None  # the step that left a weight NaN/inf, and which
+        self.nonfinite_validation: dict[str, Any] | None = None  # the first NaN validation: step and stage
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
@@ -323,6 +325,10 @@ class GeneratorModule(L.LightningModule):
                 metrics |= self.val_nll(val, minted)
         self.log_dict(metrics, prog_bar=True, batch_size=1)
         score = float(metrics[self.cfg.monitor])
+        if not np.isfinite(score) and self.nonfinite_validation is None:
+            with torch.no_grad():
+                stage = self.nonfinite_stage(cond)
+            self.nonfinite_validation = {"step": int(self.global_step), "stage": stage or "scoring"}
         self.curve.append({"step": self.global_step, **{k: float(v) for k, v in metrics.items()}})
         if score < self.best["score"] and not collapsed(metrics, self.cfg.max_minted_cos):
             self.best = {
@@ -357,10 +363,29 @@ class GeneratorModule(L.LightningModule):
             "val/recovered": (base - nll) / max(base - expert, 1e-9),
         }
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop at the first step that leaves a non-finite weight (the best validation state is kept), and
+        name the parameters, instead of training on and validating NaN."""
+        bad = [n for n, p in self.net.named_parameters() if not p.isfinite().all()]
+        if bad and self.nonfinite_weights is None:
+            self.nonfinite_weights = {"step": int(self.global_step), "params": bad}
+            self.trainer.should_stop = True
+
+    def nonfinite_stage(self, cond: torch.Tensor) -> str | None:
+        """The first stage of the minting path whose output is not finite for `cond`, or None."""
+        sem_mu, sem_logvar = self.semantic(cond, [None] * len(cond), self.train_idx)
+        mu_p, logvar_p = self.net.prior(cond, sem_mu, sem_logvar)
+        stages = {"semantic prior mean": sem_mu, "semantic prior log-variance": sem_logvar}
+        stages |= {"learned prior mean": mu_p, "learned prior log-variance": logvar_p}
+        stages |= {f"decoded {g}": t for g, t in self.net.decode(mu_p, cond).items()}
+        return next((name for name, t in stages.items() if not t.isfinite().all()), None)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Drop the step's gradients when any is non-finite (a finite loss can still back-propagate an inf,
         e.g. through a saturated softmax): one bad batch must not turn the generator's weights into NaN."""
-        bad = [n for n, p in self.net.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+        bad = [
+            n for n, p in self.net.named_parameters() if p.grad is not None and not p.grad.isfinite().all()
+        ]
         if bad:
             self.skipped += 1
             self.nonfinite_params.update(bad)
@@ -467,6 +492,8 @@ def train_generator(
         "best_step": module.best["step"] if data.val else int(trainer.global_step),
         "skipped_nonfinite_steps": module.skipped,
         "nonfinite_grad_params": sorted(module.nonfinite_params),
+        "nonfinite_weights": module.nonfinite_weights,
+        "nonfinite_validation": module.nonfinite_validation,
         "best": module.best["score"] if data.val else None,
         "monitor": config.monitor,
         "curve": module.curve,
