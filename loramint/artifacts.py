@@ -55,7 +55,8 @@ MANIFEST = "MANIFEST.json"
 LIBRARY_INDEX = "library.json"
 GENERATOR_INDEX = "pack.json"
 MARKER = ".loramint-setup.json"
-"""Written into each restored target: which manifest it came from (a rerun of setup skips it)."""
+"""Written into each restored target: the digest of the bundle it came from (a rerun of setup skips it, also
+when the manifest gained or changed another bundle)."""
 MAX_FILE_BYTES = 40_000_000
 """Largest artifact file pack writes (GitHub warns at 50 MB and refuses 100 MB)."""
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -277,25 +278,29 @@ def pack_generator(
 
 def pack_defaults(
     library: str | Path = "data/library-ni-family",
-    generator: str | Path = "data/generator/ni-family",
+    generator: str | Path | None = "data/generator/ni-family",
     out: str | Path = "artifacts",
     data: str | Path = "data",
     max_bytes: int = MAX_FILE_BYTES,
     force: bool = False,
     log: Log = _quiet,
 ) -> dict[str, Any]:
-    """Pack a library and a generator checkpoint into `out` (+ MANIFEST.json); returns a summary.
+    """Pack a library and a generator checkpoint (None: the library alone) into `out` (+ MANIFEST.json);
+    returns a summary.
 
     Each bundle restores (`setup`) to its path relative to `data` (e.g. data/library-ni-family ->
     "library-ni-family"), or to its folder name when it lies outside `data`.
     """
-    library, generator, out, data = Path(library), Path(generator), Path(out), Path(data)
+    library, out, data = Path(library), Path(out), Path(data)
+    generator = Path(generator) if generator is not None else None
     if out.exists() and any(out.iterdir()) and not force:
         raise ArtifactError(f"{out} exists and is not empty; pass force=True (--force) to replace it")
-    bundles = {
-        "library": {"dir": _prefixed("library", library), "target": _relative_target(library, data)},
-        "generator": {"dir": _prefixed("generator", generator), "target": _relative_target(generator, data)},
-    }
+    bundles = {"library": {"dir": _prefixed("library", library), "target": _relative_target(library, data)}}
+    if generator is not None:
+        bundles["generator"] = {
+            "dir": _prefixed("generator", generator),
+            "target": _relative_target(generator, data),
+        }
     started = time.perf_counter()
     with _staged(out, "pack") as tmp:
         summary: dict[str, Any] = {}
@@ -325,7 +330,7 @@ def pack_defaults(
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    missing = _check_bank(generator, library, log)
+    missing = _check_bank(generator, library, log) if generator is not None else []
     return {
         "bank_missing": missing,
         **summary,
@@ -403,6 +408,16 @@ def read_manifest(artifacts: str | Path) -> tuple[dict[str, Any], str]:
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def bundle_digest(manifest: dict[str, Any], kind: str) -> str:
+    """sha256 of one bundle: its target and the names and sha256 of its files (not of the whole manifest, so
+    packing another bundle next to it does not make a restored one stale)."""
+    bundle = manifest["bundles"][kind]
+    prefix = bundle["dir"].rstrip("/") + "/"
+    lines = [f"{kind}\t{bundle['target']}"]
+    lines += [f"{n}\t{e['sha256']}" for n, e in sorted(manifest["files"].items()) if n.startswith(prefix)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def _safe_relative(name: str) -> bool:
     parts = Path(name).parts
     return bool(parts) and isinstance(name, str) and not Path(name).is_absolute() and ".." not in parts
@@ -450,12 +465,12 @@ def setup(
     started = time.perf_counter()
     manifest, digest = read_manifest(artifacts)
     verify(artifacts, manifest, log)
-    _plan(manifest, data, digest, force)  # refuse before touching `data` at all
+    _plan(manifest, data, force)  # refuse before touching `data` at all
     data.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"manifest_sha256": digest}
     encoder = None
     with file_lock(data / ".setup.lock"):
-        plan = _plan(manifest, data, digest, force)  # again under the lock: another setup may have run
+        plan = _plan(manifest, data, force)  # again under the lock: another setup may have run
         for kind, bundle in manifest["bundles"].items():
             target, state = plan[kind]
             if state == "current":
@@ -469,7 +484,12 @@ def setup(
                     info, encoder = _restore_library(source, tmp, manifest, bundle["dir"], log, progress)
                 else:
                     info = _restore_generator(source, tmp, manifest, bundle["dir"], encoder, log)
-                marker = {"manifest_sha256": digest, "bundle": bundle["dir"], "restored_at": time.time()}
+                marker = {
+                    "bundle_sha256": bundle_digest(manifest, kind),
+                    "manifest_sha256": digest,
+                    "bundle": bundle["dir"],
+                    "restored_at": time.time(),
+                }
                 (tmp / MARKER).write_text(json.dumps(marker) + "\n")
             status = "restored" if state == "absent" else "replaced"
             summary[kind] = {
@@ -483,12 +503,12 @@ def setup(
     return summary
 
 
-def _plan(manifest: dict[str, Any], data: Path, digest: str, force: bool) -> dict[str, tuple[Path, str]]:
+def _plan(manifest: dict[str, Any], data: Path, force: bool) -> dict[str, tuple[Path, str]]:
     """Each bundle's target and state; raises if one must not be replaced (before anything is written)."""
     plan = {}
     for kind, bundle in manifest["bundles"].items():
         target = data / bundle["target"]
-        plan[kind] = (target, _state(target, digest))
+        plan[kind] = (target, _state(target, bundle_digest(manifest, kind)))
         if plan[kind][1] in ("stale", "other") and not force:
             why = (
                 "was set up from other artifacts" if plan[kind][1] == "stale" else "exists and was not set up"
@@ -500,8 +520,8 @@ def _plan(manifest: dict[str, Any], data: Path, digest: str, force: bool) -> dic
 
 
 def _state(target: Path, digest: str) -> str:
-    """One of "absent" (missing or empty), "current" (set up from this manifest), "stale" (set up from
-    another manifest) and "other" (not written by setup)."""
+    """One of "absent" (missing or empty), "current" (set up from this bundle `digest`), "stale" (set up
+    from another) and "other" (not written by setup)."""
     if not target.exists():
         return "absent"
     if target.is_dir() and (not any(target.iterdir()) or _empty_library(target)):
@@ -512,7 +532,7 @@ def _state(target: Path, digest: str) -> str:
         return "other"
     if not isinstance(marker, dict):
         return "other"
-    return "current" if marker.get("manifest_sha256") == digest else "stale"
+    return "current" if marker.get("bundle_sha256") == digest else "stale"
 
 
 def _empty_library(folder: Path) -> bool:

@@ -525,7 +525,7 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
 # ---- default artifacts -------------------------------------------------------------------------------------
 def pack_defaults(
     library: Path = Path("data/library-ni-family"),
-    generator: Path = Path("data/generator/ni-family"),
+    generator: Path | None = Path("data/generator/ni-family"),
     out: Path = Path("artifacts"),
     data: Path = Path("data"),
     max_file_mb: float = 40.0,
@@ -539,7 +539,7 @@ def pack_defaults(
 
     Args:
         library: the expert library to pack.
-        generator: the generator checkpoint to pack.
+        generator: the generator checkpoint to pack (`--generator null`: the library alone).
         out: the artifacts folder (replaced as a whole, only with --force when it is not empty).
         data: the data root `setup` restores under: each bundle is recorded by its path relative to it.
         max_file_mb: largest file written, in MB (10^6 bytes); bigger tensors are split into shards.
@@ -554,11 +554,13 @@ def pack_defaults(
     for name, entry in summary["files"].items():
         table.add_row(name, f"{entry['bytes'] / 1e6:.2f}", entry["sha256"][:16])
     console.print(table)
+    errors = f"fp16: max relative ΔW error {summary['library']['fp16_max_relative_delta_error']:.1e}"
+    if "generator" in summary:
+        errors += f", generator weights {summary['generator']['fp16_max_relative_error']:.1e}"
     console.print(
-        f"packed {summary['library']['experts']} experts and a generator into {out}: "
-        f"{len(summary['files'])} files, {summary['total_bytes'] / 1e6:.1f} MB in {summary['seconds']:.1f}s "
-        f"(fp16: max relative ΔW error {summary['library']['fp16_max_relative_delta_error']:.1e}, "
-        f"generator weights {summary['generator']['fp16_max_relative_error']:.1e})"
+        f"packed {summary['library']['experts']} experts{' and a generator' if generator else ''} into "
+        f"{out}: {len(summary['files'])} files, {summary['total_bytes'] / 1e6:.1f} MB in "
+        f"{summary['seconds']:.1f}s ({errors})"
     )
 
 

@@ -211,7 +211,7 @@ def test_setup_is_idempotent_and_never_overwrites_without_force(packed, tmp_path
     assert not [p for p in (data / "generator").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
     # a target set up from other (older) artifacts is not replaced silently either
-    (data / "library-tiny" / MARKER).write_text(json.dumps({"manifest_sha256": "0" * 64}))
+    (data / "library-tiny" / MARKER).write_text(json.dumps({"bundle_sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match=r"library-tiny was set up from other artifacts.*--force"):
         setup(packed["artifacts"], data)
 
@@ -259,6 +259,25 @@ def test_an_interrupted_setup_leaves_no_half_written_target(packed, tmp_path, mo
     assert result["library"]["status"] == "up to date" and result["generator"]["status"] == "restored"
 
 
+def test_a_library_packed_alone_stays_current_when_a_generator_joins_the_artifacts(packed, tmp_path, capsys):
+    data, root = packed["data"], tmp_path
+    alone = pack_defaults(data / "library-tiny", None, root / "alone", data, max_bytes=MAX_BYTES)
+    assert "generator" not in alone and json.loads((root / "alone" / MANIFEST).read_text())["bundles"] == {
+        "library": {"dir": "library-tiny", "target": "library-tiny"}
+    }
+    restored = root / "data"
+    assert setup(root / "alone", restored)["library"]["status"] == "restored"
+    assert not (restored / "generator").exists()
+    with ExpertLibrary.open(restored / "library-tiny", create=False) as lib:
+        assert [e.id for e in lib.list()] == [f"{f}_{j}" for j, (f, _) in enumerate(TEXTS)]
+    # the full artifacts hold the same library bundle: it is not stale, only the generator is new
+    summary = setup(packed["artifacts"], restored)
+    assert summary["library"]["status"] == "up to date" and summary["generator"]["status"] == "restored"
+    assert main(["pack-defaults", "--library", str(data / "library-tiny"), "--generator", "null",
+                 "--out", str(root / "cli"), "--data", str(data)]) == 0  # fmt: skip
+    assert "packed 8 experts into" in capsys.readouterr().out
+
+
 def test_shards_split_and_join_tensors_exactly(tmp_path):
     tensors = {
         "big": torch.randn(50, 40),
@@ -287,9 +306,14 @@ COMMITTED = Path(__file__).resolve().parents[1] / "artifacts"
 def test_the_committed_default_artifacts_set_up_and_mint(tmp_path):
     """What a fresh clone does: the repository's own artifacts restore a library and a generator that mints."""
     summary = setup(COMMITTED, tmp_path / "data")
-    manifest = json.loads((COMMITTED / MANIFEST).read_text())
-    generator = tmp_path / "data" / manifest["bundles"]["generator"]["target"]
+    bundles = json.loads((COMMITTED / MANIFEST).read_text())["bundles"]
     assert summary["library"]["experts"] > 0 and summary["library"]["min_embedding_cosine"] > 0.99
+    with ExpertLibrary.open(tmp_path / "data" / bundles["library"]["target"], create=False) as lib:
+        (hit, score), *_ = lib.search("Answer questions about how long an event lasts", k=3)
+        assert "duration" in hit.name and score > 0.5, (hit.name, score)
+    if "generator" not in bundles:
+        pytest.skip("the committed artifacts hold the library alone (no generator bundle yet)")
+    generator = tmp_path / "data" / bundles["generator"]["target"]
     adapter = Minter.from_pretrained(generator).mint("Answer questions about how long everyday events last")
     adapter.validate("smollm2-135m")
     assert LoraAdapter.load(adapter.save(tmp_path / "minted")).config.r == adapter.config.r
