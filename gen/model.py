@@ -28,8 +28,9 @@ from loramint.gen.layout import Layout
 HEAD_INIT_SCALE = 0.01
 LOGVAR_BOUND = 10.0
 """Every log-variance the networks emit is squashed into (-LOGVAR_BOUND, LOGVAR_BOUND): e^10 ~ 2.2e4. The
-functional objective never constrains the encoder's log-variance (no KL term), and an unbounded one reaches
-e^88, where exp() overflows to inf and the semantic prior turns NaN."""
+functional objective never constrains the encoder's log-variance (no KL term); past e^88 exp() overflows to
+inf and the semantic prior turns NaN (the suspected cause of the NaN residual runs: not reproduced, but the
+bounded run of the same seed stayed finite)."""
 
 
 def bound_logvar(logvar: torch.Tensor) -> torch.Tensor:
