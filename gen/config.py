@@ -20,9 +20,14 @@ class GeneratorConfig:
     similarity-weighted mixture (a learned gain per layer and module type) plus the decoded correction
     (`gen.residual`), so the description decides the starting point and minting cannot collapse to one
     adapter for every task."""
+    adaptive_mix: bool = False
+    """Residual generators only: a small net maps the K retrieved cosines to the mixture's weights and to a
+    gain on the correction (initialised to cos_k / Σ cos_j and 1, the fixed rule), so a description that
+    retrieves its own expert (cosine ~1, a seen task) can mint that expert instead of expert + correction."""
 
     def __post_init__(self) -> None:
         bad = [k for k in ("cond_dim", "d_model", "hidden", "d_latent") if getattr(self, k) < 1]
         bad += ["residual_k"] if self.residual_k < 0 else []
+        bad += ["adaptive_mix"] if self.adaptive_mix and not self.residual_k else []
         if bad or not 0 <= self.dropout < 1:
             raise ValueError(f"invalid GeneratorConfig field(s) {bad or ['dropout']}: {self}")

@@ -29,7 +29,7 @@ from loramint.errors import GeneratorError
 from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
-from loramint.gen.residual import assemble, compose, mixture_weights
+from loramint.gen.residual import assemble, compose
 from loramint.paths import fsync_dir
 
 FORMAT = "loramint-generator"
@@ -293,12 +293,15 @@ class Minter:
         mu, _ = self.model.prior(cond, *self.prior_inputs(cond))  # [D, Z]
         mixed = torch.nn.functional.normalize((w * cond).sum(0, keepdim=True), dim=-1)  # [1, C]
         tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
-        experts, sims = [], None
+        experts, sims, gain = [], None, 1.0
         if self.model.config.residual_k:  # each description's retrieved mixture, weighted by its share
             per = self._mixtures(cond)
             experts = [e for es, _ in per for e in es]
-            sims = torch.cat([wd * mixture_weights(s) for wd, (_, s) in zip(w[:, 0].cpu(), per, strict=True)])
-        return self._adapter({g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True)
+            mixes = [self.model.mix(s.to(self.model.mix_gain)) for _, s in per]
+            shares = w[:, 0].to(self.model.mix_gain)
+            sims = torch.cat([wd * m for wd, (m, _) in zip(shares, mixes, strict=True)]).cpu()
+            gain = float(sum(wd * g for wd, (_, g) in zip(shares, mixes, strict=True)))
+        return self._adapter({g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True, gain=gain)
 
     def _adapter(
         self,
@@ -307,6 +310,7 @@ class Minter:
         experts: Sequence[LoraAdapter] = (),
         sims: torch.Tensor | None = None,
         fused: bool = False,
+        gain: float = 1.0,
     ) -> LoraAdapter:
         """Normalised tokens of one adapter (+ a residual generator's retrieved experts) -> a `LoraAdapter`
         (canonical factors when not residual; optionally truncated to `rank` by SVD)."""
@@ -317,7 +321,9 @@ class Minter:
             correction = self.layout.from_tokens(
                 {g: t * self.normalizer.scale[g].to(t) for g, t in tokens.items()}
             )
-            adapter = compose(self.layout, experts, sims, correction, self.model.mix_gain.detach())
+            adapter = compose(
+                self.layout, experts, sims, correction, self.model.mix_gain.detach().cpu(), gain
+            )
         else:
             adapter = assemble(self.model, self.normalizer, tokens, experts, sims)
         if rank is None or rank == adapter.config.r:

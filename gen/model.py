@@ -24,8 +24,10 @@ from torch import nn
 
 from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
+from loramint.gen.residual import mixture_weights
 
 HEAD_INIT_SCALE = 0.01
+MIXER_HIDDEN = 32  # width of the adaptive mixer (K cosines in, K + 1 numbers out)
 LOGVAR_BOUND = 10.0
 """Every log-variance the networks emit is squashed into (-LOGVAR_BOUND, LOGVAR_BOUND): e^10 ~ 2.2e4. The
 functional objective never constrains the encoder's log-variance (no KL term); past e^88 exp() overflows to
@@ -94,12 +96,28 @@ class LoraCVAE(nn.Module):
         self.heads = nn.ModuleDict({key(g): nn.Linear(cfg.hidden, self.dims[g]) for g in self.groups})
         if cfg.residual_k:  # gain on the retrieved mixture per (layer, module type), see gen.residual
             self.mix_gain = nn.Parameter(torch.ones(n_layers, len(layout.module_types)))
+        if cfg.adaptive_mix:  # K cosines -> K weight logits (added to log cos) + the correction's gain logit
+            self.mixer = mlp(cfg.residual_k, MIXER_HIDDEN, cfg.residual_k + 1, 0.0)
         with (
             torch.no_grad()
         ):  # start near 0: the library's mean adapter (residual: the retrieved mixture), never a random one
             for head in self.heads.values():
                 head.weight.mul_(HEAD_INIT_SCALE)
                 head.bias.zero_()
+            if cfg.adaptive_mix:  # exactly the fixed rule at init: weights cos_k / Σ cos_j, correction gain 1
+                last = self.mixer[-1]
+                last.weight.zero_()
+                last.bias.zero_()
+
+    def mix(self, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., K] cosines of the retrieved experts (best first) -> (mixture weights [..., K], the
+        correction's gain [...]). Fixed rule: cos_k / Σ_j cos_j and 1; `adaptive_mix` learns both."""
+        weights = mixture_weights(sims)
+        if not self.config.adaptive_mix:
+            return weights, torch.ones(sims.shape[:-1], dtype=sims.dtype, device=sims.device)
+        out = self.mixer(sims)
+        logits = weights.clamp_min(1e-6).log() + out[..., :-1]
+        return logits.softmax(dim=-1), 2 * torch.sigmoid(out[..., -1])
 
     @staticmethod
     def _key(group: str) -> str:

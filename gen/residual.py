@@ -37,8 +37,10 @@ def compose(
     weights: torch.Tensor,
     correction: LoraAdapter,
     gain: torch.Tensor | None = None,
+    correction_gain: torch.Tensor | float = 1.0,
 ) -> LoraAdapter:
-    """One adapter with ΔW = gain[layer, type] · Σ_k weights[k] ΔW(experts[k]) + ΔW(correction), exactly.
+    """One adapter with ΔW = gain[layer, type] · Σ_k weights[k] ΔW(experts[k]) + correction_gain · ΔW(correction),
+    exactly.
 
     Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and weight is folded
     into its B rows). Differentiable in `weights`, `gain` and the correction's factors."""
@@ -56,7 +58,7 @@ def compose(
                 b_parts.append(b * (g * w * expert.config.scaling(module)))
             a, b = correction.weights[module]
             a_parts.append(a)
-            b_parts.append(b * correction.config.scaling(module))
+            b_parts.append(b * (correction_gain * correction.config.scaling(module)))
             out[module] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))
     rank = sum(e.config.r for e in experts) + correction.config.r
     config = AdapterConfig(layout.base_model, rank, float(rank), list(layout.module_types))
@@ -106,11 +108,13 @@ def assemble(
 ) -> LoraAdapter:
     """One adapter from the decoder's normalised tokens {group: [L, dim]} of a `LoraCVAE` `model`: the whole
     adapter (de-normalised), or with `model.config.residual_k` the correction (scaled, no library mean)
-    composed with the retrieved `experts` (raw canonical factors) weighted by their cosines `sims` [K]."""
+    composed with the retrieved `experts` (raw canonical factors) by the model's mixing rule on their cosines
+    `sims` [K] (`LoraCVAE.mix`)."""
     layout = model.layout
     if not model.config.residual_k:
         return layout.from_tokens(normalizer.denormalize(tokens))
     if sims is None or len(experts) != model.config.residual_k:
         raise ValueError(f"a residual generator needs its {model.config.residual_k} retrieved experts")
     correction = layout.from_tokens({g: t * normalizer.scale[g].to(t) for g, t in tokens.items()})
-    return compose(layout, experts, mixture_weights(sims), correction, model.mix_gain)
+    weights, correction_gain = model.mix(sims.to(model.mix_gain))
+    return compose(layout, experts, weights, correction, model.mix_gain, correction_gain)

@@ -196,6 +196,12 @@ def test_config_validation_names_the_setting():
     with pytest.raises(ValueError, match="monitor"):
         GeneratorTrainConfig(monitor="val/nll", val_examples=0)
     assert GeneratorTrainConfig(model={"d_latent": 4}).model.d_latent == 4
+    with pytest.raises(ValueError, match="own_prob"):
+        GeneratorTrainConfig(own_prob=1.5)
+    with pytest.raises(ValueError, match="mix_lr"):
+        GeneratorTrainConfig(mix_lr=0.0)
+    with pytest.raises(ValueError, match="adaptive_mix"):
+        GeneratorConfig(adaptive_mix=True)  # a mixing rule needs a retrieved mixture (residual_k > 0)
 
 
 def test_too_small_a_library_is_refused(tmp_path):
@@ -548,3 +554,76 @@ def test_a_step_that_leaves_a_non_finite_weight_stops_training():
         net[0].bias[1] = float("inf")
     GeneratorModule.on_train_batch_end(module, None, None, 0)
     assert module.nonfinite_weights == {"step": 7, "params": ["0.bias"]} and module.trainer.should_stop
+
+
+def test_the_adaptive_mixer_starts_as_the_fixed_rule():
+    """Untrained, `adaptive_mix` mints exactly what the fixed rule does (weights cos_k / sum cos_j, correction
+    gain 1); once its output layer moves, the weights stay a distribution and the gain stays in (0, 2)."""
+    from loramint.gen.layout import Layout
+    from loramint.gen.model import LoraCVAE
+    from loramint.gen.residual import mixture_weights
+
+    template = {"q_proj": "model.layers.{layer}.self_attn.q_proj"}
+    layout = Layout("tiny", 2, 4.0, (0, 1), ("q_proj",), template, {"q_proj": (4, 4)})
+    net = LoraCVAE(layout, replace(SMALL, residual_k=3, adaptive_mix=True))
+    sims = torch.tensor([[0.9, 0.5, 0.2], [0.3, -0.1, -0.2]])
+    weights, gain = net.mix(sims)
+    torch.testing.assert_close(weights, mixture_weights(sims), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gain, torch.ones(2))
+    with torch.no_grad():
+        net.mixer[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0, -4.0]))
+    with torch.no_grad():
+        weights, gain = net.mix(sims)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    assert float(weights[0, 0]) > 0.95 and 0 < float(gain[0]) < 0.05
+    fixed = LoraCVAE(layout, replace(SMALL, residual_k=3))
+    assert not hasattr(fixed, "mixer") and fixed.mix(sims)[1].tolist() == [1.0, 1.0]
+
+
+def test_training_with_own_experts_teaches_the_mixer_to_mint_a_seen_tasks_expert(functional, tiny):
+    """With `own_prob` the rows may retrieve their own expert; the functional loss then pushes the adaptive
+    mixer towards that expert when its cosine is ~1 (a seen task's own description), and minting a seen task
+    from its description gets closer to its expert's loss than the fixed rule's mixture + correction does."""
+    root = functional["root"]
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(root / "own"),
+        model=replace(RESIDUAL, adaptive_mix=True),
+        objective="functional",
+        steps=40,
+        lr=3e-3,
+        mix_lr=0.05,
+        own_prob=1.0,
+        top_k=2,
+        val_tasks=0,
+        functional_tasks=2,
+        functional_batch=8,
+        max_length=64,
+    )
+    train_generator(
+        replace(config, steps=1, lr=1e-9, mix_lr=1e-9, out=str(root / "own0")),
+        functional["seen"],
+        tiny,
+        progress=False,
+    )
+    train_generator(config, functional["seen"], tiny, progress=False)
+    before, after = Minter.from_pretrained(root / "own0"), Minter.from_pretrained(root / "own")
+    own_cos = torch.tensor([1.0, 0.6])
+    with torch.no_grad():
+        (w0, _), (w1, _) = before.model.mix(own_cos), after.model.mix(own_cos)
+    assert float(w1[0]) > float(w0[0]) + 0.05, (w0, w1)
+
+    def gap(minter) -> float:  # minted NLL above the task's own expert's, over the seen tasks
+        total = 0.0
+        with ExpertLibrary.open(root / "lib") as library:
+            ids = {e.name: e.id for e in library.list()}
+            for task in functional["seen"]:
+                items = eval_split(task)[0][:16]
+                with apply_lora(tiny.model, minter.mint(task.description)):
+                    minted = answer_nll(tiny.model, tiny.tokenizer, task, items, 64)
+                with apply_lora(tiny.model, library.get(ids[task.name]).load_adapter()):
+                    own = answer_nll(tiny.model, tiny.tokenizer, task, items, 64)
+                total += minted - own
+        return total / len(functional["seen"])
+
+    assert gap(after) < gap(before) - 0.05

@@ -87,6 +87,8 @@ class GeneratorTrainConfig:
     batch_size: int = 16
     """Experts per reconstruction step."""
     lr: float = 1e-3
+    mix_lr: float | None = None
+    """Learning rate of the residual mixing parameters (`mix_gain`, the adaptive mixer); None: `lr`."""
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0: no clipping); steps with a non-finite loss are skipped."""
@@ -106,6 +108,9 @@ class GeneratorTrainConfig:
     functional_batch: int = 4
     """Examples per task per functional step."""
     functional_weight: float = 1.0
+    own_prob: float = 0.0
+    """Fraction of functional rows whose retrieval may return the task's own expert (as minting from a seen
+    task's description does); > 0 also validates that case (`val/own_nll`, `val/own_recovered`)."""
     max_length: int = 128
     """Tokens per example for the functional loss (as the experts trained)."""
     val_tasks: int = 6
@@ -129,11 +134,13 @@ class GeneratorTrainConfig:
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
+            "mix_lr": self.mix_lr is None or self.mix_lr > 0,
             "grad_clip": self.grad_clip >= 0,
             "beta": self.beta >= 0,
             "top_k": self.top_k >= 1,
             "tau": self.tau > 0,
             "examples_prob": 0 <= self.examples_prob <= 1,
+            "own_prob": 0 <= self.own_prob <= 1,
             "val_tasks": self.val_tasks >= 0,
             "val_every": self.val_every >= 1,
             "val_examples": self.val_examples >= 0,

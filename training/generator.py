@@ -194,49 +194,60 @@ class GeneratorModule(L.LightningModule):
     def _tok(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {g: t[idx] for g, t in self.tokens.items()}
 
+    def retrieve(self, cond: torch.Tensor, own: Sequence[int | None], k: int, with_own: Sequence[bool] = ()):
+        """The top-k of the training experts by cosine with each row of `cond` -> (indices into the whole
+        expert set [B, K], cosines [B, K]). Row b never retrieves its own expert `own[b]` unless
+        `with_own[b]` (a seen task minting from its own description: its expert is then retrievable even
+        if it is a held-out validation expert)."""
+        sims = cond @ self.keys.T  # [B, N]
+        allowed = torch.zeros(len(self.keys), dtype=torch.bool)
+        allowed[self.train_idx] = True
+        mask = allowed.expand(len(cond), -1).clone()
+        for row, i in enumerate(own):
+            if i is not None:
+                mask[row, i] = bool(with_own[row]) if with_own else False
+        top = sims.masked_fill(~mask, -torch.inf).topk(k, dim=-1)
+        return top.indices, top.values
+
     def semantic(
-        self, cond: torch.Tensor, exclude: Sequence[int | None], pool: torch.Tensor
+        self, cond: torch.Tensor, own: Sequence[int | None], with_own: Sequence[bool] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The semantic prior [B, Z] x 2 from the top-k experts of `pool` (never an expert's own row)."""
-        sims = cond @ self.keys[pool].T  # [B, P]
-        for row, own in enumerate(exclude):
-            if own is not None:
-                sims[row, pool == own] = -torch.inf
-        top = sims.topk(self.cfg.top_k, dim=-1)
-        nbr = pool[top.indices]  # [B, K]
+        """The semantic prior [B, Z] x 2 from the top-k training experts (see `retrieve`)."""
+        nbr, sims = self.retrieve(cond, own, self.cfg.top_k, with_own)
         flat = nbr.reshape(-1)
         mu, logvar = self.net.encode(self._tok(flat), self.keys[flat])  # [B*K, Z]
         shape = (*nbr.shape, -1)
-        return semantic_prior(mu.reshape(shape), logvar.reshape(shape), top.values, self.cfg.tau)
+        return semantic_prior(mu.reshape(shape), logvar.reshape(shape), sims, self.cfg.tau)
 
     def conditions(self, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.conds[i][r] for i, r in zip(idx.tolist(), rows.tolist(), strict=True)])
 
-    def mint_tokens(self, cond: torch.Tensor, exclude: Sequence[int | None]) -> dict[str, torch.Tensor]:
+    def mint_tokens(
+        self, cond: torch.Tensor, own: Sequence[int | None], with_own: Sequence[bool] = ()
+    ) -> dict[str, torch.Tensor]:
         """Normalised tokens decoded from the learned prior's mean (the minting path), differentiable."""
-        sem_mu, sem_logvar = self.semantic(cond, exclude, self.train_idx)
+        sem_mu, sem_logvar = self.semantic(cond, own, with_own)
         mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
         return self.net.decode(mu_p, cond)
 
     def assemble(
-        self, tokens: dict[str, torch.Tensor], cond: torch.Tensor, exclude: Sequence[int | None]
+        self,
+        tokens: dict[str, torch.Tensor],
+        cond: torch.Tensor,
+        own: Sequence[int | None],
+        with_own: Sequence[bool] = (),
     ) -> list[LoraAdapter]:
         """Each row's adapter from decoded tokens {group: [B, L, dim]}: with a residual generator composed
-        with the K training experts nearest its condition (never its own expert), as `Minter` does."""
+        with the K training experts nearest its condition (its own only where `with_own`), as `Minter` does."""
         k = self.net.config.residual_k
         if k:
-            sims = cond @ self.keys[self.train_idx].T  # [B, P]
-            for row, own in enumerate(exclude):
-                if own is not None:
-                    sims[row, self.train_idx == own] = -torch.inf
-            top = sims.topk(k, dim=-1)
-            nbrs = self.train_idx[top.indices]  # [B, K]
+            nbrs, sims = self.retrieve(cond, own, k, with_own)
         out = []
         for b in range(cond.shape[0]):
             row = {g: t[b] for g, t in tokens.items()}
             if k:
                 experts = [self.raw_experts[i] for i in nbrs[b].tolist()]
-                out.append(assemble(self.net, self.data.experts.normalizer, row, experts, top.values[b]))
+                out.append(assemble(self.net, self.data.experts.normalizer, row, experts, sims[b]))
             else:
                 out.append(assemble(self.net, self.data.experts.normalizer, row))
         return out
@@ -257,7 +268,7 @@ class GeneratorModule(L.LightningModule):
         logs = {}
         if self.cfg.objective in ("recon", "both"):
             target = self._tok(idx)
-            sem_mu, sem_logvar = self.semantic(cond, idx.tolist(), self.train_idx)
+            sem_mu, sem_logvar = self.semantic(cond, idx.tolist())
             out = self.net(target, cond, sem_mu, sem_logvar)
             recon, prior = (
                 self.recon_error(tokens, cond, idx)
@@ -292,7 +303,10 @@ class GeneratorModule(L.LightningModule):
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
         base = self.base[0]
-        adapters = self.assemble(self.mint_tokens(cond, idx.tolist()), cond, idx.tolist())
+        own = idx.tolist()
+        pick = random.Random(self.global_step * 7919 + 1)  # which rows may retrieve their own expert
+        with_own = [pick.random() < self.cfg.own_prob for _ in own]
+        adapters = self.assemble(self.mint_tokens(cond, own, with_own), cond, own, with_own)
         losses = []
         for b, i in enumerate(idx.tolist()):
             name = self.data.experts.names[i]
@@ -323,6 +337,14 @@ class GeneratorModule(L.LightningModule):
                 )
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
+                if self.cfg.own_prob > 0:  # the held-out tasks' own experts retrievable: reconstruction
+                    own, every = val.tolist(), [True] * len(val)
+                    rebuilt = self.assemble(self.mint_tokens(cond, own, every), cond, own, every)
+                    metrics |= {
+                        k.replace("val/", "val/own_"): v
+                        for k, v in self.val_nll(val, rebuilt).items()
+                        if k in ("val/nll", "val/recovered")
+                    }
         self.log_dict(metrics, prog_bar=True, batch_size=1)
         score = float(metrics[self.cfg.monitor])
         if not np.isfinite(score) and self.nonfinite_validation is None:
@@ -373,7 +395,7 @@ class GeneratorModule(L.LightningModule):
 
     def nonfinite_stage(self, cond: torch.Tensor) -> str | None:
         """The first stage of the minting path whose output is not finite for `cond`, or None."""
-        sem_mu, sem_logvar = self.semantic(cond, [None] * len(cond), self.train_idx)
+        sem_mu, sem_logvar = self.semantic(cond, [None] * len(cond))
         mu_p, logvar_p = self.net.prior(cond, sem_mu, sem_logvar)
         stages = {"semantic prior mean": sem_mu, "semantic prior log-variance": sem_logvar}
         stages |= {"learned prior mean": mu_p, "learned prior log-variance": logvar_p}
@@ -393,7 +415,14 @@ class GeneratorModule(L.LightningModule):
                 p.grad = None
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        """AdamW; the residual mixing (gain per module, adaptive mixer: a few hundred numbers that few steps
+        inform) at `mix_lr`."""
+        mixing = [p for n, p in self.net.named_parameters() if n == "mix_gain" or n.startswith("mixer.")]
+        ids = {id(p) for p in mixing}
+        groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
+        if mixing:
+            groups.append({"params": mixing, "lr": self.cfg.mix_lr or self.cfg.lr})
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
         batches = StepBatches(
