@@ -487,13 +487,14 @@ def test_a_residual_checkpoint_without_its_experts_is_refused(residual, tmp_path
         Minter.from_pretrained(copy)
 
 
-def test_a_residual_generator_trains_functionally_below_the_retrieved_mixture(functional, tiny):
-    """The functional objective improves on the top-k mixture it starts from (tiny-llama, synthetic tasks)."""
+def train_pair(functional, tiny, name: str, model: GeneratorConfig, **settings) -> None:
+    """Train a generator functionally on the tiny seen tasks into <root>/<name>, and its untrained twin (one
+    step at a negligible learning rate) into <root>/<name>0."""
     root = functional["root"]
     config = GeneratorTrainConfig(
         library=str(root / "lib"),
-        out=str(root / "residual"),
-        model=RESIDUAL,
+        out=str(root / name),
+        model=model,
         objective="functional",
         steps=40,
         lr=3e-3,
@@ -502,14 +503,17 @@ def test_a_residual_generator_trains_functionally_below_the_retrieved_mixture(fu
         functional_tasks=2,
         functional_batch=8,
         max_length=64,
+        **settings,
     )
-    train_generator(
-        replace(config, steps=1, lr=1e-9, out=str(root / "residual0")),
-        functional["seen"],
-        tiny,
-        progress=False,
-    )
+    untrained = replace(config, steps=1, lr=1e-9, mix_lr=1e-9, out=str(root / f"{name}0"))
+    train_generator(untrained, functional["seen"], tiny, progress=False)
     train_generator(config, functional["seen"], tiny, progress=False)
+
+
+def test_a_residual_generator_trains_functionally_below_the_retrieved_mixture(functional, tiny):
+    """The functional objective improves on the top-k mixture it starts from (tiny-llama, synthetic tasks)."""
+    root = functional["root"]
+    train_pair(functional, tiny, "residual", RESIDUAL)
 
     def minted_nll(path) -> float:
         minter = Minter.from_pretrained(path)
@@ -585,28 +589,7 @@ def test_training_with_own_experts_teaches_the_mixer_to_mint_a_seen_tasks_expert
     mixer towards that expert when its cosine is ~1 (a seen task's own description), and minting a seen task
     from its description gets closer to its expert's loss than the fixed rule's mixture + correction does."""
     root = functional["root"]
-    config = GeneratorTrainConfig(
-        library=str(root / "lib"),
-        out=str(root / "own"),
-        model=replace(RESIDUAL, adaptive_mix=True),
-        objective="functional",
-        steps=40,
-        lr=3e-3,
-        mix_lr=0.05,
-        own_prob=1.0,
-        top_k=2,
-        val_tasks=0,
-        functional_tasks=2,
-        functional_batch=8,
-        max_length=64,
-    )
-    train_generator(
-        replace(config, steps=1, lr=1e-9, mix_lr=1e-9, out=str(root / "own0")),
-        functional["seen"],
-        tiny,
-        progress=False,
-    )
-    train_generator(config, functional["seen"], tiny, progress=False)
+    train_pair(functional, tiny, "own", replace(RESIDUAL, adaptive_mix=True), mix_lr=0.05, own_prob=1.0)
     before, after = Minter.from_pretrained(root / "own0"), Minter.from_pretrained(root / "own")
     own_cos = torch.tensor([1.0, 0.6])
     with torch.no_grad():
