@@ -65,13 +65,14 @@ def bench_single(minter: Minter, texts: list[str], out: Path, device: str) -> di
         sync(device)
         t1 = time.perf_counter()
         sem_mu, sem_logvar = minter.prior_inputs(cond)
+        experts, sims = minter._mixtures(cond)[0]  # a residual generator's K experts (else none)
         sync(device)
         t2 = time.perf_counter()
         with torch.no_grad():
             tokens = minter.model.generate(cond, sem_mu, sem_logvar)
         sync(device)
         t3 = time.perf_counter()
-        adapter = minter._adapter({g: t[0] for g, t in tokens.items()}, None)
+        adapter = minter._adapter({g: t[0] for g, t in tokens.items()}, None, experts, sims)
         t4 = time.perf_counter()
         adapter.save(out / f"a{i % 4}")
         t5 = time.perf_counter()
@@ -139,7 +140,8 @@ def main() -> None:
     result = {
         "generator": str(args.generator),
         "base_model": layout.base_model,
-        "rank": layout.rank,
+        "rank": layout.rank,  # the library's experts' rank
+        "minted_rank": probe.max_rank,  # a residual generator mints (K + 1) x rank, stacked exactly
         "modules": f"{list(layout.module_types)} x {len(layout.layers)} layers",
         "bank_size": len(probe.bank),
         "generator_params": sum(p.numel() for p in probe.model.parameters()),
