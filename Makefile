@@ -7,7 +7,7 @@ TASKS ?= data/tasks/demo.jsonl
 # A few BIG-bench natural-instructions tasks from different families, plus two JSON tasks.
 DEMO_TASKS ?= subtask004,subtask033,subtask041,subtask045,sports_understanding,date_understanding
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,8 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -e ".[test]"
 	touch $@
 
-# Main job: a library round trip on the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2).
+# Main job: restore the default library + generator from artifacts/ and serve them on 127.0.0.1:8000 with
+# an API key kept in data/api-key (made once, mode 600); the server prints curl commands that work as they are.
+KEY_FILE ?= data/api-key
 run: setup
+	$(BIN)/loramint setup
+	@test -s $(KEY_FILE) || (mkdir -p $(dir $(KEY_FILE)) && umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(KEY_FILE))
+	LORAMINT_API_KEYS="$$(cat $(KEY_FILE))" LORAMINT_KEY_COMMAND='$$(cat $(KEY_FILE))' $(BIN)/loramint serve --config configs/service/default.yaml
+
+# A small library round trip on the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2): BIG-bench
+# tasks imported, one expert trained per task, the library searched.
+demo: setup
 	$(BIN)/loramint models prepare --name smollm2-135m
 	$(BIN)/loramint tasks import-bigbench $(DEMO_TASKS) --out $(TASKS) --max_examples 300
 	$(BIN)/loramint train-experts --config configs/experts/demo.yaml --tasks $(TASKS) --library $(LIBRARY)

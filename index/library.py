@@ -251,14 +251,18 @@ class ExpertLibrary:
         metrics: dict[str, Any] | None = None,
         embedding: np.ndarray | None = None,
         overwrite: bool = False,
+        created_at: float | None = None,
     ) -> Expert:
         """Validate and store an adapter (object or PEFT folder); returns it once it is durably stored.
 
         `id` defaults to a slug of `name` + 8 hex digits of the adapter's content hash. The description is
         embedded with the library's encoder unless `embedding` ([dim], from the same model) is given.
         `overwrite=True` replaces an expert with the same id (remove, then add: a crash in between may lose
-        the old version, never shows a half-written one).
+        the old version, never shows a half-written one). `created_at` (seconds since the epoch) keeps an
+        expert's original time when it is copied or restored; default: now.
         """
+        if created_at is not None and not (isinstance(created_at, int | float) and np.isfinite(created_at)):
+            raise ValueError(f"created_at must be a finite number of seconds, got {created_at!r}")
         if isinstance(adapter, str | Path):
             adapter = LoraAdapter.load(adapter)
         elif isinstance(adapter, LoraAdapter):
@@ -298,7 +302,7 @@ class ExpertLibrary:
             "embedding_model": self.embedding_model,
             "content_hash": content_hash,
             "nbytes": adapter.nbytes(),
-            "created_at": time.time(),
+            "created_at": time.time() if created_at is None else float(created_at),
         }
         final = self.experts_dir / expert_id
         with self._mutex, self._lock():

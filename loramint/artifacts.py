@@ -618,6 +618,7 @@ def _restore_library(
                 family=record.get("family", ""),
                 metrics=record.get("metrics") or {},
                 embedding=vector,
+                created_at=record.get("created_at"),  # as packed: a repack of a restore is byte-identical
             )
             if (packed := tensors.get(f"{eid}/embedding")) is not None:
                 cosines.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -519,7 +520,13 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
         config.check_auth()
     except ValueError as exc:
         raise LoramintError(str(exc)) from exc
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=log_level)
+    key_command = os.environ.get("LORAMINT_KEY_COMMAND")  # how the printed curl examples get a key
+
+    def ready(service) -> None:
+        print(config.ready_message(service.minter is not None, key_command), file=sys.stderr, flush=True)
+
+    app = create_app(config, on_ready=ready)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level)
 
 
 # ---- default artifacts -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ and the generator once (or takes ready ones, as tests do) and runs the work lane
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,9 +26,11 @@ def create_app(
     runtime: Runtime | None = None,
     library: ExpertLibrary | None = None,
     minter: Minter | None = None,
+    on_ready: Callable[[Service], None] | None = None,
 ) -> FastAPI:
     """The service's app. `runtime`, `library`, `minter`: already loaded objects to use instead of loading
-    them from `config` (the caller keeps ownership of those)."""
+    them from `config` (the caller keeps ownership of those). `on_ready` is called once everything is loaded
+    and the work lanes run (`loramint serve` prints its curl examples there)."""
     config = config or ServiceConfig()
     config.check_auth()
     metrics = Metrics.create()
@@ -38,6 +40,8 @@ def create_app(
         service = await asyncio.to_thread(Service.load, config, runtime, library, minter, metrics)
         service.start()
         app.state.service = service
+        if on_ready is not None:
+            on_ready(service)
         try:
             yield
         finally:

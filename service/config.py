@@ -123,6 +123,40 @@ class ServiceConfig:
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
         return replace(self, **changes)
 
+    def ready_message(self, minting: bool, key_command: str | None = None) -> str:
+        """What `loramint serve` prints once it is up: where it listens and curl commands that work against it
+        (mint, or retrieve when there is no generator, then a chat completion). `key_command`: a shell
+        expression giving a key (e.g. `$(cat data/api-key)`); else the examples say <key>. Never a key."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]"):
+            host = "127.0.0.1"
+        url = f"http://{host}:{self.port}"
+        auth = "" if self.auth == "none" else f' -H "Authorization: Bearer {key_command or "<key>"}"'
+        read_auth = auth if self.auth == "all" else ""
+        description = "Answer questions about how long everyday events last"
+        if minting:
+            first = (
+                f"curl -s {url}/v1/adapters{auth} -H 'Content-Type: application/json' \\\n"
+                f"       -d '{{\"description\": \"{description}\"}}'   # -> {{\"id\": \"minted-...\", ...}}"
+            )
+            model = "minted-..."
+        else:
+            first = (
+                f"curl -s {url}/v1/retrieve{read_auth} -H 'Content-Type: application/json' \\\n"
+                f"       -d '{{\"description\": \"{description}\", \"k\": 3}}'   # no generator: retrieval only"
+            )
+            model = "auto"
+        lines = [
+            f"loramint is ready on {url} (web page: {url}/, OpenAPI: {url}/openapi.json)",
+            "  " + first,
+            f"  curl -s {url}/v1/chat/completions{read_auth} -H 'Content-Type: application/json' \\",
+            f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"How long does it take to brush your teeth?\"}}]}}'",
+        ]
+        if auth and not key_command and (minting or read_auth):
+            lines.append("  <key>: one of the keys in LORAMINT_API_KEYS")
+        return "\n".join(lines)
+
     def check_auth(self) -> None:
         """Refuse to serve with keys required but none configured (every write would be refused)."""
         if self.auth != "none" and not self.api_keys:

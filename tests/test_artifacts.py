@@ -142,11 +142,12 @@ def test_setup_round_trip_restores_library_and_generator(packed, tmp_path, capsy
         old, new = before.list(), after.list()
         assert [e.id for e in new] == [e.id for e in old]  # same ids, same order
         for a, b in zip(old, new, strict=True):
-            assert (b.name, b.description, b.family, b.metrics) == (
+            assert (b.name, b.description, b.family, b.metrics, b.created_at) == (
                 a.name,
                 a.description,
                 a.family,
                 a.metrics,
+                a.created_at,  # kept, so repacking a restored library gives the same library.json
             )
             assert (b.base_model, b.rank, b.alpha, b.modules) == (a.base_model, a.rank, a.alpha, a.modules)
             assert max(_relative_errors(a.load_adapter(), b.load_adapter())) < FP16_TOLERANCE
@@ -181,6 +182,23 @@ def test_setup_round_trip_restores_library_and_generator(packed, tmp_path, capsy
     assert minted_new.config == minted_old.config
     assert max(_relative_errors(minted_old, minted_new)) < 1e-2
     assert (restored / MARKER).is_file() and (data / "library-tiny" / MARKER).is_file()
+    # a repack of the restored library keeps every expert's record (times included) and the factors exactly
+    # (fp16 values are a fixed point of packing; only the pack's own fp16 error, now 0, changes)
+    repack = tmp_path / "repack"
+    pack_defaults(data / "library-tiny", None, repack, data, max_bytes=MAX_BYTES)
+    first, again = packed["artifacts"] / "library-tiny", repack / "library-tiny"
+    index_a, index_b = (json.loads((f / "library.json").read_text()) for f in (first, again))
+    def records(index):  # the content hash is of the factors, which the first fp16 round trip rounds
+        return [{k: v for k, v in e.items() if k != "content_hash"} for e in index["experts"]]
+
+    assert records(index_b) == records(index_a)
+    assert index_b["fp16_max_relative_delta_error"] == 0.0
+    shards = sorted(p.name for p in first.glob("experts-*.safetensors"))
+    old_t, new_t = read_shards([first / n for n in shards]), read_shards([again / n for n in shards])
+    assert new_t.keys() == old_t.keys()
+    for key, tensor in old_t.items():
+        if not key.endswith("/embedding"):  # embeddings are recomputed by the encoder at setup
+            assert torch.equal(new_t[key], tensor), key
 
 
 def test_setup_is_idempotent_and_never_overwrites_without_force(packed, tmp_path, capsys):

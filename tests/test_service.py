@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -670,6 +671,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _printed_commands(text: str) -> list[str]:
+    """The shell commands in `loramint serve`'s ready message (continuation lines joined, comments cut)."""
+    lines = text.split("loramint is ready on", 1)[1].splitlines()[1:]
+    commands, current = [], ""
+    for line in lines:
+        if not line.startswith("  "):
+            break
+        current += line.strip().split("   # ")[0].rstrip("\\").strip() + " "
+        if not line.rstrip().endswith("\\"):
+            if current.startswith("curl"):
+                commands.append(current.strip())
+            current = ""
+    return commands
+
+
 def test_uvicorn_process_with_the_openai_client(world, tmp_path):
     """`loramint serve` in its own process on loopback, driven by the official openai client."""
     import httpx
@@ -702,6 +718,20 @@ def test_uvicorn_process_with_the_openai_client(world, tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not start in 120 s"
             time.sleep(0.25)
+
+        # the ready message's curl commands work as printed (the key is never printed, only <key>)
+        printed = (tmp_path / "server.log").read_text()
+        assert f"loramint is ready on {url}" in printed and KEY not in printed
+        commands = [
+            c.replace("<key>", KEY) for c in _printed_commands(printed)
+        ]  # mint, then chat with the minted id
+        assert len(commands) == 2 and shutil.which("curl"), printed
+        minted = json.loads(subprocess.run(["sh", "-c", commands[0]], capture_output=True, check=True).stdout)
+        chat_command = commands[1].replace("minted-...", minted["id"])
+        answer = json.loads(
+            subprocess.run(["sh", "-c", chat_command], capture_output=True, check=True).stdout
+        )
+        assert answer["model"] == minted["id"] and answer["choices"][0]["message"]["role"] == "assistant"
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         models = {m.id: m for m in client.models.list()}
