@@ -137,21 +137,21 @@ class ServiceConfig:
         if minting:
             first = (
                 f"curl -s {url}/v1/adapters{auth} -H 'Content-Type: application/json' \\\n"
-                f"       -d '{{\"description\": \"{description}\"}}'   # -> {{\"id\": \"minted-...\", ...}}"
+                f'       -d \'{{"description": "{description}"}}\'   # -> {{"id": "minted-...", ...}}'
             )
             model = "minted-..."
         else:
             first = (
                 f"curl -s {url}/v1/retrieve{read_auth} -H 'Content-Type: application/json' \\\n"
-                f"       -d '{{\"description\": \"{description}\", \"k\": 3}}'   # no generator: retrieval only"
+                f'       -d \'{{"description": "{description}", "k": 3}}\'   # no generator: retrieval only'
             )
             model = "auto"
         lines = [
             f"loramint is ready on {url} (web page: {url}/, OpenAPI: {url}/openapi.json)",
             "  " + first,
             f"  curl -s {url}/v1/chat/completions{read_auth} -H 'Content-Type: application/json' \\",
-            f"       -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
-            f"\"content\": \"How long does it take to brush your teeth?\"}}]}}'",
+            f'       -d \'{{"model": "{model}", "messages": [{{"role": "user", '
+            f'"content": "How long does it take to brush your teeth?"}}]}}\'',
         ]
         if auth and not key_command and (minting or read_auth):
             lines.append("  <key>: one of the keys in LORAMINT_API_KEYS")

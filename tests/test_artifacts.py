@@ -188,6 +188,7 @@ def test_setup_round_trip_restores_library_and_generator(packed, tmp_path, capsy
     pack_defaults(data / "library-tiny", None, repack, data, max_bytes=MAX_BYTES)
     first, again = packed["artifacts"] / "library-tiny", repack / "library-tiny"
     index_a, index_b = (json.loads((f / "library.json").read_text()) for f in (first, again))
+
     def records(index):  # the content hash is of the factors, which the first fp16 round trip rounds
         return [{k: v for k, v in e.items() if k != "content_hash"} for e in index["experts"]]
 
