@@ -200,6 +200,11 @@ def test_config_validation_names_the_setting():
         GeneratorTrainConfig(own_prob=1.5)
     with pytest.raises(ValueError, match="mix_lr"):
         GeneratorTrainConfig(mix_lr=0.0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        GeneratorTrainConfig(lr_schedule="linear")  # type: ignore[arg-type]
+    from loramint.training.generator import cosine_decay
+
+    assert [round(cosine_decay(s, 100), 6) for s in (0, 50, 100, 150)] == [1.0, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="adaptive_mix"):
         GeneratorConfig(adaptive_mix=True)  # a mixing rule needs a retrieved mixture (residual_k > 0)
 
@@ -589,7 +594,8 @@ def test_training_with_own_experts_teaches_the_mixer_to_mint_a_seen_tasks_expert
     mixer towards that expert when its cosine is ~1 (a seen task's own description), and minting a seen task
     from its description gets closer to its expert's loss than the fixed rule's mixture + correction does."""
     root = functional["root"]
-    train_pair(functional, tiny, "own", replace(RESIDUAL, adaptive_mix=True), mix_lr=0.05, own_prob=1.0)
+    model = replace(RESIDUAL, adaptive_mix=True)
+    train_pair(functional, tiny, "own", model, mix_lr=0.05, own_prob=1.0, lr_schedule="cosine")
     before, after = Minter.from_pretrained(root / "own0"), Minter.from_pretrained(root / "own")
     own_cos = torch.tensor([1.0, 0.6])
     with torch.no_grad():

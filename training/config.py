@@ -87,6 +87,8 @@ class GeneratorTrainConfig:
     batch_size: int = 16
     """Experts per reconstruction step."""
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """`cosine`: every learning rate decays to 0 over `steps` (half a cosine, per step)."""
     mix_lr: float | None = None
     """Learning rate of the residual mixing parameters (`mix_gain`, the adaptive mixer); None: `lr`."""
     weight_decay: float = 1e-2
@@ -135,6 +137,7 @@ class GeneratorTrainConfig:
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "mix_lr": self.mix_lr is None or self.mix_lr > 0,
+            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
             "grad_clip": self.grad_clip >= 0,
             "beta": self.beta >= 0,
             "top_k": self.top_k >= 1,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -416,13 +417,18 @@ class GeneratorModule(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW; the residual mixing (gain per module, adaptive mixer: a few hundred numbers that few steps
-        inform) at `mix_lr`."""
+        inform) at `mix_lr`; with `lr_schedule: cosine` every rate decays to 0 over `steps`."""
         mixing = [p for n, p in self.net.named_parameters() if n == "mix_gain" or n.startswith("mixer.")]
         ids = {id(p) for p in mixing}
         groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
         if mixing:
             groups.append({"params": mixing, "lr": self.cfg.mix_lr or self.cfg.lr})
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.lr_schedule == "constant":
+            return optimizer
+        steps = self.cfg.steps
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_decay(step, steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     def train_dataloader(self) -> DataLoader:
         batches = StepBatches(
@@ -437,6 +443,11 @@ class GeneratorModule(L.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
+
+
+def cosine_decay(step: int, steps: int) -> float:
+    """Learning-rate factor at `step` of `steps`: 1 -> 0 along half a cosine (0 from the last step on)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def collapsed(metrics: dict[str, Any], limit: float) -> bool:
