@@ -581,7 +581,6 @@ def test_the_adaptive_mixer_starts_as_the_fixed_rule():
     torch.testing.assert_close(gain, torch.ones(2))
     with torch.no_grad():
         net.mixer[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0, -4.0]))
-    with torch.no_grad():
         weights, gain = net.mix(sims)
     torch.testing.assert_close(weights.sum(-1), torch.ones(2))
     assert float(weights[0, 0]) > 0.95 and 0 < float(gain[0]) < 0.05

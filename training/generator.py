@@ -309,7 +309,7 @@ class GeneratorModule(L.LightningModule):
         with_own = [pick.random() < self.cfg.own_prob for _ in own]
         adapters = self.assemble(self.mint_tokens(cond, own, with_own), cond, own, with_own)
         losses = []
-        for b, i in enumerate(idx.tolist()):
+        for b, i in enumerate(own):
             name = self.data.experts.names[i]
             if name not in self.data.tasks:
                 raise ValueError(f"expert {name!r} has no task data: pass the suite for the functional loss")
