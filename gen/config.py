@@ -24,10 +24,17 @@ class GeneratorConfig:
     """Residual generators only: a small net maps the K retrieved cosines to the mixture's weights and to a
     gain on the correction (initialised to cos_k / Σ cos_j and 1, the fixed rule), so a description that
     retrieves its own expert (cosine ~1, a seen task) can mint that expert instead of expert + correction."""
+    own_gate: bool = False
+    """Residual generators only: a learned gate alpha from how close the retrieved cosines are to 1
+    (`gen.residual.closeness`) blends the minted update towards the top-1 expert's own,
+    ΔW = (1 - alpha) (mixture + correction) + alpha ΔW_top1, so a description that is a library expert's
+    (cosine 1) mints that expert while a near sibling (0.98) keeps the mixture. Starts closed (alpha ~ 0.002):
+    the generator it is added to mints what it did."""
 
     def __post_init__(self) -> None:
         bad = [k for k in ("cond_dim", "d_model", "hidden", "d_latent") if getattr(self, k) < 1]
         bad += ["residual_k"] if self.residual_k < 0 else []
         bad += ["adaptive_mix"] if self.adaptive_mix and not self.residual_k else []
+        bad += ["own_gate"] if self.own_gate and not self.residual_k else []
         if bad or not 0 <= self.dropout < 1:
             raise ValueError(f"invalid GeneratorConfig field(s) {bad or ['dropout']}: {self}")

@@ -29,7 +29,7 @@ from loramint.errors import GeneratorError
 from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
-from loramint.gen.residual import assemble, compose
+from loramint.gen.residual import assemble, coefficients, compose
 from loramint.paths import fsync_dir
 
 FORMAT = "loramint-generator"
@@ -293,15 +293,18 @@ class Minter:
         mu, _ = self.model.prior(cond, *self.prior_inputs(cond))  # [D, Z]
         mixed = torch.nn.functional.normalize((w * cond).sum(0, keepdim=True), dim=-1)  # [1, C]
         tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
-        experts, sims, gain = [], None, 1.0
+        experts, sims, gain, direct = [], None, 1.0, None
         if self.model.config.residual_k:  # each description's retrieved mixture, weighted by its share
             per = self._mixtures(cond)
             experts = [e for es, _ in per for e in es]
-            mixes = [self.model.mix(s.to(self.model.mix_gain)) for _, s in per]
+            mixes = [coefficients(self.model, s.to(self.model.mix_gain)) for _, s in per]
             shares = w[:, 0].to(self.model.mix_gain)
-            sims = torch.cat([wd * m for wd, (m, _) in zip(shares, mixes, strict=True)]).cpu()
-            gain = float(sum(wd * g for wd, (_, g) in zip(shares, mixes, strict=True)))
-        return self._adapter({g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True, gain=gain)
+            sims = torch.cat([wd * m for wd, (m, _, _) in zip(shares, mixes, strict=True)]).cpu()
+            direct = torch.cat([wd * d for wd, (_, d, _) in zip(shares, mixes, strict=True)]).cpu()
+            gain = float(sum(wd * g for wd, (_, _, g) in zip(shares, mixes, strict=True)))
+        return self._adapter(
+            {g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True, gain=gain, direct=direct
+        )
 
     def _adapter(
         self,
@@ -311,6 +314,7 @@ class Minter:
         sims: torch.Tensor | None = None,
         fused: bool = False,
         gain: float = 1.0,
+        direct: torch.Tensor | None = None,
     ) -> LoraAdapter:
         """Normalised tokens of one adapter (+ a residual generator's retrieved experts) -> a `LoraAdapter`
         (canonical factors when not residual; optionally truncated to `rank` by SVD)."""
@@ -322,7 +326,7 @@ class Minter:
                 {g: t * self.normalizer.scale[g].to(t) for g, t in tokens.items()}
             )
             adapter = compose(
-                self.layout, experts, sims, correction, self.model.mix_gain.detach().cpu(), gain
+                self.layout, experts, sims, correction, self.model.mix_gain.detach().cpu(), gain, direct
             )
         else:
             adapter = assemble(self.model, self.normalizer, tokens, experts, sims)

@@ -6,7 +6,10 @@ adapters minted for 10 different unseen tasks). With `GeneratorConfig.residual_k
 decides the starting point instead: ΔW_minted = g · Σ_k w_k ΔW_k + ΔW_correction, where the K experts are the
 ones retrieved for the description, w_k = cos_k / Σ_j cos_j (the harness's top-k mixture), g a learned gain
 per (layer, module type), and the correction is decoded from (z, c) with no library mean added (so an
-untrained generator mints the top-k mixture itself). The sum is stacked exactly into one LoRA adapter of
+untrained generator mints the top-k mixture itself). With `own_gate` a learned share alpha of the update
+bypasses both and is the top-1 expert's own: ΔW = (1 - alpha)(mixture + correction) + alpha ΔW_top1, alpha
+from how close the cosines are to 1 (a seen task's own description retrieves its expert at cosine 1). The
+sum is stacked exactly into one LoRA adapter of
 rank (K + 1) r (factors concatenated); `Minter.mint(..., rank=8)` compresses it by SVD.
 
 Distances between adapters are computed from the factors, never from the dense ΔW:
@@ -15,6 +18,7 @@ Distances between adapters are computed from the factors, never from the dense �
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +35,29 @@ def mixture_weights(sims: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, pos / total.clamp_min(1e-12), uniform)
 
 
+CLOSENESS_FLOOR = 1e-4
+"""`closeness` saturates at 1 - cos <= 1e-4: float16 keys put an identical description at ~0.9999."""
+
+
+def closeness(sims: torch.Tensor) -> torch.Tensor:
+    """[..., K] cosines -> how close each is to 1 on a log scale, in [0, 1]: -log10(1 - cos) / 4, so cosine
+    0.9 -> 0.25, 0.976 (a near sibling) -> 0.40, 0.999 -> 0.75, >= 0.9999 (the same description) -> 1.
+    Raw cosines barely tell an exact match from a close sibling; this separates them."""
+    gap = (1 - sims).clamp(CLOSENESS_FLOOR, 1.0)
+    return gap.log10() / math.log10(CLOSENESS_FLOOR)
+
+
+def coefficients(model, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A residual `LoraCVAE`'s mixing of its K retrieved experts with cosines `sims` [K] -> (weights [K],
+    scaled by the per-module gain; direct [K], not scaled: the own-expert gate's share of the top-1; the
+    correction's gain, a scalar): ΔW = gain · Σ weights_k ΔW_k + Σ direct_k ΔW_k + corr_gain · ΔW_corr."""
+    weights, correction_gain = model.mix(sims)
+    alpha = model.own_share(sims)
+    direct = torch.zeros_like(weights)
+    direct[..., 0] = alpha
+    return (1 - alpha) * weights, direct, (1 - alpha) * correction_gain
+
+
 def compose(
     layout: Layout,
     experts: Sequence[LoraAdapter],
@@ -38,24 +65,31 @@ def compose(
     correction: LoraAdapter,
     gain: torch.Tensor | None = None,
     correction_gain: torch.Tensor | float = 1.0,
+    direct: torch.Tensor | None = None,
 ) -> LoraAdapter:
-    """One adapter with ΔW = gain[layer, type] · Σ_k weights[k] ΔW(experts[k]) + correction_gain · ΔW(correction),
-    exactly.
+    """One adapter with ΔW = Σ_k (gain[layer, type] · weights[k] + direct[k]) ΔW(experts[k])
+    + correction_gain · ΔW(correction), exactly.
 
     Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and weight is folded
     into its B rows). Differentiable in `weights`, `gain` and the correction's factors."""
     if len(experts) != weights.shape[0]:
         raise ValueError(f"{len(experts)} experts but {weights.shape[0]} weights")
+    if direct is not None and direct.shape != weights.shape:
+        raise ValueError(
+            f"direct coefficients {tuple(direct.shape)} do not match the weights' {tuple(weights.shape)}"
+        )
+    if direct is None:
+        direct = torch.zeros_like(weights)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for li, layer in enumerate(layout.layers):
         for ti, module_type in enumerate(layout.module_types):
             module = layout.path(layer, module_type)
             g = gain[li, ti] if gain is not None else 1.0
             a_parts, b_parts = [], []
-            for expert, w in zip(experts, weights, strict=True):
+            for expert, w, d in zip(experts, weights, direct, strict=True):
                 a, b = expert.weights[module]
                 a_parts.append(a)
-                b_parts.append(b * (g * w * expert.config.scaling(module)))
+                b_parts.append(b * ((g * w + d) * expert.config.scaling(module)))
             a, b = correction.weights[module]
             a_parts.append(a)
             b_parts.append(b * (correction_gain * correction.config.scaling(module)))
@@ -116,5 +150,5 @@ def assemble(
     if sims is None or len(experts) != model.config.residual_k:
         raise ValueError(f"a residual generator needs its {model.config.residual_k} retrieved experts")
     correction = layout.from_tokens({g: t * normalizer.scale[g].to(t) for g, t in tokens.items()})
-    weights, correction_gain = model.mix(sims.to(model.mix_gain))
-    return compose(layout, experts, weights, correction, model.mix_gain, correction_gain)
+    weights, direct, correction_gain = coefficients(model, sims.to(model.mix_gain))
+    return compose(layout, experts, weights, correction, model.mix_gain, correction_gain, direct)

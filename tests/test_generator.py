@@ -615,3 +615,91 @@ def test_training_with_own_experts_teaches_the_mixer_to_mint_a_seen_tasks_expert
         return total / len(functional["seen"])
 
     assert gap(after) < gap(before) - 0.05
+
+
+def test_the_own_gate_starts_closed_and_needs_a_residual_generator():
+    from loramint.gen.layout import Layout
+    from loramint.gen.model import GATE_INIT, LoraCVAE
+
+    with pytest.raises(ValueError, match="own_gate"):
+        GeneratorConfig(own_gate=True)  # the gate blends towards a retrieved expert: residual_k > 0
+    template = {"q_proj": "model.layers.{layer}.self_attn.q_proj"}
+    layout = Layout("tiny", 2, 4.0, (0, 1), ("q_proj",), template, {"q_proj": (4, 4)})
+    net = LoraCVAE(layout, replace(SMALL, residual_k=3, own_gate=True))
+    sims = torch.tensor([[1.0, 0.9, 0.8], [0.5, 0.4, 0.1]])
+    torch.testing.assert_close(
+        net.own_share(sims), torch.full((2,), float(torch.sigmoid(torch.tensor(GATE_INIT))))
+    )
+    plain = LoraCVAE(layout, replace(SMALL, residual_k=3))
+    assert not hasattr(plain, "gate") and plain.own_share(sims).tolist() == [0.0, 0.0]
+
+
+def test_fitting_the_own_gate_mints_a_seen_experts_own_update_and_changes_nothing_else(residual):
+    """`objective: own` + `init_from` + `train_only: [gate.]`: only the gate moves; a seen task's stored
+    description then mints (nearly) its own expert, and a description far from every library expert mints
+    what the generator minted before."""
+    from loramint.gen.residual import delta_error
+
+    root = residual["root"]
+    start = Minter.from_pretrained(root / "residual")
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(root / "gated"),
+        model=replace(RESIDUAL, own_gate=True),
+        objective="own",
+        init_from=str(root / "residual"),
+        train_only=["gate."],
+        own_prob=0.5,
+        steps=120,
+        batch_size=8,
+        mix_lr=0.05,
+        weight_decay=0.0,
+        top_k=3,
+        val_tasks=0,
+    )
+    report = train_generator(config, progress=False)
+    assert 0 < report["trained_params"] < report["generator_params"] and report["init_from"] == str(
+        root / "residual"
+    )
+    gated = Minter.from_pretrained(root / "gated")
+    before, after = start.model.state_dict(), gated.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # everything but the new gate is as it was
+    assert any(
+        not torch.equal(v, gated.model.__class__(gated.layout, config.model).state_dict()[k])
+        for k, v in after.items()
+        if k.startswith("gate.")
+    )
+    with ExpertLibrary.open(root / "lib") as library:
+        entries = library.list()
+        errors = {
+            name: [float(delta_error(m.mint(e.description), e.load_adapter())) for e in entries]
+            for name, m in (("before", start), ("after", gated))
+        }
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    assert mean["after"] < 0.1 and mean["after"] < 0.5 * mean["before"], mean
+    far = "Write a sonnet in French about the sea at night."
+    old, new = start.mint(far), gated.mint(far)
+    assert float(delta_error(new, old)) < 0.01
+
+
+def test_init_from_refuses_another_architecture_and_train_only_must_name_parameters(residual, tmp_path):
+    root = residual["root"]
+    config = GeneratorTrainConfig(
+        library=str(root / "lib"),
+        out=str(tmp_path / "g"),
+        model=replace(RESIDUAL, d_model=48, own_gate=True),
+        objective="own",
+        init_from=str(root / "residual"),
+        steps=1,
+        top_k=3,
+        val_tasks=0,
+    )
+    with pytest.raises(ValueError, match="another architecture"):
+        train_generator(config, progress=False)
+    with pytest.raises(FileNotFoundError, match="no generator checkpoint"):
+        train_generator(replace(config, model=RESIDUAL, init_from=str(tmp_path / "nothing")), progress=False)
+    with pytest.raises(ValueError, match="names no parameter"):
+        train_generator(replace(config, model=RESIDUAL, init_from=None, train_only=["gate."]), progress=False)
+    with pytest.raises(ValueError, match="objective"):
+        GeneratorTrainConfig(objective="own")  # needs a residual generator
+    assert not (tmp_path / "g").exists()

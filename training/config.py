@@ -8,7 +8,7 @@ from typing import Literal
 
 from loramint.gen.config import GeneratorConfig
 
-Objective = Literal["recon", "functional", "both"]
+Objective = Literal["recon", "functional", "both", "own"]
 
 
 @dataclass
@@ -82,6 +82,14 @@ class GeneratorTrainConfig:
     """Checkpoint folder (replaced atomically when training ends)."""
     model: GeneratorConfig = field(default_factory=GeneratorConfig)
     objective: Objective = "recon"
+    """`own`: the ΔW error of the minting path against each row's own expert, every row's own expert
+    retrievable (the task's stored description, plus a phrasing that retrieves it with `own_prob`): what
+    the own-expert gate (`model.own_gate`) learns from; cheap, no base model forward."""
+    init_from: str | None = None
+    """A generator checkpoint to start from (same architecture; parameters it lacks, e.g. a new
+    `own_gate`, keep their initial values)."""
+    train_only: list[str] | None = None
+    """Train only the parameters whose names start with one of these prefixes (e.g. [gate.]); None: all."""
     steps: int = 3000
     """Optimiser steps (at most; early stopping may end sooner)."""
     batch_size: int = 16
@@ -120,7 +128,7 @@ class GeneratorTrainConfig:
     val_every: int = 100
     val_examples: int = 0
     """Evaluation examples per validation task for the functional validation NLL (0: reconstruction only)."""
-    monitor: Literal["val/mse", "val/nll"] = "val/mse"
+    monitor: Literal["val/mse", "val/nll", "val/own_nll"] = "val/mse"
     patience: int = 10
     """Validations without improvement before stopping."""
     max_minted_cos: float = 0.9
@@ -132,7 +140,9 @@ class GeneratorTrainConfig:
         if isinstance(self.model, dict):
             self.model = GeneratorConfig(**self.model)
         checks = {
-            "objective": self.objective in ("recon", "functional", "both"),
+            "objective": self.objective in ("recon", "functional", "both", "own")
+            and (self.objective != "own" or self.model.residual_k > 0),
+            "train_only": self.train_only is None or (isinstance(self.train_only, list) and self.train_only),
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
@@ -147,8 +157,9 @@ class GeneratorTrainConfig:
             "val_tasks": self.val_tasks >= 0,
             "val_every": self.val_every >= 1,
             "val_examples": self.val_examples >= 0,
-            "monitor": self.monitor in ("val/mse", "val/nll")
-            and (self.monitor != "val/nll" or self.val_examples > 0),
+            "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll")
+            and (self.monitor == "val/mse" or self.val_examples > 0)
+            and (self.monitor != "val/own_nll" or self.own_prob > 0),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
             "max_minted_cos": -1 <= self.max_minted_cos <= 1,

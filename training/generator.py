@@ -6,6 +6,10 @@ Objectives (`objective`):
 - `functional`: the base model's answer loss on the expert's task examples with the adapter decoded from the
   prior mean applied (T2L's "SFT" mode). Costs a base-model forward and backward per step.
 - `both`: the sum.
+- `own`: the ΔW error of the minting path against each row's own expert, retrievable (the stored description,
+  and a phrasing with probability `own_prob`): teaches the own-expert gate (`GeneratorConfig.own_gate`) when
+  a description is a library expert's. Cheap. With `init_from` + `train_only: [gate.]` it fits the gate of a
+  trained generator and leaves the rest as it was.
 
 Every step conditions on a random phrasing of each task (`gen.phrasings`; some rows also pulled towards a
 few of the task's examples), and the semantic prior comes from the K nearest *other* training experts
@@ -185,7 +189,15 @@ class GeneratorModule(L.LightningModule):
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
-        if config.objective != "recon" or config.val_examples:
+        if config.init_from:
+            load_initial_state(self.net, config.init_from)
+        if config.train_only is not None:
+            trained = [n for n, _ in self.net.named_parameters() if n.startswith(tuple(config.train_only))]
+            if not trained:
+                raise ValueError(f"train_only {config.train_only} names no parameter of the generator")
+            for n, p in self.net.named_parameters():
+                p.requires_grad_(n in trained)
+        if config.objective in ("functional", "both") or config.val_examples:
             if base is None:
                 raise ValueError("the functional objective and validation NLL need the base model")
             for p in base.model.parameters():
@@ -278,6 +290,10 @@ class GeneratorModule(L.LightningModule):
             kl = out["kl"].mean() / self.cfg.model.d_latent
             loss = recon + self.cfg.prior_weight * prior + self.cfg.beta * kl
             logs |= {"train/recon": recon, "train/prior_mse": prior, "train/kl": kl}
+        if self.cfg.objective == "own":
+            own = self.own_error(idx, cond)
+            loss = loss + own
+            logs["train/own_error"] = own
         if self.cfg.objective in ("functional", "both"):
             fn = self.functional(idx[: self.cfg.functional_tasks], cond[: self.cfg.functional_tasks])
             loss = loss + self.cfg.functional_weight * fn
@@ -300,6 +316,18 @@ class GeneratorModule(L.LightningModule):
         return torch.stack(
             [delta_error(a, self.raw_experts[i]) for a, i in zip(adapters, idx.tolist(), strict=True)]
         ).mean()
+
+    def own_error(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Mean relative ΔW error against each row's own expert of the adapter minted (prior mean) from the
+        task's stored description (its own expert retrievable: cosine 1) and from the row's phrasing (its own
+        expert retrievable with probability `own_prob`, else never)."""
+        own = idx.tolist()
+        pick = random.Random(self.global_step * 7919 + 2)
+        with_own = [True] * len(own) + [pick.random() < self.cfg.own_prob for _ in own]
+        conds, rows = torch.cat([self.keys[idx], cond]), own + own
+        adapters = self.assemble(self.mint_tokens(conds, rows, with_own), conds, rows, with_own)
+        errors = [delta_error(a, self.raw_experts[i]) for a, i in zip(adapters, rows, strict=True)]
+        return torch.stack(errors).mean()
 
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
@@ -418,9 +446,10 @@ class GeneratorModule(L.LightningModule):
     def configure_optimizers(self):
         """AdamW; the residual mixing (gain per module, adaptive mixer: a few hundred numbers that few steps
         inform) at `mix_lr`; with `lr_schedule: cosine` every rate decays to 0 over `steps`."""
-        mixing = [p for n, p in self.net.named_parameters() if n == "mix_gain" or n.startswith("mixer.")]
+        params = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        mixing = [p for n, p in params if n == "mix_gain" or n.startswith(("mixer.", "gate."))]
         ids = {id(p) for p in mixing}
-        groups = [{"params": [p for p in self.net.parameters() if id(p) not in ids]}]
+        groups = [{"params": rest}] if (rest := [p for _, p in params if id(p) not in ids]) else []
         if mixing:
             groups.append({"params": mixing, "lr": self.cfg.mix_lr or self.cfg.lr})
         optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -474,6 +503,26 @@ def batch_nll(model, batch: dict[str, torch.Tensor]) -> float:
 # ---- the job -------------------------------------------------------------------------------------------------
 
 
+def load_initial_state(net: LoraCVAE, checkpoint: str | Path) -> None:
+    """Copy a checkpoint's weights into `net` (same architecture; only parameters of modules the checkpoint
+    lacks, e.g. a new own-expert gate, keep their initial values)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint, "model.safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no generator checkpoint at {checkpoint} (missing {path.name})")
+    state = load_file(str(path))
+    own = net.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    if unexpected or shapes:
+        raise ValueError(
+            f"init_from {checkpoint}: another architecture (unexpected {unexpected[:3]}, shapes differ for "
+            f"{shapes[:3]}): set train.model like the checkpoint's generator.json"
+        )
+    net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
+
+
 def posterior_bank(net: LoraCVAE, experts: ExpertSet) -> Bank:
     """Every expert's posterior mean/log-variance under the trained encoder, with its description key."""
     with torch.no_grad():
@@ -494,7 +543,7 @@ def train_generator(
     with ExpertLibrary.open(config.library) as library:
         data = load_training_data(library, tasks, config)
         encoder = library.encoder.name
-    if config.objective != "recon" or config.val_examples:
+    if config.objective in ("functional", "both") or config.val_examples:
         missing = [
             data.experts.names[i] for i in data.train + data.val if data.experts.names[i] not in data.tasks
         ]
@@ -540,6 +589,8 @@ def train_generator(
         "n_experts": len(data.experts),
         "train": [data.experts.names[i] for i in data.train],
         "val": [data.experts.names[i] for i in data.val],
+        "init_from": config.init_from,
+        "trained_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "generator_params": sum(p.numel() for p in net.parameters()),
         "generator_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
         "library_bytes": int(sum(t.numel() * 4 for t in data.experts.tokens.values())),
