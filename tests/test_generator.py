@@ -638,6 +638,7 @@ def test_fitting_the_own_gate_mints_a_seen_experts_own_update_and_changes_nothin
     """`objective: own` + `init_from` + `train_only: [gate.]`: only the gate moves; a seen task's stored
     description then mints (nearly) its own expert, and a description far from every library expert mints
     what the generator minted before."""
+    from loramint.gen.model import GATE_INIT
     from loramint.gen.residual import delta_error
 
     root = residual["root"]
@@ -664,11 +665,8 @@ def test_fitting_the_own_gate_mints_a_seen_experts_own_update_and_changes_nothin
     gated = Minter.from_pretrained(root / "gated")
     before, after = start.model.state_dict(), gated.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # everything but the new gate is as it was
-    assert any(
-        not torch.equal(v, gated.model.__class__(gated.layout, config.model).state_dict()[k])
-        for k, v in after.items()
-        if k.startswith("gate.")
-    )
+    last = gated.model.gate[-1]
+    assert float(last.weight.abs().sum()) > 0 and float(last.bias) != GATE_INIT  # the gate itself moved
     with ExpertLibrary.open(root / "lib") as library:
         entries = library.list()
         errors = {
