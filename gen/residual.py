@@ -47,12 +47,15 @@ def closeness(sims: torch.Tensor) -> torch.Tensor:
     return gap.log10() / math.log10(CLOSENESS_FLOOR)
 
 
-def coefficients(model, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def coefficients(
+    model, sims: torch.Tensor, own_gate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A residual `LoraCVAE`'s mixing of its K retrieved experts with cosines `sims` [K] -> (weights [K],
     scaled by the per-module gain; direct [K], not scaled: the own-expert gate's share of the top-1; the
-    correction's gain, a scalar): ΔW = gain · Σ weights_k ΔW_k + Σ direct_k ΔW_k + corr_gain · ΔW_corr."""
+    correction's gain, a scalar): ΔW = gain · Σ weights_k ΔW_k + Σ direct_k ΔW_k + corr_gain · ΔW_corr.
+    `own_gate=False`: as if the gate were closed (alpha 0)."""
     weights, correction_gain = model.mix(sims)
-    alpha = model.own_share(sims)
+    alpha = model.own_share(sims) if own_gate else torch.zeros(sims.shape[:-1]).to(sims)
     direct = torch.zeros_like(weights)
     direct[..., 0] = alpha
     return (1 - alpha) * weights, direct, (1 - alpha) * correction_gain
@@ -139,16 +142,17 @@ def assemble(
     tokens: dict[str, torch.Tensor],
     experts: Sequence[LoraAdapter] = (),
     sims: torch.Tensor | None = None,
+    own_gate: bool = True,
 ) -> LoraAdapter:
     """One adapter from the decoder's normalised tokens {group: [L, dim]} of a `LoraCVAE` `model`: the whole
     adapter (de-normalised), or with `model.config.residual_k` the correction (scaled, no library mean)
     composed with the retrieved `experts` (raw canonical factors) by the model's mixing rule on their cosines
-    `sims` [K] (`LoraCVAE.mix`)."""
+    `sims` [K] (`coefficients`; `own_gate=False`: with the own-expert gate closed)."""
     layout = model.layout
     if not model.config.residual_k:
         return layout.from_tokens(normalizer.denormalize(tokens))
     if sims is None or len(experts) != model.config.residual_k:
         raise ValueError(f"a residual generator needs its {model.config.residual_k} retrieved experts")
     correction = layout.from_tokens({g: t * normalizer.scale[g].to(t) for g, t in tokens.items()})
-    weights, direct, correction_gain = coefficients(model, sims.to(model.mix_gain))
+    weights, direct, correction_gain = coefficients(model, sims.to(model.mix_gain), own_gate)
     return compose(layout, experts, weights, correction, model.mix_gain, correction_gain, direct)

@@ -82,9 +82,9 @@ class GeneratorTrainConfig:
     """Checkpoint folder (replaced atomically when training ends)."""
     model: GeneratorConfig = field(default_factory=GeneratorConfig)
     objective: Objective = "recon"
-    """`own`: the ΔW error of the minting path against each row's own expert, every row's own expert
-    retrievable (the task's stored description, plus a phrasing that retrieves it with `own_prob`): what
-    the own-expert gate (`model.own_gate`) learns from; cheap, no base model forward."""
+    """`own`: the ΔW error of the minting path, against the row's own expert where it is retrievable (the
+    task's stored description; a phrasing with probability `own_prob`) and against the gate-closed mint
+    elsewhere: what the own-expert gate (`model.own_gate`) learns from; cheap, no base model forward."""
     init_from: str | None = None
     """A generator checkpoint to start from (same architecture; parameters it lacks, e.g. a new
     `own_gate`, keep their initial values)."""
@@ -159,7 +159,7 @@ class GeneratorTrainConfig:
             "val_examples": self.val_examples >= 0,
             "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll")
             and (self.monitor == "val/mse" or self.val_examples > 0)
-            and (self.monitor != "val/own_nll" or self.own_prob > 0),
+            and (self.monitor != "val/own_nll" or self.own_prob > 0 or self.objective == "own"),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
             "max_minted_cos": -1 <= self.max_minted_cos <= 1,
