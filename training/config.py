@@ -128,7 +128,9 @@ class GeneratorTrainConfig:
     val_every: int = 100
     val_examples: int = 0
     """Evaluation examples per validation task for the functional validation NLL (0: reconstruction only)."""
-    monitor: Literal["val/mse", "val/nll", "val/own_nll"] = "val/mse"
+    monitor: Literal["val/mse", "val/nll", "val/own_nll", "val/both_nll"] = "val/mse"
+    """`val/both_nll`: the mean of `val/nll` (own expert not retrievable: transfer) and `val/own_nll`
+    (retrievable: reconstruction); the last two need `own_prob` > 0 or `objective: own`."""
     patience: int = 10
     """Validations without improvement before stopping."""
     max_minted_cos: float = 0.9
@@ -157,9 +159,9 @@ class GeneratorTrainConfig:
             "val_tasks": self.val_tasks >= 0,
             "val_every": self.val_every >= 1,
             "val_examples": self.val_examples >= 0,
-            "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll")
+            "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll", "val/both_nll")
             and (self.monitor == "val/mse" or self.val_examples > 0)
-            and (self.monitor != "val/own_nll" or self.own_prob > 0 or self.objective == "own"),
+            and (self.monitor in ("val/mse", "val/nll") or self.own_prob > 0 or self.objective == "own"),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
             "max_minted_cos": -1 <= self.max_minted_cos <= 1,
