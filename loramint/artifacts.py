@@ -60,6 +60,9 @@ when the manifest gained or changed another bundle)."""
 MAX_FILE_BYTES = 40_000_000
 """Largest artifact file pack writes (GitHub warns at 50 MB and refuses 100 MB)."""
 FP16_MAX = float(torch.finfo(torch.float16).max)
+KEEP_FP32_NUMEL = 4096
+"""Generator tensors this small stay float32 in a pack (the residual mixing rule: per-module gains, the
+adaptive mixer, the own-expert gate: a few thousand numbers whose rounding would move every mixture)."""
 HEADER_BASE = 4096
 HEADER_PER_TENSOR = 160
 """A shard's budget for its safetensors JSON header: HEADER_BASE + HEADER_PER_TENSOR + len(key) per tensor
@@ -231,7 +234,7 @@ def pack_generator(
     generator: Path, out: Path, max_bytes: int = MAX_FILE_BYTES, log: Log = _quiet
 ) -> dict[str, Any]:
     """Write the checkpoint folder `generator` into the empty folder `out`: model.safetensors' float32 tensors
-    in fp16, every other file as it is (a safetensors file above `max_bytes` split into shards)."""
+    in fp16 (those of at most KEEP_FP32_NUMEL numbers as they are), every other file as it is (a safetensors file above `max_bytes` split into shards)."""
     if not (generator / "generator.json").is_file():
         raise ArtifactError(f"{generator} is not a generator checkpoint (no generator.json)")
     files: dict[str, dict[str, Any]] = {}
@@ -255,7 +258,7 @@ def pack_generator(
         upcast = []
         if fp16:
             for key, tensor in state.items():
-                if tensor.dtype == torch.float32:
+                if tensor.dtype == torch.float32 and tensor.numel() > KEEP_FP32_NUMEL:
                     half = _to_fp16(f"{name}: {key}", tensor)
                     errors[key] = _relative_error(tensor, half)
                     state[key] = half

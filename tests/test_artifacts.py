@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from loramint.adapters import LoraAdapter
 from loramint.artifacts import (
+    KEEP_FP32_NUMEL,
     MANIFEST,
     MARKER,
     ArtifactError,
@@ -119,7 +120,9 @@ def test_pack_writes_small_checksummed_files_and_no_databases(packed):
     experts = load_file(artifacts / library_shards[0])
     assert experts and all(t.dtype == torch.float16 for t in experts.values())
     model = read_shards([artifacts / n for n in sorted(on_disk) if n.startswith("generator-tiny/model")])
-    assert model and all(t.dtype == torch.float16 for t in model.values())
+    assert model and all(t.dtype == torch.float16 for k, t in model.items() if t.numel() > KEEP_FP32_NUMEL)
+    small = [k for k, t in model.items() if t.numel() <= KEEP_FP32_NUMEL]  # biases, the mixing gains
+    assert small and all(model[k].dtype == torch.float32 for k in small)
     index = json.loads((artifacts / "library-tiny" / "library.json").read_text())
     assert [e["id"] for e in index["experts"]] == [f"{f}_{j}" for j, (f, _) in enumerate(TEXTS)]
     assert 0 < summary["library"]["fp16_max_relative_delta_error"] < FP16_TOLERANCE
@@ -173,6 +176,8 @@ def test_setup_round_trip_restores_library_and_generator(packed, tmp_path, capsy
     for key, tensor in model_old.items():
         assert model_new[key].dtype == tensor.dtype == torch.float32
         torch.testing.assert_close(model_new[key], tensor, rtol=1e-3, atol=1e-4)
+        if tensor.numel() <= KEEP_FP32_NUMEL:  # kept float32 in the pack: restored exactly
+            assert torch.equal(model_new[key], tensor), key
 
     text = "Add up the numbers and report the total."
     minted_old, minted_new = (
