@@ -336,16 +336,10 @@ class GeneratorModule(L.LightningModule):
         conds, rows = torch.cat([keys, keys, cond]), own * 3
         tokens = self.mint_tokens(conds, rows, with_own)
         adapters = self.assemble(tokens, conds, rows, with_own)
-        errors = []
-        for b, (adapter, i) in enumerate(zip(adapters, rows, strict=True)):
-            if with_own[b]:
-                errors.append(delta_error(adapter, self.raw_experts[i]))
-            else:
-                with torch.no_grad():
-                    row = {g: t[b : b + 1] for g, t in tokens.items()}
-                    closed = self.assemble(row, conds[b : b + 1], [i], [False], own_gate=False)[0]
-                errors.append(delta_error(adapter, closed))
-        return torch.stack(errors).mean()
+        with torch.no_grad():  # the targets of the rows without their own expert
+            closed = self.assemble(tokens, conds, rows, with_own, own_gate=False)
+        targets = [self.raw_experts[i] if w else c for i, w, c in zip(rows, with_own, closed, strict=True)]
+        return torch.stack([delta_error(a, t) for a, t in zip(adapters, targets, strict=True)]).mean()
 
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
