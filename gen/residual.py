@@ -9,8 +9,7 @@ per (layer, module type), and the correction is decoded from (z, c) with no libr
 untrained generator mints the top-k mixture itself). With `own_gate` a learned share alpha of the update
 bypasses both and is the top-1 expert's own: ΔW = (1 - alpha)(mixture + correction) + alpha ΔW_top1, alpha
 from how close the cosines are to 1 (a seen task's own description retrieves its expert at cosine 1). The
-sum is stacked exactly into one LoRA adapter of
-rank (K + 1) r (factors concatenated); `Minter.mint(..., rank=8)` compresses it by SVD.
+sum is stacked exactly into one LoRA adapter of rank (K + 1) r (factors concatenated); `Minter.mint(..., rank=8)` compresses it by SVD.
 
 Distances between adapters are computed from the factors, never from the dense ΔW:
 <ΔW_a, ΔW_b>_F = s_a s_b · Σ (B_aᵀ B_b) ⊙ (A_a A_bᵀ).
@@ -55,7 +54,7 @@ def coefficients(
     correction's gain, a scalar): ΔW = gain · Σ weights_k ΔW_k + Σ direct_k ΔW_k + corr_gain · ΔW_corr.
     `own_gate=False`: as if the gate were closed (alpha 0)."""
     weights, correction_gain = model.mix(sims)
-    alpha = model.own_share(sims) if own_gate else torch.zeros(sims.shape[:-1]).to(sims)
+    alpha = model.own_share(sims) if own_gate else sims.new_zeros(sims.shape[:-1])
     direct = torch.zeros_like(weights)
     direct[..., 0] = alpha
     return (1 - alpha) * weights, direct, (1 - alpha) * correction_gain

@@ -234,7 +234,8 @@ def pack_generator(
     generator: Path, out: Path, max_bytes: int = MAX_FILE_BYTES, log: Log = _quiet
 ) -> dict[str, Any]:
     """Write the checkpoint folder `generator` into the empty folder `out`: model.safetensors' float32 tensors
-    in fp16 (those of at most KEEP_FP32_NUMEL numbers as they are), every other file as it is (a safetensors file above `max_bytes` split into shards)."""
+    in fp16 (those of at most KEEP_FP32_NUMEL numbers as they are), every other file as it is (a safetensors
+    file above `max_bytes` split into shards)."""
     if not (generator / "generator.json").is_file():
         raise ArtifactError(f"{generator} is not a generator checkpoint (no generator.json)")
     files: dict[str, dict[str, Any]] = {}

@@ -405,7 +405,7 @@ def train_generator(
         fixed = load_suite(suite)
         tasks = [t for t in load_tasks(fixed.tasks_file) if t.name in set(fixed.seen)]
     base = None
-    if config.objective != "recon" or config.val_examples:
+    if config.needs_base:
         from loramint.models import load_base_model
 
         base = load_base_model(base_model)

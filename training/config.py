@@ -161,13 +161,23 @@ class GeneratorTrainConfig:
             "val_examples": self.val_examples >= 0,
             "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll", "val/both_nll")
             and (self.monitor == "val/mse" or self.val_examples > 0)
-            and (self.monitor in ("val/mse", "val/nll") or self.own_prob > 0 or self.objective == "own"),
+            and (self.monitor in ("val/mse", "val/nll") or self.validates_own),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
             "max_minted_cos": -1 <= self.max_minted_cos <= 1,
         }
         if bad := [k for k, ok in checks.items() if not ok]:
             raise ValueError(f"invalid generator training setting(s) {bad}: {self}")
+
+    @property
+    def needs_base(self) -> bool:
+        """The base model (and the tasks' data) is needed: the functional loss or the validation NLL."""
+        return self.objective in ("functional", "both") or self.val_examples > 0
+
+    @property
+    def validates_own(self) -> bool:
+        """Validation also mints the held-out tasks with their own expert retrievable (`val/own_*`)."""
+        return self.own_prob > 0 or self.objective == "own"
 
 
 @dataclass

@@ -6,9 +6,10 @@ Objectives (`objective`):
 - `functional`: the base model's answer loss on the expert's task examples with the adapter decoded from the
   prior mean applied (T2L's "SFT" mode). Costs a base-model forward and backward per step.
 - `both`: the sum.
-- `own`: the ΔW error of the minting path against each row's own expert, retrievable (the stored description,
-  and a phrasing with probability `own_prob`): teaches the own-expert gate (`GeneratorConfig.own_gate`) when
-  a description is a library expert's. Cheap. With `init_from` + `train_only: [gate.]` it fits the gate of a
+- `own`: the ΔW error of the minting path, against the row's own expert where it is retrievable (each stored
+  description; a phrasing with probability `own_prob`) and against the gate-closed mint elsewhere (the stored
+  description without its own expert, other phrasings): teaches the own-expert gate
+  (`GeneratorConfig.own_gate`) to open only when a description is a library expert's. Cheap. With `init_from` + `train_only: [gate.]` it fits the gate of a
   trained generator and leaves the rest as it was.
 
 Every step conditions on a random phrasing of each task (`gen.phrasings`; some rows also pulled towards a
@@ -197,7 +198,7 @@ class GeneratorModule(L.LightningModule):
                 raise ValueError(f"train_only {config.train_only} names no parameter of the generator")
             for n, p in self.net.named_parameters():
                 p.requires_grad_(n in trained)
-        if config.objective in ("functional", "both") or config.val_examples:
+        if config.needs_base:
             if base is None:
                 raise ValueError("the functional objective and validation NLL need the base model")
             for p in base.model.parameters():
@@ -257,15 +258,15 @@ class GeneratorModule(L.LightningModule):
         k = self.net.config.residual_k
         if k:
             nbrs, sims = self.retrieve(cond, own, k, with_own)
+        normalizer = self.data.experts.normalizer
         out = []
         for b in range(cond.shape[0]):
             row = {g: t[b] for g, t in tokens.items()}
             if k:
                 experts = [self.raw_experts[i] for i in nbrs[b].tolist()]
-                normalizer = self.data.experts.normalizer
                 out.append(assemble(self.net, normalizer, row, experts, sims[b], own_gate))
             else:
-                out.append(assemble(self.net, self.data.experts.normalizer, row))
+                out.append(assemble(self.net, normalizer, row))
         return out
 
     def encoded(self, name: str, split: int) -> list:
@@ -378,7 +379,7 @@ class GeneratorModule(L.LightningModule):
                 )
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
-                if self.cfg.own_prob > 0 or self.cfg.objective == "own":  # own expert retrievable
+                if self.cfg.validates_own:  # own expert retrievable
                     own, every = val.tolist(), [True] * len(val)
                     rebuilt = self.assemble(self.mint_tokens(cond, own, every), cond, own, every)
                     metrics |= {
@@ -557,7 +558,7 @@ def train_generator(
     with ExpertLibrary.open(config.library) as library:
         data = load_training_data(library, tasks, config)
         encoder = library.encoder.name
-    if config.objective in ("functional", "both") or config.val_examples:
+    if config.needs_base:
         missing = [
             data.experts.names[i] for i in data.train + data.val if data.experts.names[i] not in data.tasks
         ]
