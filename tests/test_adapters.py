@@ -187,3 +187,34 @@ def test_fast_serializer_writes_the_same_bytes_as_safetensors_torch(dtype):
 
     state = {k: v.to(dtype) for k, v in LoraAdapter.random("tiny-llama", r=4, seed=1).state_dict().items()}
     assert serialize(state) == save(state, metadata={"format": "pt"})
+
+
+def test_serializer_matches_safetensors_for_mixed_dtypes_empty_and_strided_tensors(tmp_path):
+    from safetensors.torch import load_file, save
+
+    from loramint.adapters import serialize
+
+    state = {
+        "z.t": torch.randn(5, 3).T,  # not contiguous
+        "a": torch.randn(4).half(),
+        "m": torch.zeros(0, 7),
+        "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "b": torch.tensor([True, False, True]),
+    }
+    blob = serialize(state)
+    assert blob == save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+    (tmp_path / "x.safetensors").write_bytes(blob)
+    back = load_file(tmp_path / "x.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_save_writes_the_serialized_bytes_and_replaces_an_old_file(tmp_path):
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=3)
+    adapter.save(tmp_path / "ad")
+    LoraAdapter.random("tiny-llama", r=4, seed=4).save(tmp_path / "ad")  # replaced whole
+    adapter.save(tmp_path / "ad")
+    from loramint.adapters import serialize
+
+    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == serialize(adapter.state_dict())
+    assert LoraAdapter.load(tmp_path / "ad").content_hash() == adapter.content_hash()
+    assert not [p for p in (tmp_path / "ad").iterdir() if p.name.endswith(".tmp")]
