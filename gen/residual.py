@@ -74,8 +74,8 @@ def compose(
 
     Built per module type for every layer at once (a stack, one multiply and a concatenation per part: a
     third of the time of a loop over the modules, same floats); the result's factors are views of those
-    stacks. Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and weight is folded
-    into its B rows). Differentiable in `weights`, `gain` and the correction's factors."""
+    stacks. Rank Σ r_k + r_correction with lora_alpha = rank (scaling 1: every part's own scaling and
+    weight is folded into its B rows). Differentiable in `weights`, `gain` and the correction's factors."""
     if len(experts) != weights.shape[0]:
         raise ValueError(f"{len(experts)} experts but {weights.shape[0]} weights")
     if direct is not None and direct.shape != weights.shape:
