@@ -242,14 +242,17 @@ class Minter:
         cond = self.condition(descriptions, examples)
         sem_mu, sem_logvar = self.prior_inputs(cond)
         tokens = self.model.generate(cond, sem_mu, sem_logvar, seed=_check_seed(seed))
-        mixes = self._mixtures(cond)
+        retrieved = self.retrieve(cond)
         return [
-            self._adapter({g: t[i] for g, t in tokens.items()}, rank, *mixes[i])
+            self.adapter({g: t[i] for g, t in tokens.items()}, retrieved[i], rank)
             for i in range(len(descriptions))
         ]
 
-    def _mixtures(self, cond: torch.Tensor) -> list[tuple[list[LoraAdapter], torch.Tensor | None]]:
-        """Per condition row: the residual generator's retrieved experts and their cosines (else nothing)."""
+    # The stages of `mint_many`, public so that a caller can time or batch them (benchmarks/bench_mint.py):
+    # condition -> prior_inputs + retrieve -> model.generate -> adapter.
+    def retrieve(self, cond: torch.Tensor) -> list[tuple[list[LoraAdapter], torch.Tensor | None]]:
+        """Per condition row: the residual generator's retrieved experts (raw canonical factors) and their
+        cosines, best first; ([], None) for a non-residual generator."""
         k = self.model.config.residual_k
         if not k:
             return [([], None)] * cond.shape[0]
@@ -295,7 +298,7 @@ class Minter:
         tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
         experts, sims, gain, direct = [], None, 1.0, None
         if self.model.config.residual_k:  # each description's retrieved mixture, weighted by its share
-            per = self._mixtures(cond)
+            per = self.retrieve(cond)
             experts = [e for es, _ in per for e in es]
             mixes = [coefficients(self.model, s.to(self.model.mix_gain)) for _, s in per]
             shares = w[:, 0].to(self.model.mix_gain)
@@ -305,6 +308,16 @@ class Minter:
         return self._adapter(
             {g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True, gain=gain, direct=direct
         )
+
+    def adapter(
+        self,
+        tokens: dict[str, torch.Tensor],
+        retrieved: tuple[Sequence[LoraAdapter], torch.Tensor | None] = ((), None),
+        rank: int | None = None,
+    ) -> LoraAdapter:
+        """One row's adapter from its decoded tokens {group: [L, dim]} (`model.generate`, row i) and its
+        retrieval (`retrieve`, row i): what `mint` returns for that row."""
+        return self._adapter(tokens, rank, *retrieved)
 
     def _adapter(
         self,

@@ -555,7 +555,11 @@ def test_a_step_that_leaves_a_non_finite_weight_stops_training():
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     module = SimpleNamespace(
-        net=net, nonfinite_weights=None, global_step=7, trainer=SimpleNamespace(should_stop=False)
+        net=net,
+        nonfinite_weights=None,
+        global_step=7,
+        trainer=SimpleNamespace(should_stop=False),
+        cfg=SimpleNamespace(ema_decay=0.0),
     )
     GeneratorModule.on_train_batch_end(module, None, None, 0)
     assert module.nonfinite_weights is None and not module.trainer.should_stop
@@ -563,6 +567,41 @@ def test_a_step_that_leaves_a_non_finite_weight_stops_training():
         net[0].bias[1] = float("inf")
     GeneratorModule.on_train_batch_end(module, None, None, 0)
     assert module.nonfinite_weights == {"step": 7, "params": ["0.bias"]} and module.trainer.should_stop
+
+
+def test_the_weight_average_is_validated_and_the_trained_weights_come_back():
+    from types import SimpleNamespace
+
+    from loramint.training.generator import GeneratorModule
+
+    net = torch.nn.Linear(2, 1)
+    frozen = net.bias.requires_grad_(False)  # only trained parameters are averaged
+    module = SimpleNamespace(
+        net=net,
+        nonfinite_weights=None,
+        global_step=1,
+        trainer=SimpleNamespace(should_stop=False),
+        cfg=SimpleNamespace(ema_decay=0.75),
+        ema=None,
+        _swapped=False,
+    )
+    for name in ("update_average", "swap_average"):
+        setattr(module, name, getattr(GeneratorModule, name).__get__(module))
+    w0 = net.weight.detach().clone()
+    GeneratorModule.on_train_batch_end(module, None, None, 0)  # first step: the average is a copy
+    with torch.no_grad():
+        net.weight.add_(4.0)
+    GeneratorModule.on_train_batch_end(module, None, None, 0)
+    want = 0.75 * w0 + 0.25 * (w0 + 4.0)
+    assert set(module.ema) == {"weight"}
+    GeneratorModule.on_validation_start(module)
+    torch.testing.assert_close(net.weight.detach(), want)  # validation sees (and would keep) the average
+    GeneratorModule.on_validation_end(module)
+    torch.testing.assert_close(net.weight.detach(), w0 + 4.0)  # training resumes from its own weights
+    torch.testing.assert_close(module.ema["weight"], want)
+    assert frozen is net.bias and not module._swapped
+    with pytest.raises(ValueError, match="ema_decay"):
+        GeneratorTrainConfig(library="x", out="y", ema_decay=1.0)
 
 
 def test_the_adaptive_mixer_starts_as_the_fixed_rule():

@@ -190,6 +190,8 @@ class GeneratorModule(L.LightningModule):
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
+        self.ema: dict[str, torch.Tensor] | None = None  # moving average of the trained weights (ema_decay)
+        self._swapped = False  # the average is in the net (validation) and self.ema holds the trained weights
         if config.init_from:
             load_initial_state(self.net, config.init_from)
         if config.train_only is not None:
@@ -436,6 +438,37 @@ class GeneratorModule(L.LightningModule):
         if bad and self.nonfinite_weights is None:
             self.nonfinite_weights = {"step": int(self.global_step), "params": bad}
             self.trainer.should_stop = True
+        if self.cfg.ema_decay and not bad:
+            self.update_average()
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, for the trained parameters (the first call copies)."""
+        live = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad}
+        if self.ema is None:
+            self.ema = {n: p.clone() for n, p in live.items()}
+            return
+        for n, p in live.items():
+            self.ema[n].mul_(self.cfg.ema_decay).add_(p, alpha=1 - self.cfg.ema_decay)
+
+    @torch.no_grad()
+    def swap_average(self) -> None:
+        """Exchange the trained weights and their average (validation scores, and keeps, the average)."""
+        params = dict(self.net.named_parameters())
+        for n, avg in self.ema.items():
+            current = params[n].detach().clone()
+            params[n].copy_(avg)
+            self.ema[n] = current
+
+    def on_validation_start(self) -> None:
+        if self.ema is not None:
+            self.swap_average()
+            self._swapped = True
+
+    def on_validation_end(self) -> None:
+        if self._swapped:
+            self.swap_average()
+            self._swapped = False
 
     def nonfinite_stage(self, cond: torch.Tensor) -> str | None:
         """The first stage of the minting path whose output is not finite for `cond`, or None."""
@@ -590,6 +623,8 @@ def train_generator(
     trainer.fit(module)
     if module.best["state"] is not None:
         module.net.load_state_dict(module.best["state"])
+    elif module.ema is not None:  # no validation: the average of the last steps
+        module.swap_average()
     net = module.net.eval()
     report = {
         "steps": int(trainer.global_step),
