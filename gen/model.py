@@ -24,7 +24,7 @@ from torch import nn
 
 from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
-from loramint.gen.residual import closeness, mixture_weights
+from loramint.gen.residual import OWN_MIN_COSINE, closeness, mixture_weights
 
 HEAD_INIT_SCALE = 0.01
 MIXER_HIDDEN = 32  # width of the adaptive mixer (K cosines in, K + 1 numbers out)
@@ -127,11 +127,13 @@ class LoraCVAE(nn.Module):
         return logits.softmax(dim=-1), 2 * torch.sigmoid(out[..., -1])
 
     def own_share(self, sims: torch.Tensor) -> torch.Tensor:
-        """[..., K] cosines (best first) -> alpha [...] in (0, 1): how much of the minted update is the top-1
-        expert's own (`own_gate`; 0 without it)."""
+        """[..., K] cosines (best first) -> alpha [...] in [0, 1): how much of the minted update is the top-1
+        expert's own (`own_gate`; 0 without it, and exactly 0 when the top-1 cosine is below
+        `gen.residual.OWN_MIN_COSINE`: the description is not that expert's)."""
         if not self.config.own_gate:
             return torch.zeros(sims.shape[:-1], dtype=sims.dtype, device=sims.device)
-        return torch.sigmoid(self.gate(closeness(sims))[..., 0])
+        alpha = torch.sigmoid(self.gate(closeness(sims))[..., 0])
+        return alpha * (sims[..., 0] >= OWN_MIN_COSINE).to(alpha)
 
     @staticmethod
     def _key(group: str) -> str:

@@ -38,6 +38,13 @@ CLOSENESS_FLOOR = 1e-4
 """`closeness` saturates at 1 - cos <= 1e-4: float16 keys put an identical description at ~0.9999."""
 
 
+OWN_MIN_COSINE = 0.999
+"""Below this top-1 cosine the own-expert gate is exactly closed. A stored description retrieves its own
+expert at >= 0.9999 (float16 keys); nothing else in the ni-family suite comes nearer than 0.990 (the seen
+tasks' phrasings) or 0.976 (an unseen task's sibling), where the learned gate still gave alpha 0.002-0.024,
+pulling unseen mints towards a sibling's update."""
+
+
 def closeness(sims: torch.Tensor) -> torch.Tensor:
     """[..., K] cosines -> how close each is to 1 on a log scale, in [0, 1]: -log10(1 - cos) / 4, so cosine
     0.9 -> 0.25, 0.976 (a near sibling) -> 0.40, 0.999 -> 0.75, >= 0.9999 (the same description) -> 1.

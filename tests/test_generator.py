@@ -548,19 +548,27 @@ def test_a_step_with_a_non_finite_gradient_is_dropped():
     assert all(p.grad is None for p in net.parameters())  # AdamW skips parameters without a gradient
 
 
-def test_a_step_that_leaves_a_non_finite_weight_stops_training():
+def _module_stub(net, global_step: int = 1, ema_decay: float = 0.0):
+    """What GeneratorModule's end-of-step and validation hooks read, around `net`."""
     from types import SimpleNamespace
+
+    return SimpleNamespace(
+        net=net,
+        nonfinite_weights=None,
+        global_step=global_step,
+        trainer=SimpleNamespace(should_stop=False),
+        cfg=SimpleNamespace(ema_decay=ema_decay),
+        ema=None,
+        _swapped=False,
+    )
+
+
+def test_a_step_that_leaves_a_non_finite_weight_stops_training():
 
     from loramint.training.generator import GeneratorModule
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    module = SimpleNamespace(
-        net=net,
-        nonfinite_weights=None,
-        global_step=7,
-        trainer=SimpleNamespace(should_stop=False),
-        cfg=SimpleNamespace(ema_decay=0.0),
-    )
+    module = _module_stub(net, global_step=7)
     GeneratorModule.on_train_batch_end(module, None, None, 0)
     assert module.nonfinite_weights is None and not module.trainer.should_stop
     with torch.no_grad():
@@ -570,21 +578,12 @@ def test_a_step_that_leaves_a_non_finite_weight_stops_training():
 
 
 def test_the_weight_average_is_validated_and_the_trained_weights_come_back():
-    from types import SimpleNamespace
 
     from loramint.training.generator import GeneratorModule
 
     net = torch.nn.Linear(2, 1)
     frozen = net.bias.requires_grad_(False)  # only trained parameters are averaged
-    module = SimpleNamespace(
-        net=net,
-        nonfinite_weights=None,
-        global_step=1,
-        trainer=SimpleNamespace(should_stop=False),
-        cfg=SimpleNamespace(ema_decay=0.75),
-        ema=None,
-        _swapped=False,
-    )
+    module = _module_stub(net, ema_decay=0.75)
     for name in ("update_average", "swap_average"):
         setattr(module, name, getattr(GeneratorModule, name).__get__(module))
     w0 = net.weight.detach().clone()
@@ -665,12 +664,19 @@ def test_the_own_gate_starts_closed_and_needs_a_residual_generator():
     template = {"q_proj": "model.layers.{layer}.self_attn.q_proj"}
     layout = Layout("tiny", 2, 4.0, (0, 1), ("q_proj",), template, {"q_proj": (4, 4)})
     net = LoraCVAE(layout, replace(SMALL, residual_k=3, own_gate=True))
-    sims = torch.tensor([[1.0, 0.9, 0.8], [0.5, 0.4, 0.1]])
-    torch.testing.assert_close(
-        net.own_share(sims), torch.full((2,), float(torch.sigmoid(torch.tensor(GATE_INIT))))
-    )
+    from loramint.gen.residual import OWN_MIN_COSINE
+
+    sims = torch.tensor([[1.0, 0.9, 0.8], [OWN_MIN_COSINE, 0.4, 0.1], [0.998, 0.99, 0.5], [0.5, 0.4, 0.1]])
+    share = net.own_share(sims)
+    closed = float(torch.sigmoid(torch.tensor(GATE_INIT)))
+    torch.testing.assert_close(share[:2], torch.full((2,), closed))
+    # not a stored description's cosine: exactly closed, whatever the gate's weights say
+    assert share[2:].tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        net.gate[-1].bias.fill_(10.0)
+    assert net.own_share(sims)[2:].tolist() == [0.0, 0.0] and float(net.own_share(sims)[0]) > 0.99
     plain = LoraCVAE(layout, replace(SMALL, residual_k=3))
-    assert not hasattr(plain, "gate") and plain.own_share(sims).tolist() == [0.0, 0.0]
+    assert not hasattr(plain, "gate") and plain.own_share(sims).tolist() == [0.0] * 4
 
 
 def test_fitting_the_own_gate_mints_a_seen_experts_own_update_and_changes_nothing_else(residual):
