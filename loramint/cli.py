@@ -373,6 +373,30 @@ def evaluate(
     console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
 
 
+def eval_assemble(
+    results: list[Path] | None = None,
+    methods: list[str] | None = None,
+    out: Path = Path("benchmarks/results"),
+    cache_dir: Path | None = None,
+) -> None:
+    """Put the methods of several `loramint eval` runs into one table (eval_<split>.json/.md/.png) from
+    their cached per-example scores: paired intervals and the oracle fraction as if one run had scored them.
+
+    Args:
+        results: eval_<split>.json files of runs of the same tasks and scoring settings.
+        methods: methods to keep, in this order (default: all of them); each comes from the first run
+            that has it; base is always first.
+        out: output folder.
+        cache_dir: the score cache (default: the one each run recorded).
+    """
+    from loramint.training import evaluate as harness
+    from loramint.training.assemble import assemble
+
+    result = assemble(results or [], methods, out, cache_dir)
+    console.print(harness.markdown(result))
+    console.print(f"wrote eval_{result['split']}.json (+ .md, .png) to {out}")
+
+
 def train_generator(
     train: GeneratorTrainConfig | None = None,
     suite: Path | None = None,
@@ -600,6 +624,7 @@ COMMANDS = {
     "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
     "train-experts": train_experts,
     "eval": evaluate,
+    "eval-assemble": eval_assemble,
     "train-generator": train_generator,
     "mint": mint,
     "train-router": train_router,

@@ -415,3 +415,119 @@ def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
     out = json.loads((tmp_path / "eval_unseen.json").read_text())
     assert list(out["methods"]) == ["base", "top1", "oracle"] and out["tasks"] == UNSEEN
     assert "fraction of oracle gain" in capsys.readouterr().out
+
+
+# ---- one table from several runs (training.assemble) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached_runs(run, tiny, tmp_path_factory):
+    """Two cached runs with different methods, and one run of all of them (every score a cache hit)."""
+    root = tmp_path_factory.mktemp("assemble")
+    scoring = replace(SCORING, cache_dir=root / "cache")
+
+    def one(methods_, name):
+        evaluate(
+            tiny,
+            run["unseen"],
+            methods_,
+            library=run["library"],
+            seen=run["seen"],
+            scoring=scoring,
+            method_config=run["config"],
+            out=root / name,
+        )
+        return root / name / "eval_unseen.json"
+
+    a = one(["base", "top1", "oracle"], "a")
+    b = one(["base", "topk", "uniform"], "b")
+    whole = one(["base", "top1", "oracle", "topk", "uniform"], "whole")
+    return {"a": a, "b": b, "whole": whole, "root": root, "cache": scoring.cache_dir}
+
+
+def same_table(left: dict, right: dict) -> None:
+    assert list(left["methods"]) == list(right["methods"]) and left["tasks"] == right["tasks"]
+    for name, m in left["methods"].items():
+        other = right["methods"][name]
+        for key in ("mean", "ci_low", "ci_high"):
+            assert m[key] == pytest.approx(other[key], abs=1e-12), (name, key)
+            assert m["vs_base"][key] == pytest.approx(other["vs_base"][key], abs=1e-12), (name, key)
+            assert m["frac_oracle_gain"][key] == pytest.approx(other["frac_oracle_gain"][key], abs=1e-12)
+        for task, cell in m["per_task"].items():
+            assert cell["score_key"] == other["per_task"][task]["score_key"]
+            assert cell["mean"] == pytest.approx(other["per_task"][task]["mean"], abs=1e-12)
+
+
+def test_assembled_runs_equal_one_run_of_all_their_methods(cached_runs):
+    from loramint.training.assemble import assemble
+
+    out = cached_runs["root"] / "assembled"
+    result = assemble([cached_runs["a"], cached_runs["b"]], out=out)
+    whole = json.loads(cached_runs["whole"].read_text())
+    same_table(json.loads((out / "eval_unseen.json").read_text()), whole)
+    assert result["config"]["assembled_from"]["topk"] == str(cached_runs["b"])
+    assert result["config"]["assembled_from"]["oracle"] == str(cached_runs["a"])
+    assert "| uniform |" in (out / "eval_unseen.md").read_text()
+    picked = assemble([cached_runs["b"], cached_runs["a"]], methods=["oracle", "topk"])
+    assert list(picked["methods"]) == ["base", "oracle", "topk"]  # base always first, then as asked
+
+
+def test_results_without_score_keys_are_matched_by_value(cached_runs, tmp_path):
+    from loramint.training.assemble import assemble
+
+    legacy = json.loads(cached_runs["a"].read_text())
+    for method in legacy["methods"].values():
+        for cell in method["per_task"].values():
+            del cell["score_key"]
+    path = tmp_path / "eval_unseen.json"
+    path.write_text(json.dumps(legacy))
+    result = assemble([path, cached_runs["b"]], cache_dir=cached_runs["cache"])
+    same_table(result, json.loads(cached_runs["whole"].read_text()))
+
+
+def test_assembly_refuses_runs_that_do_not_agree_or_scores_that_are_gone(cached_runs, tmp_path):
+    from loramint.training.assemble import AssembleError, assemble
+
+    def variant(change, name):
+        body = json.loads(cached_runs["b"].read_text())
+        change(body)
+        path = tmp_path / name
+        path.write_text(json.dumps(body))
+        return path
+
+    other_settings = variant(lambda r: r["config"]["scoring"].update(n_generate=99), "settings.json")
+    with pytest.raises(AssembleError, match=r"differ in \['scoring.n_generate'\]"):
+        assemble([cached_runs["a"], other_settings])
+    other_tasks = variant(lambda r: r.update(tasks=r["tasks"][:1]), "tasks.json")
+    with pytest.raises(AssembleError, match="differ in"):
+        assemble([cached_runs["a"], other_tasks])
+    with pytest.raises(AssembleError, match=r"methods \['multitask'\] are in none"):
+        assemble([cached_runs["a"], cached_runs["b"]], methods=["multitask"])
+    with pytest.raises(AssembleError, match="no evaluation result"):
+        assemble([tmp_path / "missing.json"])
+    task = UNSEEN[1]
+
+    def shift_base(r):
+        r["methods"]["base"]["per_task"][task]["mean"] += 0.5
+
+    with pytest.raises(AssembleError, match="its cache entry holds other scores"):
+        assemble([variant(shift_base, "shifted.json")])
+    key = json.loads(cached_runs["b"].read_text())["methods"]["uniform"]["per_task"][task]["score_key"]
+    entry = cached_runs["cache"] / f"{task}-{key}.json"
+    saved = entry.read_bytes()
+    entry.unlink()
+    try:
+        with pytest.raises(AssembleError, match=f"uniform on {task}: its cache entry .* is missing"):
+            assemble([cached_runs["b"]])
+    finally:
+        entry.write_bytes(saved)
+    assert assemble([cached_runs["b"]])["methods"]["uniform"]["mean"] > 0  # restored: assembles again
+
+
+def test_cli_assembles_a_table(cached_runs, tmp_path, capsys):
+    args = ["eval-assemble", "--results", json.dumps([str(cached_runs["a"]), str(cached_runs["b"])])]
+    assert main([*args, "--methods", '["topk", "oracle"]', "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "eval_unseen.json").read_text())
+    assert list(out["methods"]) == ["base", "topk", "oracle"]
+    assert "fraction of oracle gain" in capsys.readouterr().out
+    assert main(["eval-assemble", "--out", str(tmp_path)]) != 0  # no results named: a clear error

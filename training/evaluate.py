@@ -112,6 +112,9 @@ class TaskScores:
     info: dict[str, Any] = field(default_factory=dict)
     samples: list[dict[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    key: str | None = None
+    """The score cache entry it was read from or written to (`<cache_dir>/<task>-<key>.json`), None without a
+    cache; recorded as `score_key` per task in the result, so `training.assemble` can find it again."""
 
     def to_dict(self) -> dict[str, Any]:
         values = {k: v.tolist() for k, v in self.values.items()}
@@ -358,9 +361,11 @@ def _cached_score(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = scoring.cache_dir / f"{task.name}-{digest}.json"
     if path.is_file():
-        return TaskScores.from_dict({**json.loads(path.read_text()), "info": dict(intervention.info)})
-    scores = score_task(base, task, intervention, scoring)
-    atomic_write_bytes(path, json.dumps(scores.to_dict()).encode())
+        scores = TaskScores.from_dict({**json.loads(path.read_text()), "info": dict(intervention.info)})
+    else:
+        scores = score_task(base, task, intervention, scoring)
+        atomic_write_bytes(path, json.dumps(scores.to_dict()).encode())
+    scores.key = digest
     return scores
 
 
@@ -387,6 +392,8 @@ def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], confi
                         "n": len(scores.values[metric]),
                     }
             entry.update(info=scores.info, seconds=scores.seconds)
+            if scores.key is not None:
+                entry["score_key"] = scores.key
             if scores.samples:
                 entry["samples"] = scores.samples
             per_task[t] = entry
