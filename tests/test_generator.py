@@ -209,6 +209,29 @@ def test_config_validation_names_the_setting():
         GeneratorConfig(adaptive_mix=True)  # a mixing rule needs a retrieved mixture (residual_k > 0)
 
 
+def test_validation_holds_out_whole_small_families_then_single_tasks():
+    from loramint.training.generator import select_val
+
+    families = ["big"] * 6 + ["pair"] * 2 + ["trio"] * 3 + ["solo", ""]
+    names = [f"task{i}" for i in range(len(families))]
+    import hashlib
+
+    by_hash = sorted(range(len(names)), key=lambda i: hashlib.sha256(f"0:{names[i]}".encode()).hexdigest())
+    assert select_val(names, 3, 0, families, 0) == sorted(by_hash[:3])  # the split every run so far used
+    for seed in range(5):
+        val = select_val(names, 2, seed, families, 2)
+        whole = [
+            f for f in ("pair", "trio", "solo") if all(i in val for i, g in enumerate(families) if g == f)
+        ]
+        assert len(whole) == 2, (seed, val)  # two small families held out whole, never "big"
+        assert len(val) == 2 + sum(families.count(f) for f in whole)  # + 2 single tasks of the others
+        assert val == select_val(names, 2, seed, families, 2)  # reproducible
+    with pytest.raises(ValueError, match="val_families=4 but the library has 3 families"):
+        select_val(names, 2, 0, families, 4)
+    with pytest.raises(ValueError, match="val_families"):
+        GeneratorTrainConfig(val_families=-1)
+
+
 def test_too_small_a_library_is_refused(tmp_path):
     with ExpertLibrary.open(tmp_path / "lib") as library:
         library.add(LoraAdapter.random("tiny-llama", r=2, seed=0), id="one", name="one", description="Add.")

@@ -129,6 +129,12 @@ class GeneratorTrainConfig:
     """Tokens per example for the functional loss (as the experts trained)."""
     val_tasks: int = 6
     """Seen experts held out for validation (0: none, no early stopping)."""
+    val_families: int = 0
+    """Small families (fewer than `training.generator.SMALL_FAMILY` experts) held out whole for validation,
+    chosen by hash, on top of the `val_tasks` single experts from the other families. A held-out single task
+    keeps siblings among the training experts; a whole family has none, like the unseen families of the
+    suite's split (quoref, ropes): the single held-out tasks ranked generators backwards on the unseen tasks
+    (README "Generator", 2026-12-04)."""
     val_every: int = 100
     val_examples: int = 0
     """Evaluation examples per validation task for the functional validation NLL (0: reconstruction only)."""
@@ -162,6 +168,7 @@ class GeneratorTrainConfig:
             "examples_prob": 0 <= self.examples_prob <= 1,
             "own_prob": 0 <= self.own_prob <= 1,
             "val_tasks": self.val_tasks >= 0,
+            "val_families": self.val_families >= 0,
             "val_every": self.val_every >= 1,
             "val_examples": self.val_examples >= 0,
             "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll", "val/both_nll")

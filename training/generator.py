@@ -29,6 +29,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,12 +79,40 @@ class TrainingData:
     """Per expert [V, C]: the description pulled towards V random handfuls of examples ([0, C]: no task data)."""
 
 
-def select_val(names: Sequence[str], n: int, seed: int) -> list[int]:
-    """n expert indices chosen by hash of name (reproducible, nobody picks them by hand)."""
-    ranked = sorted(
-        range(len(names)), key=lambda i: hashlib.sha256(f"{seed}:{names[i]}".encode()).hexdigest()
-    )
-    return sorted(ranked[:n])
+SMALL_FAMILY = 4
+"""Families with fewer experts can be held out whole for validation (`val_families`); the suite's split rule
+holds out whole families of that size too (`large_family_min: 4` in configs/suites/ni-family.yaml)."""
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def select_val(
+    names: Sequence[str],
+    n: int,
+    seed: int,
+    families: Sequence[str] = (),
+    n_families: int = 0,
+) -> list[int]:
+    """Validation expert indices, chosen by hash (reproducible, nobody picks them by hand): every expert of
+    `n_families` whole small families (`families[i]` is expert i's; '' has none), then `n` single experts of
+    the other families."""
+    held: list[int] = []
+    if n_families:
+        if len(families) != len(names):
+            raise ValueError(f"{len(families)} families for {len(names)} experts")
+        sizes = Counter(families)
+        small = sorted({f for f in families if f and sizes[f] < SMALL_FAMILY}, key=lambda f: _rank(seed, f))
+        if len(small) < n_families:
+            raise ValueError(
+                f"val_families={n_families} but the library has {len(small)} families of fewer than "
+                f"{SMALL_FAMILY} experts ({small}): lower val_families"
+            )
+        chosen = set(small[:n_families])
+        held = [i for i, f in enumerate(families) if f in chosen]
+    rest = sorted((i for i in range(len(names)) if i not in held), key=lambda i: _rank(seed, names[i]))
+    return sorted(held + rest[:n])
 
 
 def example_conditions(
@@ -115,8 +144,14 @@ def load_training_data(
         for e in experts
     }
     data = ExpertSet.from_library(library, [e.id for e in experts], variants)
-    val = select_val(data.names, config.val_tasks, config.seed)
+    families = [e.family for e in experts]
+    val = select_val(data.names, config.val_tasks, config.seed, families, config.val_families)
     train = [i for i in range(len(data)) if i not in val]
+    if len(train) < config.top_k + 1:
+        raise ValueError(
+            f"{len(train)} training experts are left after holding out {len(val)} for validation: "
+            f"top_k={config.top_k} needs more; lower val_tasks / val_families"
+        )
     shots = [
         example_conditions(library, by_name[name], SHOT_VARIANTS, config.n_examples, config.seed)
         if name in by_name and config.examples_prob > 0
