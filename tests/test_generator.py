@@ -4,6 +4,7 @@ checkpoint mints deterministic, seeded, truncated and fused adapters that stock 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 
@@ -214,8 +215,6 @@ def test_validation_holds_out_whole_small_families_then_single_tasks():
 
     families = ["big"] * 6 + ["pair"] * 2 + ["trio"] * 3 + ["solo", ""]
     names = [f"task{i}" for i in range(len(families))]
-    import hashlib
-
     by_hash = sorted(range(len(names)), key=lambda i: hashlib.sha256(f"0:{names[i]}".encode()).hexdigest())
     assert select_val(names, 3, 0, families, 0) == sorted(by_hash[:3])  # the split every run so far used
     for seed in range(5):

@@ -34,6 +34,11 @@ MEAN_TOLERANCE = 1e-9
 """How far a cache entry's mean NLL may be from the mean its run reported (both are the same floats)."""
 
 
+def same_mean(values: np.ndarray, mean: float) -> bool:
+    """Whether per-example `values` have the reported `mean` (to MEAN_TOLERANCE, relative above 1)."""
+    return abs(float(values.mean()) - mean) <= MEAN_TOLERANCE * max(1.0, abs(mean))
+
+
 class AssembleError(LoramintError):
     """The runs cannot share one table (they disagree, or a score is missing from the cache)."""
 
@@ -96,11 +101,7 @@ def find_scores(cache_dir: Path, path: Path, method: str, task: str, entry: dict
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise AssembleError(f"{where}: unreadable cache entry {file}: {err}") from None
         values = scores.values.get(METRIC)
-        if (
-            values is not None
-            and len(values) == entry["n_examples"]
-            and abs(float(values.mean()) - entry["mean"]) <= MEAN_TOLERANCE * max(1.0, abs(entry["mean"]))
-        ):
+        if values is not None and len(values) == entry["n_examples"] and same_mean(values, entry["mean"]):
             matches.append((file, scores))
     if not matches:
         how = (
@@ -143,16 +144,16 @@ def assemble(
     first = next(iter(runs.values()))
     tasks = first["tasks"]
 
-    def cache_of(path: Path) -> Path:
+    caches = {}
+    for path in dict.fromkeys(available[name] for name in names):  # the runs that supply a method
         folder = cache_dir or runs[path]["config"].get("scoring", {}).get("cache_dir")
         if not folder or not Path(folder).is_dir():
             raise AssembleError(f"{path}: its score cache {folder!r} is not here (pass cache_dir)")
-        return Path(folder)
-
+        caches[path] = Path(folder)
     raw = {
         name: {
             task: find_scores(
-                cache_of(available[name]),
+                caches[available[name]],
                 available[name],
                 name,
                 task,
@@ -165,13 +166,14 @@ def assemble(
     for path, run in runs.items():  # the same evaluation examples: every run's base scored alike
         if "base" in run["methods"]:
             for task in tasks:
-                mean = run["methods"]["base"]["per_task"][task]["mean"]
-                if abs(mean - float(raw["base"][task].values[METRIC].mean())) > MEAN_TOLERANCE * max(
-                    1, abs(mean)
-                ):
+                mean, base = (
+                    run["methods"]["base"]["per_task"][task]["mean"],
+                    raw["base"][task].values[METRIC],
+                )
+                if not same_mean(base, mean):
                     raise AssembleError(
-                        f"{path}: base scored {task} at {mean}, another run at "
-                        f"{raw['base'][task].values[METRIC].mean()}: not the same evaluation examples"
+                        f"{path}: base scored {task} at {mean}, another run at {base.mean()}: "
+                        "not the same evaluation examples"
                     )
     scoring = first["config"].get("scoring", {})
     config = ScoringConfig(n_bootstrap=scoring.get("n_bootstrap", 1000), seed=scoring.get("seed", 0))

@@ -134,24 +134,25 @@ def load_training_data(
     """Experts of `tasks` (all experts when `tasks` is empty), phrasings encoded, val experts chosen."""
     by_name = {t.name: t for t in tasks}
     experts = [e for e in library.list() if not by_name or e.name in by_name]
-    if len(experts) < config.top_k + config.val_tasks + 1:
+    val = select_val(
+        [e.name for e in experts],
+        config.val_tasks,
+        config.seed,
+        [e.family for e in experts],
+        config.val_families,
+    )
+    train = [i for i in range(len(experts)) if i not in val]
+    if len(train) < config.top_k + 1:  # checked before the experts are loaded and their phrasings encoded
         raise ValueError(
-            f"{len(experts)} experts cannot train a generator with top_k={config.top_k} and "
-            f"val_tasks={config.val_tasks}: build more experts or lower those settings"
+            f"{len(experts)} experts cannot train a generator with top_k={config.top_k} after holding out "
+            f"{len(val)} for validation (val_tasks={config.val_tasks}, val_families={config.val_families}): "
+            "build more experts or lower those settings"
         )
     variants = {
         e.name: phrasings(e.description, by_name[e.name].descriptions if e.name in by_name else ())
         for e in experts
     }
     data = ExpertSet.from_library(library, [e.id for e in experts], variants)
-    families = [e.family for e in experts]
-    val = select_val(data.names, config.val_tasks, config.seed, families, config.val_families)
-    train = [i for i in range(len(data)) if i not in val]
-    if len(train) < config.top_k + 1:
-        raise ValueError(
-            f"{len(train)} training experts are left after holding out {len(val)} for validation: "
-            f"top_k={config.top_k} needs more; lower val_tasks / val_families"
-        )
     shots = [
         example_conditions(library, by_name[name], SHOT_VARIANTS, config.n_examples, config.seed)
         if name in by_name and config.examples_prob > 0
