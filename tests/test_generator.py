@@ -768,3 +768,36 @@ def test_init_from_refuses_another_architecture_and_train_only_must_name_paramet
     with pytest.raises(ValueError, match="objective"):
         GeneratorTrainConfig(objective="own")  # needs a residual generator
     assert not (tmp_path / "g").exists()
+
+
+def test_family_out_rows_retrieve_no_sibling_unless_too_few_experts_would_be_left():
+    """`family_out_prob`: a family-out row retrieves no expert of its task's family (a held-out family's
+    situation); an expert without a family loses only itself; with fewer than k others left, leave-one-out."""
+    from types import SimpleNamespace
+
+    from loramint.training.generator import GeneratorModule
+
+    families = ["a", "a", "a", "b", "b", ""]
+    keys = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0, 0], [0.99, 0.1, 0], [0.98, 0, 0.1], [0.5, 1, 0], [0.4, 1, 0.1], [0.6, 0, 1]]),
+        dim=-1,
+    )
+    stub = SimpleNamespace(
+        keys=keys,
+        train_idx=torch.arange(6),
+        families=families,
+        family_members={f: torch.tensor([x == f for x in families]) for f in {"a", "b"}},
+    )
+
+    def retrieved(own: int, k: int, family_out: bool) -> set[int]:
+        idx, sims = GeneratorModule.retrieve(stub, keys[[own]], [own], k, [False], [family_out])
+        assert torch.isfinite(sims).all()
+        return set(idx[0].tolist())
+
+    assert retrieved(0, 2, False) == {1, 2}  # leave-one-out: its siblings are the nearest
+    assert retrieved(0, 2, True) <= {3, 4, 5}  # family out: none of family a
+    assert retrieved(0, 3, True) == {3, 4, 5}
+    assert 0 not in retrieved(0, 4, True) and len(retrieved(0, 4, True)) == 4  # too few left: leave-one-out
+    assert 5 not in retrieved(5, 3, True) and {0, 3} & retrieved(5, 3, True)  # no family: only itself out
+    with pytest.raises(ValueError, match="family_out_prob"):
+        GeneratorTrainConfig(family_out_prob=2.0)

@@ -125,6 +125,11 @@ class GeneratorTrainConfig:
     own_prob: float = 0.0
     """Fraction of functional rows whose retrieval may return the task's own expert (as minting from a seen
     task's description does); > 0 also validates that case (`val/own_nll`, `val/own_recovered`)."""
+    family_out_prob: float = 0.0
+    """Fraction of the other functional rows (own expert not retrievable) whose retrieval also excludes every
+    expert of the task's family: the situation of an unseen task from a family held out whole (the ni-family
+    suite holds out ropes and quoref: 5 of its 10 unseen tasks), which leave-one-out rows never show, since
+    nearly every seen task keeps close siblings. 0: leave-one-out only."""
     max_length: int = 128
     """Tokens per example for the functional loss (as the experts trained)."""
     val_tasks: int = 6
@@ -167,6 +172,7 @@ class GeneratorTrainConfig:
             "tau": self.tau > 0,
             "examples_prob": 0 <= self.examples_prob <= 1,
             "own_prob": 0 <= self.own_prob <= 1,
+            "family_out_prob": 0 <= self.family_out_prob <= 1,
             "val_tasks": self.val_tasks >= 0,
             "val_families": self.val_families >= 0,
             "val_every": self.val_every >= 1,

@@ -213,6 +213,12 @@ class GeneratorModule(L.LightningModule):
             torch.cat([c, s]) for c, s in zip(experts.conds, data.shots, strict=True)
         ]  # [P_i + V_i, C]
         self.train_idx = torch.tensor(data.train)
+        self.families = [  # each expert's task family ('' when unknown: never excluded as a family)
+            data.tasks[n].family if n in data.tasks else "" for n in experts.names
+        ]
+        self.family_members = {
+            f: torch.tensor([x == f for x in self.families]) for f in set(self.families) if f
+        }  # family -> [N] bool
         layout, norm = experts.layout, experts.normalizer
         self.raw_experts = [  # raw canonical factors: the residual mixture's parts and the ΔW-space targets
             layout.from_tokens(norm.denormalize({g: t[i] for g, t in self.tokens.items()}))
@@ -246,26 +252,43 @@ class GeneratorModule(L.LightningModule):
     def _tok(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {g: t[idx] for g, t in self.tokens.items()}
 
-    def retrieve(self, cond: torch.Tensor, own: Sequence[int | None], k: int, with_own: Sequence[bool] = ()):
+    def retrieve(
+        self,
+        cond: torch.Tensor,
+        own: Sequence[int | None],
+        k: int,
+        with_own: Sequence[bool] = (),
+        family_out: Sequence[bool] = (),
+    ):
         """The top-k of the training experts by cosine with each row of `cond` -> (indices into the whole
         expert set [B, K], cosines [B, K]). Row b never retrieves its own expert `own[b]` unless
         `with_own[b]` (a seen task minting from its own description: its expert is then retrievable even
-        if it is a held-out validation expert)."""
+        if it is a held-out validation expert); with `family_out[b]` it retrieves no expert of that task's
+        family either (unless fewer than k training experts would be left)."""
         sims = cond @ self.keys.T  # [B, N]
         allowed = torch.zeros(len(self.keys), dtype=torch.bool)
         allowed[self.train_idx] = True
         mask = allowed.expand(len(cond), -1).clone()
         for row, i in enumerate(own):
-            if i is not None:
-                mask[row, i] = bool(with_own[row]) if with_own else False
+            if i is None:
+                continue
+            mask[row, i] = bool(with_own[row]) if with_own else False
+            if family_out and family_out[row] and self.families[i]:
+                kept = mask[row] & ~self.family_members[self.families[i]]
+                if int(kept.sum()) >= k:
+                    mask[row] = kept
         top = sims.masked_fill(~mask, -torch.inf).topk(k, dim=-1)
         return top.indices, top.values
 
     def semantic(
-        self, cond: torch.Tensor, own: Sequence[int | None], with_own: Sequence[bool] = ()
+        self,
+        cond: torch.Tensor,
+        own: Sequence[int | None],
+        with_own: Sequence[bool] = (),
+        family_out: Sequence[bool] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The semantic prior [B, Z] x 2 from the top-k training experts (see `retrieve`)."""
-        nbr, sims = self.retrieve(cond, own, self.cfg.top_k, with_own)
+        nbr, sims = self.retrieve(cond, own, self.cfg.top_k, with_own, family_out)
         flat = nbr.reshape(-1)
         mu, logvar = self.net.encode(self._tok(flat), self.keys[flat])  # [B*K, Z]
         shape = (*nbr.shape, -1)
@@ -275,10 +298,14 @@ class GeneratorModule(L.LightningModule):
         return torch.stack([self.conds[i][r] for i, r in zip(idx.tolist(), rows.tolist(), strict=True)])
 
     def mint_tokens(
-        self, cond: torch.Tensor, own: Sequence[int | None], with_own: Sequence[bool] = ()
+        self,
+        cond: torch.Tensor,
+        own: Sequence[int | None],
+        with_own: Sequence[bool] = (),
+        family_out: Sequence[bool] = (),
     ) -> dict[str, torch.Tensor]:
         """Normalised tokens decoded from the learned prior's mean (the minting path), differentiable."""
-        sem_mu, sem_logvar = self.semantic(cond, own, with_own)
+        sem_mu, sem_logvar = self.semantic(cond, own, with_own, family_out)
         mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
         return self.net.decode(mu_p, cond)
 
@@ -289,13 +316,14 @@ class GeneratorModule(L.LightningModule):
         own: Sequence[int | None],
         with_own: Sequence[bool] = (),
         own_gate: bool = True,
+        family_out: Sequence[bool] = (),
     ) -> list[LoraAdapter]:
         """Each row's adapter from decoded tokens {group: [B, L, dim]}: with a residual generator composed
         with the K training experts nearest its condition (its own only where `with_own`), as `Minter` does
         (`own_gate=False`: with the own-expert gate closed)."""
         k = self.net.config.residual_k
         if k:
-            nbrs, sims = self.retrieve(cond, own, k, with_own)
+            nbrs, sims = self.retrieve(cond, own, k, with_own, family_out)
         normalizer = self.data.experts.normalizer
         out = []
         for b in range(cond.shape[0]):
@@ -386,7 +414,10 @@ class GeneratorModule(L.LightningModule):
         own = idx.tolist()
         pick = random.Random(self.global_step * 7919 + 1)  # which rows may retrieve their own expert
         with_own = [pick.random() < self.cfg.own_prob for _ in own]
-        adapters = self.assemble(self.mint_tokens(cond, own, with_own), cond, own, with_own)
+        other = random.Random(self.global_step * 7919 + 3)  # its own stream: 0 leaves the others as they were
+        family_out = [not w and other.random() < self.cfg.family_out_prob for w in with_own]
+        tokens = self.mint_tokens(cond, own, with_own, family_out)
+        adapters = self.assemble(tokens, cond, own, with_own, family_out=family_out)
         losses = []
         for b, i in enumerate(own):
             name = self.data.experts.names[i]
