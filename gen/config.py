@@ -30,11 +30,22 @@ class GeneratorConfig:
     ΔW = (1 - alpha) (mixture + correction) + alpha ΔW_top1, so a description that is a library expert's
     (cosine 1) mints that expert while a near sibling (0.98) keeps the mixture. Starts closed (alpha ~ 0.002):
     the generator it is added to mints what it did."""
+    max_correction: float = 0.0
+    """Residual generators only: > 0 caps the decoded correction's ΔW norm (after its gain) at this multiple
+    of the retrieved mixture's ΔW norm (Frobenius over all modules; `gen.residual.bounded_gain`), so the
+    description's mixture stays the base point. Without a cap the functional objective grew a nearly
+    task-independent correction of 2-7x the mixture's norm, its size varying from run to run (README
+    "Generator"). 0: no cap."""
 
     def __post_init__(self) -> None:
         bad = [k for k in ("cond_dim", "d_model", "hidden", "d_latent") if getattr(self, k) < 1]
         bad += ["residual_k"] if self.residual_k < 0 else []
         bad += ["adaptive_mix"] if self.adaptive_mix and not self.residual_k else []
         bad += ["own_gate"] if self.own_gate and not self.residual_k else []
+        bad += (
+            ["max_correction"]
+            if self.max_correction < 0 or (self.max_correction and not self.residual_k)
+            else []
+        )
         if bad or not 0 <= self.dropout < 1:
             raise ValueError(f"invalid GeneratorConfig field(s) {bad or ['dropout']}: {self}")

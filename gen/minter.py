@@ -29,7 +29,7 @@ from loramint.errors import GeneratorError
 from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
-from loramint.gen.residual import assemble, coefficients, compose
+from loramint.gen.residual import assemble, bounded_gain, coefficients, compose
 from loramint.paths import fsync_dir
 
 FORMAT = "loramint-generator"
@@ -338,9 +338,12 @@ class Minter:
             correction = self.layout.from_tokens(
                 {g: t * self.normalizer.scale[g].to(t) for g, t in tokens.items()}
             )
-            adapter = compose(
-                self.layout, experts, sims, correction, self.model.mix_gain.detach().cpu(), gain, direct
-            )
+            mix_gain = self.model.mix_gain.detach().cpu()
+            if self.model.config.max_correction:
+                gain = bounded_gain(
+                    self.layout, experts, sims, correction, mix_gain, gain, self.model.config.max_correction
+                )
+            adapter = compose(self.layout, experts, sims, correction, mix_gain, gain, direct)
         else:
             adapter = assemble(self.model, self.normalizer, tokens, experts, sims)
         if rank is None or rank == adapter.config.r:

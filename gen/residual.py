@@ -119,6 +119,27 @@ def compose(
     return LoraAdapter(config, out)
 
 
+def bounded_gain(
+    layout: Layout,
+    experts: Sequence[LoraAdapter],
+    weights: torch.Tensor,
+    correction: LoraAdapter,
+    gain: torch.Tensor | None,
+    correction_gain: torch.Tensor | float,
+    ratio: float,
+) -> torch.Tensor:
+    """The correction's gain, shrunk so that ||correction_gain · ΔW(correction)|| <= ratio · ||mixture||,
+    where the mixture is Σ_k gain · weights_k ΔW(experts[k]) (as `compose` builds it, without the own-expert
+    gate's direct share). Differentiable; unchanged when the correction is within the bound."""
+    mixture = compose(layout, experts, weights, correction, gain, 0.0)  # the correction's part is zero
+    mix_norm = delta_inner(mixture, mixture).clamp_min(0).sqrt()
+    corr_norm = (
+        torch.as_tensor(correction_gain).abs() * delta_inner(correction, correction).clamp_min(0).sqrt()
+    )
+    scale = (ratio * mix_norm / corr_norm.clamp_min(1e-12)).clamp(max=1.0)
+    return correction_gain * scale
+
+
 def delta_inner(x: LoraAdapter, y: LoraAdapter) -> torch.Tensor:
     """Σ over the modules of x of the Frobenius inner product <ΔW_x, ΔW_y> (a scalar, differentiable)."""
     total = torch.zeros(())
@@ -172,4 +193,8 @@ def assemble(
         raise ValueError(f"a residual generator needs its {model.config.residual_k} retrieved experts")
     correction = layout.from_tokens({g: t * normalizer.scale[g].to(t) for g, t in tokens.items()})
     weights, direct, correction_gain = coefficients(model, sims.to(model.mix_gain), own_gate)
+    if model.config.max_correction:
+        correction_gain = bounded_gain(
+            layout, experts, weights, correction, model.mix_gain, correction_gain, model.config.max_correction
+        )
     return compose(layout, experts, weights, correction, model.mix_gain, correction_gain, direct)

@@ -801,3 +801,42 @@ def test_family_out_rows_retrieve_no_sibling_unless_too_few_experts_would_be_lef
     assert 5 not in retrieved(5, 3, True) and {0, 3} & retrieved(5, 3, True)  # no family: only itself out
     with pytest.raises(ValueError, match="family_out_prob"):
         GeneratorTrainConfig(family_out_prob=2.0)
+
+
+def test_max_correction_caps_the_correction_relative_to_the_mixture(residual):
+    """`max_correction`: the decoded correction's ΔW norm is at most that multiple of the retrieved mixture's,
+    exactly at the bound when it was larger, untouched when within it; minting applies it."""
+    from loramint.gen.residual import bounded_gain, coefficients, compose, delta_inner
+
+    with pytest.raises(ValueError, match="max_correction"):
+        GeneratorConfig(max_correction=1.0)  # a cap relative to the mixture needs a residual generator
+    with pytest.raises(ValueError, match="max_correction"):
+        replace(RESIDUAL, max_correction=-1.0)
+    minter = Minter.from_pretrained(residual["root"] / "residual")
+    text = "Add up the numbers and report the total."
+    cond = minter.condition([text])
+    tokens = minter.model.generate(cond, *minter.prior_inputs(cond))
+    [(experts, sims)] = minter.retrieve(cond)
+    layout, scale = minter.layout, minter.normalizer.scale
+    correction = layout.from_tokens({g: t[0] * scale[g] for g, t in tokens.items()})
+    with torch.no_grad():
+        weights, _, gain = coefficients(minter.model, sims)
+        mix_gain = minter.model.mix_gain
+        mixture = compose(layout, experts, weights, correction, mix_gain, 0.0)
+        mix_norm = float(delta_inner(mixture, mixture).sqrt())
+        corr_norm = float(gain * delta_inner(correction, correction).sqrt())
+        ratio = 0.5 * corr_norm / mix_norm  # half of what it is: the cap binds
+        capped = bounded_gain(layout, experts, weights, correction, mix_gain, gain, ratio)
+        assert float(capped) * corr_norm / float(gain) == pytest.approx(ratio * mix_norm, rel=1e-4)
+        loose = bounded_gain(layout, experts, weights, correction, mix_gain, gain, 2 * corr_norm / mix_norm)
+        assert float(loose) == pytest.approx(float(gain), rel=1e-6)
+        uncapped = minter.mint(text)
+        minter.model.config.max_correction = ratio
+        minted = minter.mint(text)
+        minter.model.config.max_correction = 0.0
+
+    def distance(a, b) -> float:
+        return float((delta_inner(a, a) - 2 * delta_inner(a, b) + delta_inner(b, b)).clamp_min(0).sqrt())
+
+    assert distance(minted, mixture) == pytest.approx(ratio * mix_norm, rel=1e-3)
+    assert distance(uncapped, mixture) == pytest.approx(corr_norm, rel=1e-3)
