@@ -77,6 +77,8 @@ class TrainingData:
     """Expert name -> its task (for the functional loss and example conditioning); may be partial."""
     shots: list[torch.Tensor]
     """Per expert [V, C]: the description pulled towards V random handfuls of examples ([0, C]: no task data)."""
+    families: list[str]
+    """Per expert its family as the library records it ('' for none): validation and family-out rows."""
 
 
 SMALL_FAMILY = 4
@@ -134,13 +136,8 @@ def load_training_data(
     """Experts of `tasks` (all experts when `tasks` is empty), phrasings encoded, val experts chosen."""
     by_name = {t.name: t for t in tasks}
     experts = [e for e in library.list() if not by_name or e.name in by_name]
-    val = select_val(
-        [e.name for e in experts],
-        config.val_tasks,
-        config.seed,
-        [e.family for e in experts],
-        config.val_families,
-    )
+    families = [e.family or "" for e in experts]
+    val = select_val([e.name for e in experts], config.val_tasks, config.seed, families, config.val_families)
     train = [i for i in range(len(experts)) if i not in val]
     if len(train) < config.top_k + 1:  # checked before the experts are loaded and their phrasings encoded
         raise ValueError(
@@ -159,7 +156,9 @@ def load_training_data(
         else torch.zeros(0, data.keys.shape[1])
         for name in data.names
     ]
-    return TrainingData(data, train, val, {n: by_name[n] for n in data.names if n in by_name}, shots)
+    tasks_of = {n: by_name[n] for n in data.names if n in by_name}
+    family = dict(zip((e.name for e in experts), families, strict=True))
+    return TrainingData(data, train, val, tasks_of, shots, [family[n] for n in data.names])
 
 
 class StepBatches(IterableDataset):
@@ -213,9 +212,7 @@ class GeneratorModule(L.LightningModule):
             torch.cat([c, s]) for c, s in zip(experts.conds, data.shots, strict=True)
         ]  # [P_i + V_i, C]
         self.train_idx = torch.tensor(data.train)
-        self.families = [  # each expert's task family ('' when unknown: never excluded as a family)
-            data.tasks[n].family if n in data.tasks else "" for n in experts.names
-        ]
+        self.families = data.families  # '' (no family): never excluded as a family
         self.family_members = {
             f: torch.tensor([x == f for x in self.families]) for f in set(self.families) if f
         }  # family -> [N] bool
