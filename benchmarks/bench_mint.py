@@ -111,13 +111,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", default="bench_mint")
+    parser.add_argument("--out", default="bench_mint", help="results/<out>.json")
+    parser.add_argument(
+        "--encoder", default=None, help="encoder name or folder (default: the one the checkpoint records)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     probe = Minter.from_pretrained(
-        args.generator, device=args.device, encoder=_uncached(args.generator, args.device)
+        args.generator, device=args.device, encoder=_uncached(args.generator, args.device, args.encoder)
     )
     texts = descriptions(args.warmup + args.n + max(args.batches) * args.rounds * 2, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +149,7 @@ def main() -> None:
         "bank_size": len(probe.bank),
         "generator_params": sum(p.numel() for p in probe.model.parameters()),
         "device": args.device,
+        "encoder": probe.encoder.name,
         "threads": torch.get_num_threads(),
         "n": args.n,
         "p50_ms": round(percentile(total, 50), 2),
@@ -165,11 +169,12 @@ def main() -> None:
     print(f"wrote {write_result(args.out, result)}")
 
 
-def _uncached(generator: Path, device: str) -> Encoder:
-    """The checkpoint's encoder with its text cache off, so each timed mint embeds its description."""
+def _uncached(generator: Path, device: str, name: str | None = None) -> Encoder:
+    """The checkpoint's encoder (or `name`) with its text cache off, so each timed mint embeds its
+    description."""
     import json
 
-    name = json.loads((generator / "generator.json").read_text())["encoder"]
+    name = name or json.loads((generator / "generator.json").read_text())["encoder"]
     return Encoder(EncoderConfig(name=name, cache_size=0, device=device))
 
 

@@ -59,12 +59,18 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, before=None) -> float:
             before(step, nxt)
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    if nxt.is_cuda:  # the GPU runs ahead of Python: stop the clock when its work is done
+        torch.cuda.synchronize()
     return time.perf_counter() - started
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, name: str = "") -> float:
+    """Median seconds of `repeats` calls after a warm-up; printed as it goes (a killed run still tells)."""
+    started = time.perf_counter()
     fn()  # warm-up
-    return statistics.median(fn() for _ in range(repeats))
+    median = statistics.median(fn() for _ in range(repeats))
+    print(f"{name}: {median:.3f} s per run ({time.perf_counter() - started:.1f} s in all)", flush=True)
+    return median
 
 
 def main() -> None:
@@ -78,10 +84,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--many", type=int, default=1000, help="experts resident in the memory test")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--out", default="bench_runtime", help="results/<out>.json")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base_model(args.base, device=device)
+    dtype = getattr(torch, args.dtype)
+    base = load_base_model(args.base, device=device, dtype=dtype)
     peft_base = copy.deepcopy(base.model)
     adapters = [LoraAdapter.random(base.name, r=8, target_modules=TARGETS, seed=i) for i in range(32)]
     rt = Runtime(base, capacity=32, max_rank=8, target_modules=TARGETS, device=device)
@@ -114,7 +123,7 @@ def main() -> None:
         ),
         "route_token32_gathered": Plan(slots32, router=arrow_router(rt.stack, slots32, top_k=2), dense_max=0),
     }
-    seconds = {name: timed(with_plan(plan), repeats) for name, plan in plans.items()}
+    seconds = {name: timed(with_plan(plan), repeats, name) for name, plan in plans.items()}
 
     # X-LoRA-style: a plain pass over the same token with its own cache, then the routed pass
     def two_pass() -> float:
@@ -132,7 +141,7 @@ def main() -> None:
         finally:
             rt.holder.plan = None
 
-    seconds["xlora_two_pass"] = timed(two_pass, repeats)
+    seconds["xlora_two_pass"] = timed(two_pass, repeats, "xlora_two_pass")
 
     # stock PEFT, switching adapters per request
     from peft import PeftModel
@@ -154,11 +163,11 @@ def main() -> None:
             total += greedy(peft_model, ids[row : row + 1], args.new_tokens)
         return total
 
-    seconds["peft_switching"] = timed(switching, repeats)
+    seconds["peft_switching"] = timed(switching, repeats, "peft_switching")
 
     # many experts resident
     many = Runtime(
-        load_base_model(args.base, device=device),
+        load_base_model(args.base, device=device, dtype=dtype),
         capacity=args.many,
         max_rank=8,
         target_modules=TARGETS,
@@ -168,6 +177,7 @@ def main() -> None:
     for i in range(args.many):
         many.stack.add(f"m{i}", LoraAdapter.random(base.name, r=8, target_modules=TARGETS, seed=10_000 + i))
     load_s = time.perf_counter() - started
+    print(f"{args.many} experts loaded in {load_s:.1f} s", flush=True)
     slots_many = many.stack.slots([f"m{i}" for i in range(args.many)])
     many_plan = Plan(slots_many, router=arrow_router(many.stack, slots_many, top_k=2))
     many.holder.plan = many_plan
@@ -175,7 +185,9 @@ def main() -> None:
         started = time.perf_counter()
         many.base.model(input_ids=ids[:1, :2])  # computes the 1,000 experts' Arrow prototypes once
         prototypes_s = time.perf_counter() - started
-        seconds["route_token1000"] = timed(lambda: greedy(many.base.model, ids, args.new_tokens), repeats)
+        seconds["route_token1000"] = timed(
+            lambda: greedy(many.base.model, ids, args.new_tokens), repeats, "route_token1000"
+        )
     finally:
         many.holder.plan = None
 
@@ -184,6 +196,7 @@ def main() -> None:
     result = {
         "base_model": base.name,
         "device": device,
+        "dtype": args.dtype,
         "batch": B,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -202,13 +215,14 @@ def main() -> None:
         },
         "targets": {"mixed8_vs_base": 0.85, "mixed8_vs_peft_switching": 3.0, "route_token32_vs_base": 0.7},
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
         "machine": machine(),
     }
     print(markdown_table(rows))
     print(
         f"\nresident bytes per expert: {result['resident_bytes_per_expert']:,}; {args.many} experts: {result['many_experts']}"
     )
-    print(f"wrote {write_result('bench_runtime', result)}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from loramint.sysinfo import machine  # noqa: F401  (re-exported for the scripts)
@@ -11,6 +12,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_result(name: str, result: dict) -> Path:
+    """results/<name>.json; $BENCH_NOTE, when set, is recorded as the result's "note" (e.g. shadow weights)."""
+    if os.environ.get("BENCH_NOTE"):
+        result = {**result, "note": os.environ["BENCH_NOTE"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

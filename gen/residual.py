@@ -91,17 +91,23 @@ def compose(
         )
     if direct is None:
         direct = torch.zeros_like(weights)
+    # the coefficients follow the factors: a GPU generator's mixing rule composes CPU-held experts on the CPU
+    device = next(iter(correction.weights.values()))[0].device
+    weights, direct = weights.to(device), direct.to(device)
+    gain = gain.to(device) if gain is not None else None
+    if isinstance(correction_gain, torch.Tensor):
+        correction_gain = correction_gain.to(device)
     stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for ti, module_type in enumerate(layout.module_types):  # every layer of a module type at once
         paths = [layout.path(layer, module_type) for layer in layout.layers]
-        g = gain[:, ti] if gain is not None else torch.ones(len(paths))
+        g = gain[:, ti] if gain is not None else torch.ones(len(paths), device=device)
         a_parts, b_parts = [], []
         for expert, w, d in zip(experts, weights, direct, strict=True):
-            scaling = torch.tensor([expert.config.scaling(p) for p in paths])
+            scaling = torch.tensor([expert.config.scaling(p) for p in paths], device=device)
             a_parts.append(torch.stack([expert.weights[p][0] for p in paths]))  # [L, r, in]
             b = torch.stack([expert.weights[p][1] for p in paths])  # [L, out, r]
             b_parts.append(b * ((g * w + d) * scaling)[:, None, None])
-        scaling = torch.tensor([correction.config.scaling(p) for p in paths])
+        scaling = torch.tensor([correction.config.scaling(p) for p in paths], device=device)
         a_parts.append(torch.stack([correction.weights[p][0] for p in paths]))
         b = torch.stack([correction.weights[p][1] for p in paths])
         b_parts.append(b * (correction_gain * scaling)[:, None, None])
@@ -134,7 +140,8 @@ def bounded_gain(
     mixture = compose(layout, experts, weights, correction, gain, 0.0)  # the correction's part is zero
     mix_norm = delta_inner(mixture, mixture).clamp_min(0).sqrt()
     corr_norm = (
-        torch.as_tensor(correction_gain).abs() * delta_inner(correction, correction).clamp_min(0).sqrt()
+        torch.as_tensor(correction_gain, device=mix_norm.device).abs()
+        * delta_inner(correction, correction).clamp_min(0).sqrt()
     )
     scale = (ratio * mix_norm / corr_norm.clamp_min(1e-12)).clamp(max=1.0)
     return correction_gain * scale
@@ -142,7 +149,7 @@ def bounded_gain(
 
 def delta_inner(x: LoraAdapter, y: LoraAdapter) -> torch.Tensor:
     """Σ over the modules of x of the Frobenius inner product <ΔW_x, ΔW_y> (a scalar, differentiable)."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=next(iter(x.weights.values()))[0].device)
     for module, (ax, bx) in x.weights.items():
         ay, by = y.weights[module]
         s = x.config.scaling(module) * y.config.scaling(module)

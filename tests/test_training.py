@@ -235,3 +235,14 @@ def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, su
     for task in tasks:
         held_out = {ex.input for ex in data.eval_split(task)[1]}
         assert not held_out & {inp for name, inp in seen_inputs if name == task.name}
+
+
+def test_trainers_run_where_the_base_model_is():
+    """Lightning gets the base model's device, never "auto" (which would move a CPU model to a GPU)."""
+    import torch
+
+    from loramint.training.data import trainer_device
+
+    assert trainer_device(torch.device("cpu")) == {"accelerator": "cpu", "devices": 1}
+    assert trainer_device(torch.device("cuda", 1)) == {"accelerator": "gpu", "devices": [1]}
+    assert trainer_device(torch.device("cuda")) == {"accelerator": "gpu", "devices": [0]}

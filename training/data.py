@@ -23,6 +23,14 @@ EVAL_SIZE = 200
 """Examples per task held out for evaluation (half the task when it has fewer than 2 * EVAL_SIZE)."""
 
 
+def trainer_device(device: torch.device) -> dict:
+    """Lightning Trainer arguments that train on `device`, the base model's: its CPU or its own GPU (never
+    "auto", which would move a CPU model to a GPU that happens to be there, or pick GPU 0 for cuda:1)."""
+    if device.type == "cpu":
+        return {"accelerator": "cpu", "devices": 1}
+    return {"accelerator": "gpu", "devices": [device.index or 0]}
+
+
 def eval_split(task: Task, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """(train, eval) examples. Every job uses this one split: experts never train on evaluation examples."""
     return task.split(n_eval=min(EVAL_SIZE, len(task.examples) // 2), seed=seed)

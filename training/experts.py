@@ -19,7 +19,14 @@ from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.models import BaseModel
 from loramint.tasks import Task
 from loramint.training.config import ExpertTrainConfig
-from loramint.training.data import answer_logits, answer_nll_per_example, collate, encode_example, eval_split
+from loramint.training.data import (
+    answer_logits,
+    answer_nll_per_example,
+    collate,
+    encode_example,
+    eval_split,
+    trainer_device,
+)
 from loramint.training.fast import (
     LengthBuckets,
     answer_loss,
@@ -138,10 +145,10 @@ def train_lora(
             layers_pattern="layers" if first else None,
         ),
     )
+    device = base.device  # Lightning's teardown moves the module (the base model here) to the CPU
     trainer = L.Trainer(
         max_steps=config.steps,
-        accelerator="auto",
-        devices=1,
+        **trainer_device(device),
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -155,6 +162,7 @@ def train_lora(
         peft_model.train()
         module = ExpertModule(peft_model, config.lr, first, config.answer_only_logits)
         trainer.fit(module, train_dataloaders=loader)
+        peft_model.to(device)
         fit_seconds = time.perf_counter() - fit_started
         peft_model.eval()
         nll_after = held_out_nll()
@@ -162,7 +170,7 @@ def train_lora(
         state = {k: v.detach().cpu() for k, v in state.items()}
     finally:
         peft_model.unload()  # strips the LoRA layers: the caller's base model is left as it was
-        base.model.eval()
+        base.model.to(device).eval()
     adapter_config = AdapterConfig(base.name, config.rank, config.alpha, list(config.target_modules))
     adapter = LoraAdapter.from_state_dict(state, adapter_config)
     adapter.validate()

@@ -53,7 +53,7 @@ from loramint.models import BaseModel
 from loramint.sysinfo import machine
 from loramint.tasks import Task
 from loramint.training.config import GeneratorTrainConfig
-from loramint.training.data import answer_logits, collate, encode_example, eval_split
+from loramint.training.data import answer_logits, collate, encode_example, eval_split, trainer_device
 
 SHOT_VARIANTS = 8  # example-conditioned conditions per task
 
@@ -672,7 +672,7 @@ def train_generator(
     trainer = L.Trainer(
         max_steps=config.steps,
         max_epochs=-1,
-        accelerator="cpu" if base is None or base.device.type == "cpu" else "auto",
+        **trainer_device(base.device if base is not None else torch.device("cpu")),
         val_check_interval=config.val_every if data.val else None,
         check_val_every_n_epoch=None,
         limit_val_batches=1 if data.val else 0,

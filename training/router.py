@@ -19,7 +19,7 @@ from loramint.runtime.router import LearnedRouter
 from loramint.runtime.runtime import Runtime
 from loramint.tasks import Task
 from loramint.training.config import RouterTrainConfig
-from loramint.training.data import answer_logits, collate, encode_example, eval_split
+from loramint.training.data import answer_logits, collate, encode_example, eval_split, trainer_device
 
 
 class RouterModule(L.LightningModule):
@@ -75,7 +75,7 @@ def train_router(
     trainer = L.Trainer(
         max_steps=config.steps,
         max_epochs=-1,
-        accelerator="cpu" if runtime.base.device.type == "cpu" else "auto",
+        **trainer_device(runtime.base.device),
         enable_checkpointing=False,
         logger=False,
         enable_progress_bar=progress,
@@ -84,7 +84,7 @@ def train_router(
     )
     started = time.perf_counter()
     trainer.fit(module, loader)
-    router.eval()
+    router.to(runtime.base.device).eval()  # Lightning's teardown left it on the CPU
     if out is not None:
         router.save(out)
     return router, {"steps": int(trainer.global_step), "wall_s": round(time.perf_counter() - started, 1)}
