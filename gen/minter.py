@@ -161,6 +161,10 @@ class Minter:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as exc:
             raise GeneratorError(f"{meta_file} is not valid JSON: {exc}") from exc
+        if meta.get("format") == "loramint-generator-ensemble":  # several generators' mints averaged
+            from loramint.gen.ensemble import EnsembleMinter
+
+            return EnsembleMinter.from_pretrained(path, encoder=encoder, device=device)  # type: ignore[return-value]
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise GeneratorError(
                 f"{meta_file}: expected format {FORMAT!r} version {VERSION}, "

@@ -488,6 +488,21 @@ def mint(
     )
 
 
+def ensemble_generator(out: Path, members: list[Path], weights: list[float] | None = None) -> None:
+    """Combine generator checkpoints trained alike (e.g. seeds) into one that mints the mean of their
+    adapters (README "Generator"); the members are copied into `out`.
+
+    Args:
+        out: the ensemble checkpoint folder to write (use it wherever a generator goes: --generator).
+        members: two or more generator checkpoints over the same library.
+        weights: one weight per member (default: equal).
+    """
+    from loramint.gen.ensemble import save_ensemble
+
+    path = save_ensemble(out, members, weights)
+    console.print(f"ensemble of {len(members)} generators -> {path}")
+
+
 def train_router(
     suite: Path,
     library: Path = DEFAULT_LIBRARY,
@@ -627,6 +642,7 @@ COMMANDS = {
     "eval-assemble": eval_assemble,
     "train-generator": train_generator,
     "mint": mint,
+    "ensemble-generator": ensemble_generator,
     "train-router": train_router,
     "serve": serve,
     "pack-defaults": pack_defaults,

@@ -840,3 +840,66 @@ def test_max_correction_caps_the_correction_relative_to_the_mixture(residual):
 
     assert distance(minted, mixture) == pytest.approx(ratio * mix_norm, rel=1e-3)
     assert distance(uncapped, mixture) == pytest.approx(corr_norm, rel=1e-3)
+
+
+def test_average_is_the_exact_weighted_mean_of_the_updates():
+    from loramint.gen.ensemble import average
+
+    parts = [
+        LoraAdapter.random("tiny-llama", r=r, alpha=a, target_modules=("q_proj", "v_proj"), seed=s)
+        for s, (r, a) in enumerate([(2, 4.0), (4, 4.0), (3, 9.0)])
+    ]
+    mean = average(parts)
+    assert mean.config.r == 9 and mean.config.scaling(mean.modules[0]) == 1.0
+    weighted = average(parts[:2], [0.25, 0.75])
+    for m in parts[0].modules:
+        torch.testing.assert_close(mean.delta(m), sum(p.delta(m) for p in parts) / 3, atol=1e-6, rtol=1e-5)
+        expected = 0.25 * parts[0].delta(m) + 0.75 * parts[1].delta(m)
+        torch.testing.assert_close(weighted.delta(m), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="2 adapters but 1 weights"):
+        average(parts[:2], [1.0])
+
+
+def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path):
+    from loramint.gen.ensemble import EnsembleMinter, save_ensemble
+
+    root = residual["root"]
+    members = [root / "residual", root / "r0"]
+    path = save_ensemble(tmp_path / "ens", members)
+    assert sorted(p.name for p in path.iterdir()) == ["generator.json", "member-0", "member-1"]
+    ensemble = Minter.from_pretrained(path)
+    assert isinstance(ensemble, EnsembleMinter) and ensemble.max_rank == 12
+    singles = [Minter.from_pretrained(m, encoder=ensemble.encoder) for m in members]
+    text = "Add up the numbers and report the total."
+    minted = ensemble.mint(text)
+    for m in minted.modules:
+        expected = (singles[0].mint(text).delta(m) + singles[1].mint(text).delta(m)) / 2
+        torch.testing.assert_close(minted.delta(m), expected, atol=1e-5, rtol=1e-4)
+    assert _delta_distance(LoraAdapter.load(minted.save(tmp_path / "a")), minted) < 1e-4  # stock PEFT folder
+    low = ensemble.mint(text, rank=4)
+    assert low.config.r == 4
+    fused = ensemble.fuse([text, "Write a poem about the mountains."])
+    assert fused.config.r == sum(
+        s.fuse([text, "Write a poem about the mountains."]).config.r for s in singles
+    )
+    weighted = Minter.from_pretrained(save_ensemble(tmp_path / "w", members, weights=[1.0, 0.0]))
+    assert _delta_distance(weighted.mint(text), singles[0].mint(text)) < 1e-4
+    with pytest.raises(GeneratorError, match="rank must be an integer in"):
+        ensemble.mint(text, rank=13)
+
+
+def test_bad_ensembles_are_refused_and_nothing_is_replaced(residual, tmp_path):
+    from loramint.gen.ensemble import save_ensemble
+
+    root = residual["root"]
+    good = save_ensemble(tmp_path / "ens", [root / "residual", root / "r0"])
+    before = (good / "generator.json").read_text()
+    with pytest.raises(GeneratorError, match="at least 2"):
+        save_ensemble(tmp_path / "ens", [root / "residual"])
+    with pytest.raises(GeneratorError, match="not a generator checkpoint"):
+        save_ensemble(tmp_path / "ens", [root / "residual", tmp_path])
+    with pytest.raises(GeneratorError, match="itself an ensemble"):
+        save_ensemble(tmp_path / "ens", [root / "residual", good])
+    with pytest.raises(GeneratorError, match="weights must be 2 non-negative"):
+        save_ensemble(tmp_path / "ens", [root / "residual", root / "r0"], weights=[1.0, -1.0])
+    assert (good / "generator.json").read_text() == before and not list(tmp_path.glob(".ens.*"))

@@ -1,0 +1,199 @@
+"""Generator ensembles: several generators trained alike (different seeds) over one library mint one adapter
+whose update is the exact mean of theirs.
+
+One generator's unseen-task quality varies by tens of points of the oracle's gain from seed to seed
+(README "Generator"); averaging the members' updates keeps what they agree on and shrinks what each one
+invents alone. The average is exact: the members' factors are concatenated (A rows stacked, B columns
+stacked and scaled by weight x scaling), so the rank is the sum of the members' ranks; `rank=` keeps the
+strongest components of the mean (SVD).
+
+An ensemble checkpoint is a folder: `generator.json` (format `loramint-generator-ensemble`, the member
+folders relative to it, their weights) and the members, each a complete generator checkpoint
+(`loramint ensemble-generator OUT MEMBER...` writes one). `Minter.from_pretrained` loads either kind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramint.adapters import AdapterConfig, LoraAdapter
+from loramint.errors import GeneratorError
+from loramint.paths import fsync_dir
+
+FORMAT = "loramint-generator-ensemble"
+VERSION = 1
+
+
+def average(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = None) -> LoraAdapter:
+    """The adapter whose every ΔW is Σ_m weights_m ΔW_m (default: the plain mean), exactly: factors
+    concatenated, rank Σ r_m, lora_alpha = rank (scaling 1, each part's scaling folded into its B)."""
+    if not adapters:
+        raise ValueError("average needs at least one adapter")
+    w = [1.0 / len(adapters)] * len(adapters) if weights is None else [float(x) for x in weights]
+    if len(w) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(w)} weights")
+    modules = adapters[0].modules
+    if any(sorted(a.modules) != sorted(modules) for a in adapters):
+        raise ValueError("the adapters to average must target the same modules")
+    out = {}
+    for m in modules:
+        a_parts = [a.weights[m][0] for a in adapters]
+        b_parts = [a.weights[m][1] * (wm * a.config.scaling(m)) for a, wm in zip(adapters, w, strict=True)]
+        out[m] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))
+    rank = sum(a.config.r for a in adapters)
+    first = adapters[0].config
+    config = AdapterConfig(first.base_model, rank, float(rank), list(first.target_modules))
+    return LoraAdapter(config, out)
+
+
+class EnsembleMinter:
+    """The members' mints averaged; the same minting API as `Minter` (mint, mint_many, fuse)."""
+
+    def __init__(self, members: Sequence, weights: Sequence[float] | None = None, meta: dict | None = None):
+        if len(members) < 2:
+            raise GeneratorError("an ensemble needs at least 2 member generators")
+        first = members[0]
+        for m in members[1:]:
+            if m.layout != first.layout:
+                raise GeneratorError(
+                    "ensemble members must mint for the same layout (base model, modules, rank)"
+                )
+            if m.bank.names != first.bank.names:
+                raise GeneratorError("ensemble members must be trained over the same library (bank)")
+        w = [1.0] * len(members) if weights is None else [float(x) for x in weights]
+        if len(w) != len(members) or any(x < 0 for x in w) or sum(w) <= 0:
+            raise GeneratorError(f"weights must be {len(members)} non-negative numbers with a positive sum")
+        self.members = list(members)
+        self.weights = [x / sum(w) for x in w]
+        self.meta = meta or {}
+
+    # what callers of a Minter read
+    @property
+    def layout(self):
+        return self.members[0].layout
+
+    @property
+    def encoder(self):
+        return self.members[0].encoder
+
+    @property
+    def bank(self):
+        return self.members[0].bank
+
+    @property
+    def model(self):
+        return self.members[0].model
+
+    @property
+    def max_rank(self) -> int:
+        return sum(m.max_rank for m in self.members)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, encoder=None, device: str = "cpu") -> EnsembleMinter:
+        from loramint.gen.minter import Minter
+
+        path = Path(path)
+        meta = json.loads((path / "generator.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise GeneratorError(f"{path}/generator.json is not a {FORMAT} version {VERSION} checkpoint")
+        members = []
+        for rel in meta["members"]:
+            member = Minter.from_pretrained(path / rel, encoder=encoder, device=device)
+            encoder = encoder or member.encoder  # one encoder for all (same name: checked below)
+            members.append(member)
+        names = {m.meta.get("encoder") for m in members}
+        if len(names) != 1:
+            raise GeneratorError(f"ensemble members were trained with different encoders: {sorted(names)}")
+        return cls(members, meta.get("weights"), meta)
+
+    def mint_many(
+        self,
+        descriptions: Sequence[str],
+        examples: Sequence[Sequence[str] | None] | None = None,
+        seed: int | None = None,
+        rank: int | None = None,
+    ) -> list[LoraAdapter]:
+        _check_rank(rank, self.max_rank)
+        per = [m.mint_many(descriptions, examples, seed) for m in self.members]  # [M][B]
+        out = [average([p[i] for p in per], self.weights) for i in range(len(descriptions))]
+        return out if rank is None else [_truncate(a, rank) for a in out]
+
+    def mint(
+        self,
+        description: str,
+        examples: Sequence[str] | None = None,
+        seed: int | None = None,
+        rank: int | None = None,
+    ) -> LoraAdapter:
+        return self.mint_many([description], [examples], seed, rank)[0]
+
+    def fuse(
+        self, descriptions: Sequence[str], weights: Sequence[float] | None = None, rank: int | None = None
+    ) -> LoraAdapter:
+        fused = average([m.fuse(descriptions, weights) for m in self.members], self.weights)
+        if rank is not None:
+            _check_rank(rank, fused.config.r)
+            return _truncate(fused, rank)
+        return fused
+
+
+def _check_rank(rank: int | None, max_rank: int) -> None:
+    if rank is not None and (
+        not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank
+    ):
+        raise GeneratorError(f"rank must be an integer in [1, {max_rank}], got {rank!r}")
+
+
+def _truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
+    from loramint.gen.minter import truncate
+
+    return adapter if rank == adapter.config.r else truncate(adapter, rank)
+
+
+def save_ensemble(
+    out: str | Path, members: Sequence[str | Path], weights: Sequence[float] | None = None
+) -> Path:
+    """Write an ensemble checkpoint at `out` over the generator checkpoints `members` (copied into it as
+    member-0, member-1, ...: the folder is self-contained). The result is loaded once before it replaces
+    anything at `out`, so a broken or mismatched member is refused and nothing stored is lost."""
+    out = Path(out)
+    members = [Path(m) for m in members]
+    if len(members) < 2:
+        raise GeneratorError("an ensemble needs at least 2 member generators")
+    for m in members:
+        meta_file = m / "generator.json"
+        if not meta_file.is_file():
+            raise GeneratorError(f"{m} is not a generator checkpoint (no generator.json)")
+        if json.loads(meta_file.read_text()).get("format") == FORMAT:
+            raise GeneratorError(f"{m} is itself an ensemble: give its members")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        rels = []
+        for i, m in enumerate(members):
+            shutil.copytree(m, tmp / f"member-{i}")
+            rels.append(f"member-{i}")
+        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "members": rels}
+        if weights is not None:
+            meta["weights"] = [float(x) for x in weights]
+        meta["sources"] = [str(m) for m in members]
+        (tmp / "generator.json").write_text(json.dumps(meta, indent=2))
+        EnsembleMinter.from_pretrained(tmp)  # refuses mismatched members before anything is replaced
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
