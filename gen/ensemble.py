@@ -56,7 +56,13 @@ def average(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = N
 class EnsembleMinter:
     """The members' mints averaged; the same minting API as `Minter` (mint, mint_many, fuse)."""
 
-    def __init__(self, members: Sequence, weights: Sequence[float] | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        members: Sequence,
+        weights: Sequence[float] | None = None,
+        meta: dict | None = None,
+        own_expert: bool = False,
+    ):
         if len(members) < 2:
             raise GeneratorError("an ensemble needs at least 2 member generators")
         first = members[0]
@@ -73,6 +79,10 @@ class EnsembleMinter:
         self.members = list(members)
         self.weights = [x / sum(w) for x in w]
         self.meta = meta or {}
+        self.own_expert = own_expert
+        """A description that is a library expert's own (top-1 cosine >= OWN_MIN_COSINE, the threshold below
+        which a generator's learned own-expert gate is exactly closed) mints that expert, as a gated
+        generator does; every other description mints the members' mean."""
 
     # what callers of a Minter read
     @property
@@ -111,7 +121,7 @@ class EnsembleMinter:
         names = {m.meta.get("encoder") for m in members}
         if len(names) != 1:
             raise GeneratorError(f"ensemble members were trained with different encoders: {sorted(names)}")
-        return cls(members, meta.get("weights"), meta)
+        return cls(members, meta.get("weights"), meta, bool(meta.get("own_expert", False)))
 
     def mint_many(
         self,
@@ -121,8 +131,22 @@ class EnsembleMinter:
         rank: int | None = None,
     ) -> list[LoraAdapter]:
         _check_rank(rank, self.max_rank)
-        per = [m.mint_many(descriptions, examples, seed) for m in self.members]  # [M][B]
-        out = [average([p[i] for p in per], self.weights) for i in range(len(descriptions))]
+        own: list[int | None] = [None] * len(descriptions)
+        if self.own_expert and descriptions:
+            from loramint.gen.residual import OWN_MIN_COSINE
+
+            first = self.members[0]
+            idx, sims = first.neighbours(first.condition(descriptions, examples))  # the encoder caches it
+            own = [
+                int(i[0]) if float(c[0]) >= OWN_MIN_COSINE else None for i, c in zip(idx, sims, strict=True)
+            ]
+        rest = [i for i, o in enumerate(own) if o is None]
+        shots = [examples[i] for i in rest] if examples is not None else None
+        per = [m.mint_many([descriptions[i] for i in rest], shots, seed) for m in self.members]  # [M][rest]
+        minted = {i: average([p[j] for p in per], self.weights) for j, i in enumerate(rest)}
+        out = [
+            minted[i] if o is None else self.members[0].bank.expert(self.layout, o) for i, o in enumerate(own)
+        ]
         return out if rank is None else [_truncate(a, rank) for a in out]
 
     def mint(
@@ -158,11 +182,15 @@ def _truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
 
 
 def save_ensemble(
-    out: str | Path, members: Sequence[str | Path], weights: Sequence[float] | None = None
+    out: str | Path,
+    members: Sequence[str | Path],
+    weights: Sequence[float] | None = None,
+    own_expert: bool = False,
 ) -> Path:
     """Write an ensemble checkpoint at `out` over the generator checkpoints `members` (copied into it as
     member-0, member-1, ...: the folder is self-contained). The result is loaded once before it replaces
-    anything at `out`, so a broken or mismatched member is refused and nothing stored is lost."""
+    anything at `out`, so a broken or mismatched member is refused and nothing stored is lost.
+    `own_expert`: a library expert's own description mints that expert (`EnsembleMinter.own_expert`)."""
     out = Path(out)
     members = [Path(m) for m in members]
     if len(members) < 2:
@@ -180,7 +208,12 @@ def save_ensemble(
         for i, m in enumerate(members):
             shutil.copytree(m, tmp / f"member-{i}")
             rels.append(f"member-{i}")
-        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "members": rels}
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "members": rels,
+            "own_expert": own_expert,
+        }
         if weights is not None:
             meta["weights"] = [float(x) for x in weights]
         meta["sources"] = [str(m) for m in members]

@@ -488,7 +488,9 @@ def mint(
     )
 
 
-def ensemble_generator(out: Path, members: list[Path], weights: list[float] | None = None) -> None:
+def ensemble_generator(
+    out: Path, members: list[Path], weights: list[float] | None = None, own_expert: bool = False
+) -> None:
     """Combine generator checkpoints trained alike (e.g. seeds) into one that mints the mean of their
     adapters (README "Generator"); the members are copied into `out`.
 
@@ -496,10 +498,12 @@ def ensemble_generator(out: Path, members: list[Path], weights: list[float] | No
         out: the ensemble checkpoint folder to write (use it wherever a generator goes: --generator).
         members: two or more generator checkpoints over the same library.
         weights: one weight per member (default: equal).
+        own_expert: a library expert's own description (top-1 cosine >= 0.999) mints that expert itself,
+            as a generator with an own-expert gate does.
     """
     from loramint.gen.ensemble import save_ensemble
 
-    path = save_ensemble(out, members, weights)
+    path = save_ensemble(out, members, weights, own_expert)
     console.print(f"ensemble of {len(members)} generators -> {path}")
 
 

@@ -886,6 +886,15 @@ def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path
     assert _delta_distance(weighted.mint(text), singles[0].mint(text)) < 1e-4
     with pytest.raises(GeneratorError, match="rank must be an integer in"):
         ensemble.mint(text, rank=13)
+    # own_expert: a library expert's stored description mints that expert; any other text the mean
+    own = Minter.from_pretrained(save_ensemble(tmp_path / "own", members, own_expert=True))
+    with ExpertLibrary.open(root / "lib") as library:
+        arith = library.get("arith_0").load_adapter()
+    got = own.mint_many([ARITH[0], text])
+    for m in arith.modules:
+        torch.testing.assert_close(got[0].delta(m), arith.delta(m), atol=1e-4, rtol=1e-3)
+    assert _delta_distance(got[1], minted) < 1e-4
+    assert _delta_distance(ensemble.mint(ARITH[0]), arith) > 1e-3  # without it: the members' mean
 
 
 def test_bad_ensembles_are_refused_and_nothing_is_replaced(residual, tmp_path):
