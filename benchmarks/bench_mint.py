@@ -64,15 +64,13 @@ def bench_single(minter: Minter, texts: list[str], out: Path, device: str) -> di
         cond = minter.condition([text])
         sync(device)
         t1 = time.perf_counter()
-        sem_mu, sem_logvar = minter.prior_inputs(cond)
         retrieved = minter.retrieve(cond)[0]  # a residual generator's K experts (else none)
         sync(device)
         t2 = time.perf_counter()
-        with torch.no_grad():
-            tokens = minter.model.generate(cond, sem_mu, sem_logvar)
+        tokens = minter.decode(cond)  # the semantic prior + one decoder pass (each member's, for an ensemble)
         sync(device)
         t3 = time.perf_counter()
-        adapter = minter.adapter({g: t[0] for g, t in tokens.items()}, retrieved)
+        adapter = minter.adapter(minter.row(tokens, 0), retrieved)
         t4 = time.perf_counter()
         adapter.save(out / f"a{i % 4}")
         t5 = time.perf_counter()
@@ -147,7 +145,11 @@ def main() -> None:
         "minted_rank": probe.max_rank,  # a residual generator mints (K + 1) x rank, stacked exactly
         "modules": f"{list(layout.module_types)} x {len(layout.layers)} layers",
         "bank_size": len(probe.bank),
-        "generator_params": sum(p.numel() for p in probe.model.parameters()),
+        "members": len(getattr(probe, "members", [probe])),
+        "decode_dtype": getattr(probe, "decode_dtype", "float32"),
+        "generator_params": sum(
+            p.numel() for m in getattr(probe, "members", [probe]) for p in m.model.parameters()
+        ),
         "device": args.device,
         "encoder": probe.encoder.name,
         "threads": torch.get_num_threads(),

@@ -252,6 +252,15 @@ class Minter:
             for i in range(len(descriptions))
         ]
 
+    def decode(self, cond: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The decoded tokens {group: [B, L, dim]} of conditions [B, C]: the prior's mean, or a seeded sample."""
+        with torch.no_grad():
+            return self.model.generate(cond, *self.prior_inputs(cond), seed=_check_seed(seed))
+
+    def row(self, tokens: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        """Row i of `decode`'s tokens, for `adapter`."""
+        return {g: t[i] for g, t in tokens.items()}
+
     # The stages of `mint_many`, public so that a caller can time or batch them (benchmarks/bench_mint.py):
     # condition -> prior_inputs + retrieve -> model.generate -> adapter.
     def retrieve(self, cond: torch.Tensor) -> list[tuple[list[LoraAdapter], torch.Tensor | None]]:

@@ -75,9 +75,11 @@ def compose(
     gain: torch.Tensor | None = None,
     correction_gain: torch.Tensor | float = 1.0,
     direct: torch.Tensor | None = None,
+    coef: torch.Tensor | None = None,
 ) -> LoraAdapter:
     """One adapter with ΔW = Σ_k (gain[layer, type] · weights[k] + direct[k]) ΔW(experts[k])
-    + correction_gain · ΔW(correction), exactly.
+    + correction_gain · ΔW(correction), exactly; `coef` [K, layers, types], when given, is each expert's
+    whole coefficient per module instead (a generator ensemble's mean of its members' coefficients).
 
     Built per module type for every layer at once (a stack, one multiply and a concatenation per part: a
     third of the time of a loop over the modules, same floats); the result's factors are views of those
@@ -102,11 +104,12 @@ def compose(
         paths = [layout.path(layer, module_type) for layer in layout.layers]
         g = gain[:, ti] if gain is not None else torch.ones(len(paths), device=device)
         a_parts, b_parts = [], []
-        for expert, w, d in zip(experts, weights, direct, strict=True):
+        for k, (expert, w, d) in enumerate(zip(experts, weights, direct, strict=True)):
             scaling = torch.tensor([expert.config.scaling(p) for p in paths], device=device)
             a_parts.append(torch.stack([expert.weights[p][0] for p in paths]))  # [L, r, in]
             b = torch.stack([expert.weights[p][1] for p in paths])  # [L, out, r]
-            b_parts.append(b * ((g * w + d) * scaling)[:, None, None])
+            c = coef[k, :, ti].to(device) if coef is not None else g * w + d  # [L]
+            b_parts.append(b * (c * scaling)[:, None, None])
         scaling = torch.tensor([correction.config.scaling(p) for p in paths], device=device)
         a_parts.append(torch.stack([correction.weights[p][0] for p in paths]))
         b = torch.stack([correction.weights[p][1] for p in paths])

@@ -235,41 +235,35 @@ def pack_generator(
 ) -> dict[str, Any]:
     """Write the checkpoint folder `generator` into the empty folder `out`: model.safetensors' float32 tensors
     in fp16 (those of at most KEEP_FP32_NUMEL numbers as they are), every other file as it is (a safetensors
-    file above `max_bytes` split into shards)."""
-    if not (generator / "generator.json").is_file():
+    file above `max_bytes` split into shards).
+
+    An ensemble (gen/ensemble.py) packs each member the same way under its folder name ("member-0/...",
+    flattened to "member-0--..." in `out`), except that the members of a bfloat16-decoding ensemble keep the
+    tensors minting reads exactly: its decoding linear layers in bfloat16 (which is all minting reads of
+    them), the other decoding tensors in float32; and a member's bank tensors equal to member 0's are stored
+    once (the library's factors, ~48 MB, are the same in every member)."""
+    meta_file = generator / "generator.json"
+    if not meta_file.is_file():
         raise ArtifactError(f"{generator} is not a generator checkpoint (no generator.json)")
+    meta = json.loads(meta_file.read_text())
     files: dict[str, dict[str, Any]] = {}
     errors: dict[str, float] = {}
-    for path in sorted(generator.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue  # setup markers, temp files of a writer
-        name = path.name
-        fp16 = name == "model.safetensors"
-        if not fp16 and path.stat().st_size <= max_bytes:
-            shutil.copyfile(path, out / name)
-            files[name] = {"copy": name}
-            continue
-        if not name.endswith(".safetensors"):
-            raise ArtifactError(
-                f"{path} has {path.stat().st_size} bytes, above the per-file limit {max_bytes}"
+    if meta.get("format") == "loramint-generator-ensemble":
+        shutil.copyfile(meta_file, out / "generator.json")
+        files["generator.json"] = {"copy": "generator.json"}
+        bf16 = meta.get("decode_dtype") == "bfloat16"
+        first: Path | None = None
+        for rel in meta["members"]:
+            if not _safe_relative(rel) or "/" in rel:
+                raise ArtifactError(f"{meta_file}: bad member folder {rel!r}")
+            reference = load_file(str(first / "bank.safetensors")) if first is not None else None
+            shared_from = f"{meta['members'][0]}/bank.safetensors"
+            _pack_checkpoint(
+                generator / rel, out, f"{rel}/", files, errors, max_bytes, log, bf16, reference, shared_from
             )
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata()
-        state = load_file(str(path))
-        upcast = []
-        if fp16:
-            for key, tensor in state.items():
-                if tensor.dtype == torch.float32 and tensor.numel() > KEEP_FP32_NUMEL:
-                    half = _to_fp16(f"{name}: {key}", tensor)
-                    errors[key] = _relative_error(tensor, half)
-                    state[key] = half
-                    upcast.append(key)
-        stem = name.removesuffix(".safetensors")
-        shards = write_shards(state, out, stem, max_bytes)
-        if any(s in files for s in shards):
-            raise ArtifactError(f"{generator}: shard names of {name} clash with another file")
-        files[name] = {"shards": shards, "metadata": metadata, "upcast": upcast}
-        log(f"  generator: {name} -> {', '.join(shards)}" + (" (fp16)" if fp16 else ""))
+            first = first or generator / rel
+    else:
+        _pack_checkpoint(generator, out, "", files, errors, max_bytes, log)
     index = {
         "format": "loramint-generator-pack",
         "version": VERSION,
@@ -278,6 +272,87 @@ def pack_generator(
     }
     (out / GENERATOR_INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return {"files": sorted(files), "fp16_max_relative_error": index["fp16_max_relative_error"]}
+
+
+def _bf16_decoding_keys(checkpoint: Path) -> set[str]:
+    """model.safetensors keys of the linear layers a generator's decoding path runs in bfloat16 under a
+    bfloat16-decoding ensemble (gen/ensemble.py: prior_net, dec_in, trunk, heads)."""
+    from loramint.gen.layout import Layout
+    from loramint.gen.model import GeneratorConfig, LoraCVAE
+
+    meta = json.loads((checkpoint / "generator.json").read_text())
+    model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig(**meta["model"]))
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[0] in (
+            "prior_net",
+            "dec_in",
+            "trunk",
+            "heads",
+        ):
+            keys |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return keys
+
+
+def _pack_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    prefix: str,
+    files: dict[str, dict[str, Any]],
+    errors: dict[str, float],
+    max_bytes: int,
+    log: Log,
+    bf16_decoding: bool = False,
+    reference: dict[str, torch.Tensor] | None = None,
+    shared_from: str = "",
+) -> None:
+    decoding = _bf16_decoding_keys(checkpoint) if bf16_decoding else set()
+    for path in sorted(checkpoint.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue  # setup markers, temp files of a writer
+        name = prefix + path.name
+        flat = name.replace("/", "--")
+        model = path.name == "model.safetensors"
+        shared = reference is not None and path.name == "bank.safetensors"
+        if not model and not shared and path.stat().st_size <= max_bytes:
+            shutil.copyfile(path, out / flat)
+            files[name] = {"copy": flat}
+            continue
+        if not name.endswith(".safetensors"):
+            raise ArtifactError(
+                f"{path} has {path.stat().st_size} bytes, above the per-file limit {max_bytes}"
+            )
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        state = load_file(str(path))
+        entry: dict[str, Any] = {"metadata": metadata}
+        upcast = []
+        if model:
+            for key, tensor in state.items():
+                if tensor.dtype != torch.float32:
+                    continue
+                if key in decoding:  # exactly what minting reads
+                    state[key] = tensor.to(torch.bfloat16)
+                    upcast.append(key)
+                elif bf16_decoding and key.split(".")[0] not in ("enc_in", "enc_out"):
+                    continue  # read at full precision by the decoding path: as it is
+                elif tensor.numel() > KEEP_FP32_NUMEL:
+                    half = _to_fp16(f"{name}: {key}", tensor)
+                    errors[key] = _relative_error(tensor, half)
+                    state[key] = half
+                    upcast.append(key)
+        if shared:
+            same = [k for k, t in state.items() if k in reference and torch.equal(t, reference[k])]
+            state = {k: t for k, t in state.items() if k not in same}
+            entry["shared"] = {"from": shared_from, "keys": same}
+        shards = write_shards(state, out, flat.removesuffix(".safetensors"), max_bytes) if state else []
+        if any(s in {e.get("copy") for e in files.values()} for s in shards):
+            raise ArtifactError(f"{checkpoint}: shard names of {name} clash with another file")
+        files[name] = {**entry, "shards": shards, "upcast": upcast}
+        log(
+            f"  generator: {name} -> {', '.join(shards) or '(all shared)'}"
+            + (" (fp16/bf16)" if upcast else "")
+        )
 
 
 def pack_defaults(
@@ -647,17 +722,23 @@ def _restore_generator(
     from loramint.gen.minter import Minter
 
     index = _read_index(manifest, source, bundle_dir, GENERATOR_INDEX, "loramint-generator-pack")
-    for name, entry in index["files"].items():
-        if not _safe_relative(name) or "/" in name:
+    for name, entry in index["files"].items():  # an ensemble's member files: "member-0/model.safetensors"
+        if not _safe_relative(name) or name.count("/") > 1:
             raise ArtifactError(f"{bundle_dir}/{GENERATOR_INDEX}: bad file name {name!r}")
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         if "copy" in entry:
             shutil.copyfile(_member(manifest, source, bundle_dir, entry["copy"]), tmp / name)
             continue
         state = read_shards([_member(manifest, source, bundle_dir, s) for s in entry["shards"]])
+        if shared := entry.get("shared"):  # tensors equal to another member's file, restored before this one
+            if not _safe_relative(shared["from"]) or not (tmp / shared["from"]).is_file():
+                raise ArtifactError(f"{bundle_dir}/{GENERATOR_INDEX}: {name} shares from {shared['from']!r}")
+            other = load_file(str(tmp / shared["from"]))
+            state = {**{k: other[k] for k in shared["keys"]}, **state}
         for key in entry.get("upcast", []):
             state[key] = state[key].float()
         save_file(state, str(tmp / name), metadata=entry.get("metadata"))
-        log(f"generator: wrote {name}" + (" (fp16 -> float32)" if entry.get("upcast") else ""))
+        log(f"generator: wrote {name}" + (" (fp16/bf16 -> float32)" if entry.get("upcast") else ""))
     meta = json.loads((tmp / "generator.json").read_text())
     same = encoder is not None and meta.get("encoder", "").lower() == str(encoder.name).lower()
     minter = Minter.from_pretrained(tmp, encoder=encoder if same else None)

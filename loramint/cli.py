@@ -489,7 +489,11 @@ def mint(
 
 
 def ensemble_generator(
-    out: Path, members: list[Path], weights: list[float] | None = None, own_expert: bool = False
+    out: Path,
+    members: list[Path],
+    weights: list[float] | None = None,
+    own_expert: bool = False,
+    decode_dtype: str = "float32",
 ) -> None:
     """Combine generator checkpoints trained alike (e.g. seeds) into one that mints the mean of their
     adapters (README "Generator"); the members are copied into `out`.
@@ -500,10 +504,12 @@ def ensemble_generator(
         weights: one weight per member (default: equal).
         own_expert: a library expert's own description (top-1 cosine >= 0.999) mints that expert itself,
             as a generator with an own-expert gate does.
+        decode_dtype: float32, or bfloat16 (the members decode under bfloat16 autocast: ~4x faster on a
+            CPU with native bfloat16, corrections within ~0.2% of float32's).
     """
     from loramint.gen.ensemble import save_ensemble
 
-    path = save_ensemble(out, members, weights, own_expert)
+    path = save_ensemble(out, members, weights, own_expert, decode_dtype)
     console.print(f"ensemble of {len(members)} generators -> {path}")
 
 

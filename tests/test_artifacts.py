@@ -358,3 +358,35 @@ def test_an_empty_library_left_by_serve_before_setup_is_replaced_but_a_used_one_
         setup(packed["artifacts"], other)
     with ExpertLibrary.open(other / "library-tiny", create=False) as library:
         assert [e.id for e in library.list()] == ["mine"]
+
+
+def test_an_ensemble_packs_once_per_bank_and_restores_minting_exactly(packed, tmp_path):
+    """A bfloat16-decoding ensemble: its members' shared bank tensors are packed once, and the restored
+    ensemble mints exactly (bit for bit) what the packed one minted."""
+    from loramint.gen.ensemble import save_ensemble
+
+    data = packed["data"]
+    member = data / "generator" / "tiny"
+    ensemble = save_ensemble(
+        tmp_path / "src" / "generator" / "ens", [member, member], own_expert=True, decode_dtype="bfloat16"
+    )
+    shutil.copytree(data / "library-tiny", tmp_path / "src" / "library-tiny")
+    pack_defaults(
+        tmp_path / "src" / "library-tiny",
+        ensemble,
+        tmp_path / "artifacts",
+        tmp_path / "src",
+        max_bytes=MAX_BYTES,
+    )
+    index = json.loads((tmp_path / "artifacts" / "generator-ens" / "pack.json").read_text())
+    bank = index["files"]["member-1/bank.safetensors"]
+    assert bank["shared"]["from"] == "member-0/bank.safetensors" and not bank["shards"]  # all shared
+    assert any(k.startswith("heads.") for k in index["files"]["member-0/model.safetensors"]["upcast"])
+    summary = setup(tmp_path / "artifacts", tmp_path / "restored")
+    assert summary["generator"]["status"] == "restored"
+    before = Minter.from_pretrained(ensemble)
+    after = Minter.from_pretrained(tmp_path / "restored" / "generator" / "ens")
+    for text in ("Add up the numbers and report the total.", TEXTS[0][1]):
+        a, b = before.mint(text), after.mint(text)
+        assert a.config.r == b.config.r
+        assert all(torch.equal(a.delta(m), b.delta(m)) for m in a.modules), text

@@ -868,7 +868,8 @@ def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path
     path = save_ensemble(tmp_path / "ens", members)
     assert sorted(p.name for p in path.iterdir()) == ["generator.json", "member-0", "member-1"]
     ensemble = Minter.from_pretrained(path)
-    assert isinstance(ensemble, EnsembleMinter) and ensemble.max_rank == 12
+    # one compose: the 2 retrieved experts once (mean coefficients) + both corrections, rank 2 each
+    assert isinstance(ensemble, EnsembleMinter) and ensemble.fast and ensemble.max_rank == 8
     singles = [Minter.from_pretrained(m, encoder=ensemble.encoder) for m in members]
     text = "Add up the numbers and report the total."
     minted = ensemble.mint(text)
@@ -885,7 +886,7 @@ def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path
     weighted = Minter.from_pretrained(save_ensemble(tmp_path / "w", members, weights=[1.0, 0.0]))
     assert _delta_distance(weighted.mint(text), singles[0].mint(text)) < 1e-4
     with pytest.raises(GeneratorError, match="rank must be an integer in"):
-        ensemble.mint(text, rank=13)
+        ensemble.mint(text, rank=9)
     # own_expert: a library expert's stored description mints that expert; any other text the mean
     own = Minter.from_pretrained(save_ensemble(tmp_path / "own", members, own_expert=True))
     with ExpertLibrary.open(root / "lib") as library:
@@ -895,6 +896,13 @@ def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path
         torch.testing.assert_close(got[0].delta(m), arith.delta(m), atol=1e-4, rtol=1e-3)
     assert _delta_distance(got[1], minted) < 1e-4
     assert _delta_distance(ensemble.mint(ARITH[0]), arith) > 1e-3  # without it: the members' mean
+    # bfloat16 decoding: the same adapter within bfloat16's precision
+    fast = Minter.from_pretrained(save_ensemble(tmp_path / "bf16", members, decode_dtype="bfloat16"))
+    approx = fast.mint(text)
+    assert approx.config.r == minted.config.r
+    assert _delta_distance(approx, minted) < 0.02 * sum(float(minted.delta(m).norm()) for m in minted.modules)
+    with pytest.raises(GeneratorError, match="decode_dtype must be"):
+        save_ensemble(tmp_path / "bad", members, decode_dtype="int8")
 
 
 def test_bad_ensembles_are_refused_and_nothing_is_replaced(residual, tmp_path):
