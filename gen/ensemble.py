@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import GeneratorError
-from loramint.paths import fsync_dir
+from loramint.paths import replacing_dir
 
 FORMAT = "loramint-generator-ensemble"
 VERSION = 1
@@ -276,9 +275,7 @@ def save_ensemble(
             raise GeneratorError(f"{m} is not a generator checkpoint (no generator.json)")
         if json.loads(meta_file.read_text()).get("format") == FORMAT:
             raise GeneratorError(f"{m} is itself an ensemble: give its members")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with replacing_dir(out) as tmp:
         rels = []
         for i, m in enumerate(members):
             shutil.copytree(m, tmp / f"member-{i}")
@@ -296,14 +293,4 @@ def save_ensemble(
         meta["sources"] = [str(m) for m in members]
         (tmp / "generator.json").write_text(json.dumps(meta, indent=2))
         EnsembleMinter.from_pretrained(tmp)  # refuses mismatched members before anything is replaced
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -13,8 +13,6 @@ training config and metrics), `model.safetensors`, `normalizer.safetensors`, `ba
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
 from loramint.gen.residual import assemble, bounded_gain, coefficients, compose
-from loramint.paths import fsync_dir
+from loramint.paths import replacing_dir
 
 FORMAT = "loramint-generator"
 VERSION = 1
@@ -72,9 +70,7 @@ def save_generator(
 ) -> Path:
     """Write a checkpoint folder; an existing one at `path` is replaced only once the new one is complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with replacing_dir(path) as tmp:
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -98,16 +94,6 @@ def save_generator(
             # fp16: LoRA factors lose nothing measurable and the checkpoint halves
             tensors |= {f"factors.{g}": t.detach().cpu().half().contiguous() for g, t in bank.factors.items()}
         save_file(tensors, str(tmp / "bank.safetensors"))
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -102,6 +102,27 @@ def staging_dir(final: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
+def replacing_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; on success it takes `final`'s place (an existing `final` is moved
+    aside first and deleted after). On error the temp dir is removed and `final` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Exclusive advisory lock (fcntl.flock) on `path`, held for the block; released if the process dies."""
     path = Path(path)
