@@ -34,9 +34,10 @@ class ServiceConfig:
     """Which endpoints need a key: "writes" (mint, upload, delete), "all", or "none" (trusted network only)."""
     capacity: int = 64
     """Experts resident in the runtime at once (LRU)."""
-    max_rank: int = 32
-    """Highest LoRA rank the runtime serves; uploads above it are refused. The default generator mints
-    rank 32 (its 3 retrieved rank-8 experts + an 8-rank correction; `rank` in a mint request compresses)."""
+    max_rank: int = 48
+    """Highest LoRA rank the runtime serves; uploads above it are refused. The default generator (an ensemble
+    of 3) mints rank 48 (its 3 retrieved rank-8 experts + three 8-rank corrections; `rank` in a mint request
+    compresses). Each resident slot holds max_rank factors: 64 slots x rank 48 take ~0.7 GB for SmolLM2."""
     top_k: int = 2
     """Experts mixed for `model: "auto"` (retrieved by the prompt, weighted by similarity)."""
     queue_size: int = 64
