@@ -232,7 +232,9 @@ class EnsembleMinter:
     def fuse(
         self, descriptions: Sequence[str], weights: Sequence[float] | None = None, rank: int | None = None
     ) -> LoraAdapter:
-        fused = average([m.fuse(descriptions, weights) for m in self.members], self.weights)
+        device = self.members[0].bank.keys.device.type
+        with self._autocast(device):  # bfloat16 members decode under autocast only
+            fused = average([m.fuse(descriptions, weights) for m in self.members], self.weights)
         if rank is not None:
             _check_rank(rank, fused.config.r)
             return _truncate(fused, rank)

@@ -901,6 +901,10 @@ def test_an_ensemble_checkpoint_mints_the_mean_of_its_members(residual, tmp_path
     approx = fast.mint(text)
     assert approx.config.r == minted.config.r
     assert _delta_distance(approx, minted) < 0.02 * sum(float(minted.delta(m).norm()) for m in minted.modules)
+    both = ["Add up the numbers and report the total.", "Write a poem about the mountains."]
+    assert _delta_distance(fast.fuse(both), ensemble.fuse(both)) < 0.02 * _delta_distance(
+        ensemble.fuse(both), minted
+    )
     with pytest.raises(GeneratorError, match="decode_dtype must be"):
         save_ensemble(tmp_path / "bad", members, decode_dtype="int8")
 
