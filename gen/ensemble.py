@@ -81,18 +81,16 @@ class EnsembleMinter:
         self.weights = [x / sum(w) for x in w]
         self.meta = meta or {}
         self.own_expert = own_expert
+        """A description that is a library expert's own (top-1 cosine >= OWN_MIN_COSINE, the threshold below
+        which a generator's learned own-expert gate is exactly closed) mints that expert, as a gated
+        generator does; every other description mints the members' mean."""
         self.decode_dtype = decode_dtype
         if decode_dtype not in ("float32", "bfloat16"):
             raise GeneratorError(f"decode_dtype must be float32 or bfloat16, got {decode_dtype!r}")
         if decode_dtype == "bfloat16":  # the decoding path's linear layers stored in bfloat16 once: autocast
             for m in self.members:  # then casts nothing per call (bit-identical to casting them each time)
-                for part in (m.model.prior_net, m.model.dec_in, m.model.trunk, m.model.heads):
-                    for layer in part.modules():
-                        if isinstance(layer, torch.nn.Linear):
-                            layer.to(torch.bfloat16)
-        """A description that is a library expert's own (top-1 cosine >= OWN_MIN_COSINE, the threshold below
-        which a generator's learned own-expert gate is exactly closed) mints that expert, as a gated
-        generator does; every other description mints the members' mean."""
+                for _, layer in m.model.decoding_linears():
+                    layer.to(torch.bfloat16)
 
     # what callers of a Minter read
     @property
@@ -242,10 +240,9 @@ class EnsembleMinter:
 
 
 def _check_rank(rank: int | None, max_rank: int) -> None:
-    if rank is not None and (
-        not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank
-    ):
-        raise GeneratorError(f"rank must be an integer in [1, {max_rank}], got {rank!r}")
+    from loramint.gen.minter import check_rank
+
+    check_rank(rank, max_rank)
 
 
 def _truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:

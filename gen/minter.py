@@ -330,8 +330,7 @@ class Minter:
     ) -> LoraAdapter:
         """Normalised tokens of one adapter (+ a residual generator's retrieved experts) -> a `LoraAdapter`
         (canonical factors when not residual; optionally truncated to `rank` by SVD)."""
-        if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= self.max_rank):
-            raise GeneratorError(f"rank must be an integer in [1, {self.max_rank}], got {rank!r}")
+        check_rank(rank, self.max_rank)
         tokens = {g: t.float().cpu() for g, t in tokens.items()}
         if fused and self.model.config.residual_k:  # weights already final: compose, not assemble
             correction = self.layout.from_tokens(
@@ -348,6 +347,14 @@ class Minter:
         if rank is None or rank == adapter.config.r:
             return adapter
         return truncate(adapter, rank)
+
+
+def check_rank(rank: int | None, max_rank: int) -> None:
+    """A requested rank (None: keep the minted one) must be an integer in [1, max_rank] (not a bool)."""
+    if rank is not None and (
+        not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank
+    ):
+        raise GeneratorError(f"rank must be an integer in [1, {max_rank}], got {rank!r}")
 
 
 def truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:

@@ -135,6 +135,16 @@ class LoraCVAE(nn.Module):
         alpha = torch.sigmoid(self.gate(closeness(sims))[..., 0])
         return alpha * (sims[..., 0] >= OWN_MIN_COSINE).to(alpha)
 
+    def decoding_linears(self) -> list[tuple[str, nn.Linear]]:
+        """(name, layer) of every linear layer minting runs (`generate`: the learned prior, the decoder's
+        input, trunk and heads); the encoder, mixer and gate are not among them."""
+        parts = ("prior_net", "dec_in", "trunk", "heads")
+        return [
+            (name, m)
+            for name, m in self.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[0] in parts
+        ]
+
     @staticmethod
     def _key(group: str) -> str:
         return group.replace(".", "__")  # ModuleDict keys cannot hold dots

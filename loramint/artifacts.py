@@ -252,16 +252,16 @@ def pack_generator(
         shutil.copyfile(meta_file, out / "generator.json")
         files["generator.json"] = {"copy": "generator.json"}
         bf16 = meta.get("decode_dtype") == "bfloat16"
-        first: Path | None = None
-        for rel in meta["members"]:
+        shared_from = f"{meta['members'][0]}/bank.safetensors"
+        reference: dict[str, torch.Tensor] | None = None  # member 0's bank, read once for the others
+        for i, rel in enumerate(meta["members"]):
             if not _safe_relative(rel) or "/" in rel:
                 raise ArtifactError(f"{meta_file}: bad member folder {rel!r}")
-            reference = load_file(str(first / "bank.safetensors")) if first is not None else None
-            shared_from = f"{meta['members'][0]}/bank.safetensors"
             _pack_checkpoint(
                 generator / rel, out, f"{rel}/", files, errors, max_bytes, log, bf16, reference, shared_from
             )
-            first = first or generator / rel
+            if i == 0:
+                reference = load_file(str(generator / rel / "bank.safetensors"))
     else:
         _pack_checkpoint(generator, out, "", files, errors, max_bytes, log)
     index = {
@@ -276,22 +276,13 @@ def pack_generator(
 
 def _bf16_decoding_keys(checkpoint: Path) -> set[str]:
     """model.safetensors keys of the linear layers a generator's decoding path runs in bfloat16 under a
-    bfloat16-decoding ensemble (gen/ensemble.py: prior_net, dec_in, trunk, heads)."""
+    bfloat16-decoding ensemble (`LoraCVAE.decoding_linears`, as gen/ensemble.py converts them)."""
     from loramint.gen.layout import Layout
     from loramint.gen.model import GeneratorConfig, LoraCVAE
 
     meta = json.loads((checkpoint / "generator.json").read_text())
     model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig(**meta["model"]))
-    keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.split(".")[0] in (
-            "prior_net",
-            "dec_in",
-            "trunk",
-            "heads",
-        ):
-            keys |= {f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
-    return keys
+    return {f"{name}.{p}" for name, layer in model.decoding_linears() for p, _ in layer.named_parameters()}
 
 
 def _pack_checkpoint(

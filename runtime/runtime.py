@@ -112,9 +112,8 @@ class Runtime:
         if routing == "learned":
             if self.router is None:
                 raise ValueError('routing="learned" needs a trained router: Runtime(router=...)')
-            self.router.to(
-                self.stack.device
-            )  # a loaded or CPU-trained router follows the stack (no-op after)
+            # a loaded or CPU-trained router follows the stack (a no-op once it is there)
+            self.router.to(self.stack.device)
             return Plan(self.stack.slots(self.router.expert_ids, self._load), router=self.router)
         if routing == "arrow":
             active = active or self.stack.ids
