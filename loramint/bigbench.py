@@ -1,21 +1,20 @@
-"""Import BIG-bench JSON tasks (task.json files in the PyPI sdist `bigbench==1.0.0`) as loramint Tasks.
+"""Import BIG-bench JSON tasks (task.json files in the sdist `bigbench==1.0.0`) as loramint Tasks.
 
-The 358 MB sdist is fetched once. One streaming pass over it lists every task and copies out only the
-task.json files asked for; the listing and those files are cached, so later imports never open it.
-Set LORAMINT_BIGBENCH_SDIST to a local copy of bigbench-1.0.0.tar.gz to skip the download.
+An optional importer for users who have the 358 MB sdist (PyPI no longer serves it): point
+LORAMINT_BIGBENCH_SDIST at it, or put it in the user cache's `bigbench/` folder. One streaming pass lists
+every task and copies out only the task.json files asked for; the listing and those files are cached, so
+later imports never open it. loramint's own tasks come from its corpus (loramint.corpus).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.metadata
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,7 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from loramint.errors import NotFoundError, TaskError
-from loramint.paths import atomic_write_bytes, cache_dir, file_lock, pip_download, sha256_file
+from loramint.paths import atomic_write_bytes, cache_dir, file_lock, sha256_file
 from loramint.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -35,9 +34,6 @@ SDIST_REQUIREMENT = "bigbench==1.0.0"
 SDIST_NAME = "bigbench-1.0.0.tar.gz"
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 SDIST_ENV = "LORAMINT_BIGBENCH_SDIST"
-OLD_PIP_REQUIREMENT = "pip==26.2.1"
-OLD_PIP_WHEEL = "pip-26.2.1-py3-none-any.whl"
-OLD_PIP_SHA256 = "71138adf1f4ca900cdb7d289c21b7494329f2332b6d85f0e1c42108c0384ed3e"
 NI = "natural_instructions"
 _HINT = f"set {SDIST_ENV} to a local {SDIST_NAME}"
 
@@ -54,8 +50,9 @@ _INPUT_PREFIX, _OUTPUT_PREFIX = "\nQ: ", "\nA: "
 
 
 def fetch_sdist(cache: str | Path | None = None) -> Path:
-    """Path of bigbench-1.0.0.tar.gz: $LORAMINT_BIGBENCH_SDIST, the copy in `cache`
-    (default: the user cache dir's `bigbench/`), or a fresh `pip download --no-deps` into `cache`."""
+    """Path of a local bigbench-1.0.0.tar.gz: $LORAMINT_BIGBENCH_SDIST, or the copy in `cache` (default: the
+    user cache dir's `bigbench/`), checked against its sha256. PyPI no longer serves this version, so
+    nothing is downloaded: without a copy, use the task corpus (`loramint data`) instead."""
     if env := os.environ.get(SDIST_ENV):
         path = Path(env).expanduser()
         if not path.is_file():
@@ -63,33 +60,14 @@ def fetch_sdist(cache: str | Path | None = None) -> Path:
         return path
     folder = Path(cache) if cache is not None else cache_dir("bigbench")
     target = folder / SDIST_NAME
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / f".{SDIST_NAME}.lock"):
-        if target.is_file():  # another process fetched it while we waited
-            return target
-        print(f"loramint: fetching {SDIST_REQUIREMENT} (358 MB) with pip download --no-deps", file=sys.stderr)
-        pip_download(SDIST_REQUIREMENT, target, SDIST_SHA256, _HINT, pip=_pip_for_sdist(folder))
+    if not target.is_file():
+        raise NotFoundError(
+            f"no {SDIST_NAME} here ({target} is missing) and PyPI no longer serves {SDIST_REQUIREMENT}: "
+            f"{_HINT}, or use the tasks of the corpus that ships with loramint (`loramint data tasks`)"
+        )
+    if sha256_file(target) != SDIST_SHA256:
+        raise TaskError(f"{target} is not {SDIST_NAME} (its sha256 differs from the pinned one)")
     return target
-
-
-def _pip_for_sdist(folder: Path) -> list[str]:
-    """The pip to run. pip >= 26.3 downloads this sdist and then refuses it, even with --no-deps: its
-    metadata declares a file:// dependency (bleurt), which pip now rejects in files from PyPI. Such a pip
-    fetches a pinned pip 26.2.1 wheel once and runs that (pip runs from its own wheel)."""
-    try:
-        version = tuple(int(x) for x in re.findall(r"\d+", importlib.metadata.version("pip"))[:2])
-    except importlib.metadata.PackageNotFoundError:
-        raise TaskError(
-            f"pip is not installed in this environment; install it, or set {SDIST_ENV} to a local {SDIST_NAME}"
-        ) from None
-    if version < (26, 3):
-        return [sys.executable, "-m", "pip"]
-    wheel = folder / OLD_PIP_WHEEL
-    if not wheel.is_file() or sha256_file(wheel) != OLD_PIP_SHA256:
-        pip_download(OLD_PIP_REQUIREMENT, wheel, OLD_PIP_SHA256, _HINT)
-    return [sys.executable, str(wheel / "pip")]
 
 
 def list_tasks() -> list[str]:

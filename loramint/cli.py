@@ -101,6 +101,139 @@ def tasks_synthetic(out: Path = Path("data/tasks/tiny.jsonl"), n_examples: int =
     console.print(f"wrote {len(tasks)} synthetic tasks to {out}")
 
 
+# ---- data (the task corpus) ---------------------------------------------------------------------------------
+def data_sources() -> None:
+    """List the corpus's sources: license, whether the repository ships it, tasks and examples."""
+    from loramint.corpus import Corpus
+
+    corpus = Corpus()
+    available = set(corpus.available())
+    table = Table("source", "license", "ships in corpus/", "tasks", "examples", "here")
+    for s in corpus.sources.values():
+        table.add_row(s.name, s.license, "yes" if s.shipped else "no: `loramint data build`", str(s.tasks),
+                      str(s.examples), "yes" if s.name in available else "no")  # fmt: skip
+    if "user" in available:
+        user = corpus.load("user")
+        table.add_row("user", "yours", "no", str(len(user)), str(sum(len(t.examples) for t in user)), "yes")
+    console.print(table)
+
+
+def data_families(source: str | None = None) -> None:
+    """List the corpus's families with their task counts.
+
+    Args:
+        source: only this source's families.
+    """
+    from loramint.corpus import Corpus
+
+    table = Table("family", "tasks")
+    for family, n in sorted(Corpus().families([source] if source else None).items()):
+        table.add_row(family, str(n))
+    console.print(table)
+
+
+def data_tasks(source: str | None = None, family: str | None = None, contains: str = "") -> None:
+    """List corpus tasks: name, family, metric, examples per split and description.
+
+    Args:
+        source: only this source's tasks.
+        family: only this family's tasks.
+        contains: only names containing this text.
+    """
+    from loramint.corpus import Corpus
+
+    tasks = Corpus().tasks([source] if source else None, [family] if family else None)
+    table = Table("task", "family", "metric", "train/val/test", "description")
+    for t in tasks:
+        if contains in t.name:
+            sizes = "/".join(str(t.splits.get(k, 0)) for k in ("train", "val", "test"))
+            table.add_row(t.name, t.family, t.metric, sizes, t.description[:80])
+    console.print(table)
+
+
+def data_show(name: str, n: int = 3, split: str = "train") -> None:
+    """Show one corpus task: its metadata and the first `n` examples of a split.
+
+    Args:
+        name: task name, e.g. proc.sort_words.
+        n: examples to show.
+        split: train, val or test.
+    """
+    from loramint.corpus import Corpus
+
+    task = Corpus().task(name)
+    console.print(f"[bold]{task.name}[/bold]  family {task.family}, source {task.source}, license {task.license}, "
+                  f"metric {task.metric}, splits {task.splits}")  # fmt: skip
+    console.print(f"description: {task.description}")
+    for phrasing in task.descriptions:
+        console.print(f"  also: {phrasing}")
+    for ex in task.part(split)[:n]:
+        answer = f"{ex.output}  (choices: {ex.choices})" if ex.is_multiple_choice else ex.output
+        console.print(f"[dim]input:[/dim] {ex.input}\n[dim]answer:[/dim] {answer}\n")
+
+
+def data_export(
+    names: str | list[str], out: Path, split: str | None = None, examples_only: bool = False
+) -> None:
+    """Export corpus tasks: as a task JSONL (what `train-experts --tasks` reads) or one task's examples.
+
+    Args:
+        names: comma-separated task names (a list in YAML).
+        out: file to write.
+        split: only this split's examples (train, val or test); with `examples_only`.
+        examples_only: write one task's examples, one JSON object a line (with a `split` field unless
+            `split` is given), instead of whole tasks.
+    """
+    from loramint.corpus import Corpus, export_task
+    from loramint.paths import atomic_write_bytes
+    from loramint.tasks import save_tasks
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else names
+    tasks = Corpus().tasks(names=wanted)
+    if examples_only:
+        if len(tasks) != 1:
+            raise LoramintError("examples_only exports one task; name exactly one")
+        atomic_write_bytes(out, export_task(tasks[0], split).encode("utf-8"))
+    else:
+        save_tasks(tasks, out)
+    console.print(f"wrote {len(tasks)} task(s) to {out}")
+
+
+def data_add(file: Path) -> None:
+    """Add your own tasks (a JSONL file, one task per line) to the corpus's `user` source.
+
+    Each line: {"name", "description", "family", "examples": [{"input", "target"} or {"input", "choices",
+    "answer"}], optional "metric", "descriptions", "license", "splits"}. Tasks without splits are split by
+    the corpus rule. Nothing is stored when any line is invalid.
+
+    Args:
+        file: the JSONL file.
+    """
+    from loramint.corpus import add_user_tasks
+    from loramint.tasks import load_tasks
+
+    added = add_user_tasks(load_tasks(file))
+    for t in added:
+        console.print(f"added {t.name} ({t.family}, {len(t.examples)} examples, splits {t.splits})")
+
+
+def data_build(source: str, input: Path | None = None) -> None:
+    """Build a corpus source from its inputs and record it in corpus/manifest.json.
+
+    openai-evals: fetches the pinned `evals` wheel from PyPI (or `--input` a copy). procedural: generated in
+    code. bbh: `--input` a checkout of suzgunmirac/BIG-Bench-Hard; built into the user cache and checked
+    against the manifest.
+
+    Args:
+        source: openai-evals, procedural or bbh.
+        input: the source's input (a wheel or a folder).
+    """
+    from loramint.corpus import build_source
+
+    entry = build_source(source, input)
+    console.print(f"{entry.name}: {entry.tasks} tasks, {entry.examples} examples, sha256 {entry.sha256[:16]}")
+
+
 def suite_prepare(suite_file: Path, force_split: bool = False) -> None:
     """Import a suite's tasks (if missing) and fix its seen/unseen split file (written once, then enforced).
 
@@ -644,6 +777,15 @@ COMMANDS = {
         "import-bigbench": tasks_import_bigbench,
         "list-bigbench": tasks_list_bigbench,
         "synthetic": tasks_synthetic,
+    },
+    "data": {
+        "sources": data_sources,
+        "families": data_families,
+        "tasks": data_tasks,
+        "show": data_show,
+        "export": data_export,
+        "add": data_add,
+        "build": data_build,
     },
     "suite": {"prepare": suite_prepare},
     "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},

@@ -15,6 +15,8 @@ from typing import Any
 from loramint.errors import NotFoundError, TaskError
 from loramint.paths import atomic_write_bytes, validate_id
 
+SPLITS = ("train", "val", "test")
+"""The fixed splits of a corpus task, in the order its examples are stored."""
 METRICS = ("accuracy", "exact_match", "rougeL")
 """accuracy: multiple choice; exact_match and rougeL: free text, scored against every acceptable target."""
 
@@ -149,6 +151,11 @@ class Task:
     """Text shown before each input in the prompt (BIG-bench's `example_input_prefix`)."""
     output_prefix: str = ""
     """Text shown after each input, before the answer (BIG-bench's `example_output_prefix`)."""
+    license: str = ""
+    """The license the task's data is under (SPDX id where there is one); empty for a user's own task."""
+    splits: dict[str, int] = field(default_factory=dict)
+    """Fixed split sizes {"train": n, "val": n, "test": n}: `examples` hold the train examples first, then
+    val, then test. Empty: no fixed split (jobs hold out examples with `split`)."""
 
     def __post_init__(self) -> None:
         validate_id(self.name, "task name")
@@ -165,8 +172,11 @@ class Task:
         for attr in ("prefix", "output_prefix"):
             if not isinstance(getattr(self, attr), str):
                 raise TaskError(f"{where}: {attr} must be a string, got {getattr(self, attr)!r}")
+        if not isinstance(self.license, str):
+            raise TaskError(f"{where}: license must be a string, got {self.license!r}")
         self._check_examples(where)
         self._check_metric(where)
+        self._check_splits(where)
 
     def _check_examples(self, where: str) -> None:
         if not isinstance(self.examples, list) or not self.examples:
@@ -195,6 +205,32 @@ class Task:
                 f"{where}: metric {self.metric!r} does not fit {_kind(self.is_multiple_choice)} examples "
                 "(accuracy is for multiple choice; exact_match and rougeL for free text)"
             )
+
+    def _check_splits(self, where: str) -> None:
+        if not self.splits:
+            return
+        sizes = self.splits
+        if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
+            raise TaskError(f"{where}: splits must map each of {list(SPLITS)} to a count, got {sizes!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes.values()):
+            raise TaskError(f"{where}: split sizes must be integers >= 0, got {sizes!r}")
+        if sum(sizes.values()) != len(self.examples):
+            raise TaskError(
+                f"{where}: split sizes {sizes} add up to {sum(sizes.values())}, but the task has "
+                f"{len(self.examples)} examples"
+            )
+        if sizes["train"] < 1 or sizes["test"] < 1:
+            raise TaskError(f"{where}: a fixed split needs at least one train and one test example, got {sizes}")
+        self.splits = {name: sizes[name] for name in SPLITS}
+
+    def part(self, name: str) -> list[Example]:
+        """The examples of fixed split `name` (train, val or test)."""
+        if name not in SPLITS:
+            raise TaskError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
+        if not self.splits:
+            raise TaskError(f"task {self.name!r} has no fixed splits (tasks from the corpus have them)")
+        start = sum(self.splits[s] for s in SPLITS[: SPLITS.index(name)])
+        return self.examples[start : start + self.splits[name]]
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -231,6 +267,8 @@ class Task:
             "descriptions": list(self.descriptions),
             "prefix": self.prefix,
             "output_prefix": self.output_prefix,
+            **({"license": self.license} if self.license else {}),
+            **({"splits": dict(self.splits)} if self.splits else {}),
             "examples": [ex.to_dict() for ex in self.examples],
         }
 
@@ -262,6 +300,8 @@ class Task:
             descriptions=_as_list(data.get("descriptions", []), "descriptions"),
             prefix=data.get("prefix", ""),
             output_prefix=data.get("output_prefix", ""),
+            license=data.get("license", ""),
+            splits=data.get("splits", {}),
         )
 
 

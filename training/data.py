@@ -32,7 +32,11 @@ def trainer_device(device: torch.device) -> dict:
 
 
 def eval_split(task: Task, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples. Every job uses this one split: experts never train on evaluation examples."""
+    """(train, eval) examples. Every job uses this one split: experts never train on evaluation examples.
+
+    A corpus task's fixed splits give (train, test); other tasks hold out EVAL_SIZE examples by seed."""
+    if task.splits:
+        return task.part("train"), task.part("test")
     return task.split(n_eval=min(EVAL_SIZE, len(task.examples) // 2), seed=seed)
 
 

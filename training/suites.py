@@ -30,8 +30,17 @@ class SuiteConfig:
     """JSONL of the suite's tasks (written by `prepare_suite` when missing; not committed)."""
     split_file: Path
     """JSON with the seen/unseen task names (committed: the split is fixed before any training)."""
-    source: str = "bigbench"
-    """`bigbench` (import `bigbench` selectors from the BIG-bench sdist) or `synthetic` (built in code)."""
+    source: str = "corpus"
+    """`corpus` (tasks of the shipped corpus, loramint.corpus), `synthetic` (built in code) or `bigbench`
+    (import `bigbench` selectors from a local BIG-bench sdist, which PyPI no longer serves)."""
+    corpus_sources: list[str] = field(default_factory=list)
+    """Corpus sources to take tasks from (empty: the sources the repository ships)."""
+    corpus_families: list[str] = field(default_factory=list)
+    """Only these corpus families (empty: all)."""
+    seen_only_sources: list[str] = field(default_factory=list)
+    """Sources whose tasks are never held out (e.g. procedural: held-out evaluation stays human-written)."""
+    n_holdout_families: int = 0
+    """Families held out whole, picked by the seeded hash among families outside `seen_only_sources`."""
     bigbench: list[str] = field(default_factory=list)
     """BIG-bench selectors, e.g. natural_instructions, sports_understanding."""
     max_examples: int = 1000
@@ -48,8 +57,10 @@ class SuiteConfig:
 
     def __post_init__(self) -> None:
         self.tasks_file, self.split_file = Path(self.tasks_file), Path(self.split_file)
-        if self.source not in ("bigbench", "synthetic"):
-            raise ValueError(f"source must be 'bigbench' or 'synthetic', got {self.source!r}")
+        if self.source not in ("corpus", "bigbench", "synthetic"):
+            raise ValueError(f"source must be 'corpus', 'bigbench' or 'synthetic', got {self.source!r}")
+        if self.n_holdout_families < 0:
+            raise ValueError(f"n_holdout_families must be >= 0, got {self.n_holdout_families}")
         if self.source == "bigbench" and not self.bigbench:
             raise ValueError("source 'bigbench' needs at least one selector in `bigbench`")
         if self.max_examples < 2 or self.large_family_min < 2 or self.holdout_per_large_family < 0:
@@ -94,18 +105,24 @@ def _rank(name: str, seed: int) -> str:
 def make_split(tasks: list[Task], config: SuiteConfig) -> dict:
     """The family-aware rule: {"seen": [...], "unseen": [...], "rule": {...}} (names sorted)."""
     families: dict[str, list[str]] = defaultdict(list)
+    seen_only = {t.family for t in tasks if t.source in config.seen_only_sources}
     for task in tasks:
-        families[task.family].append(task.name)
+        if task.family not in seen_only:
+            families[task.family].append(task.name)
     unknown = set(config.holdout_families) - set(families)
     if unknown:
-        raise TaskError(f"holdout_families {sorted(unknown)} are not families of suite {config.name!r}")
+        raise TaskError(
+            f"holdout_families {sorted(unknown)} are not families of suite {config.name!r} that may be held out"
+        )
+    picked = sorted(set(families) - set(config.holdout_families), key=lambda f: _rank(f, config.seed))
+    holdout = set(config.holdout_families) | set(picked[: config.n_holdout_families])
     unseen: set[str] = set()
     singletons = sorted(
         (names[0] for names in families.values() if len(names) == 1), key=lambda n: _rank(n, config.seed)
     )
     unseen.update(singletons[: round(config.singleton_holdout_fraction * len(singletons))])
     for family, names in families.items():
-        if family in config.holdout_families:
+        if family in holdout:
             unseen.update(names)
         elif len(names) >= config.large_family_min:
             unseen.update(
@@ -115,7 +132,13 @@ def make_split(tasks: list[Task], config: SuiteConfig) -> dict:
     if not seen:
         raise TaskError(f"suite {config.name!r}: the rule holds out every task")
     rule = {k: v for k, v in asdict(config).items() if k not in ("name", "tasks_file", "split_file")}
-    return {"suite": config.name, "seen": seen, "unseen": sorted(unseen), "rule": rule}
+    return {
+        "suite": config.name,
+        "holdout_families": sorted(holdout),
+        "seen": seen,
+        "unseen": sorted(unseen),
+        "rule": rule,
+    }
 
 
 def prepare_suite(config: SuiteConfig, force_split: bool = False) -> Suite:
@@ -125,6 +148,12 @@ def prepare_suite(config: SuiteConfig, force_split: bool = False) -> Suite:
     else:
         if config.source == "synthetic":
             tasks = synthetic_suite()
+        elif config.source == "corpus":
+            from loramint.corpus import Corpus
+
+            corpus = Corpus()
+            sources = config.corpus_sources or [n for n, s in corpus.sources.items() if s.shipped]
+            tasks = corpus.tasks(sources, config.corpus_families or None)
         else:
             from loramint.bigbench import import_tasks
 
