@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LIBRARY ?= data/library
 TASKS ?= data/tasks/demo.jsonl
-# A few BIG-bench natural-instructions tasks from different families, plus two JSON tasks.
-DEMO_TASKS ?= subtask004,subtask033,subtask041,subtask045,sports_understanding,date_understanding
+# A few corpus tasks from different families (loramint data tasks lists them all).
+DEMO_TASKS ?= evals.anagrams,evals.born-first,evals.bias_detection,proc.sort_words,proc.weekday_of_date,proc.add
 
-.PHONY: setup run demo test lint bench clean
+.PHONY: setup run demo library test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,16 +26,23 @@ run: setup
 	@test -s $(KEY_FILE) || (mkdir -p $(dir $(KEY_FILE)) && umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > $(KEY_FILE))
 	LORAMINT_API_KEYS="$$(cat $(KEY_FILE))" LORAMINT_KEY_COMMAND='$$(cat $(KEY_FILE))' $(BIN)/loramint serve --config configs/service/default.yaml
 
-# A small library round trip on the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2): BIG-bench
-# tasks imported, one expert trained per task, the library searched.
+# A small library round trip on the real default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2): corpus
+# tasks exported, one expert trained per task, the library searched.
 demo: setup
 	$(BIN)/loramint models prepare --name smollm2-135m
-	$(BIN)/loramint tasks import-bigbench $(DEMO_TASKS) --out $(TASKS) --max_examples 300
+	$(BIN)/loramint data export $(DEMO_TASKS) --out $(TASKS)
 	$(BIN)/loramint train-experts --config configs/experts/demo.yaml --tasks $(TASKS) --library $(LIBRARY)
 	$(BIN)/loramint library list --library $(LIBRARY)
 	$(BIN)/loramint library search "Answer questions about how long everyday events last" --library $(LIBRARY) --k 3
 	$(BIN)/loramint library search "Is this sentence about sports plausible?" --library $(LIBRARY) --k 3
 	$(BIN)/loramint library search "Rewrite the sentence in other words" --library $(LIBRARY) --k 3
+
+# An expert library over the seen tasks of the default suite (the shipped corpus, configs/suites/corpus.yaml).
+# Resumable: run it again after an interruption and only the missing experts are trained.
+library: setup
+	$(BIN)/loramint models prepare --name smollm2-135m
+	$(BIN)/loramint suite prepare configs/suites/corpus.yaml
+	$(BIN)/loramint train-experts --config configs/experts/corpus.yaml
 
 test: setup
 	$(BIN)/ruff check .

@@ -462,7 +462,7 @@ class LoadTest:
             "requests_per_s": round(sum(s.ok for s in self.samples) / load_s, 2),
             "rejected_429": sum(s.status == "429" for s in self.samples),
             "interrupted_by_kill": self.interrupted,
-            "fresh_clone_to_first_adapter_s": fresh,
+            "seconds_to_first_adapter": fresh,
             "fresh_clone_note": note,
             "load_s": round(self.load_s, 2),
             "endpoints": endpoints,
@@ -530,9 +530,9 @@ def fresh_clone_seconds() -> tuple[float | None, str]:
             f"{FRESH_CLONE.relative_to(ROOT)} does not exist yet (the fresh-clone run is not measured)",
         )
     data = json.loads(FRESH_CLONE.read_text())
-    value = data.get("fresh_clone_to_first_adapter_s")
+    value = data.get("seconds_to_first_adapter")
     if value is None:
-        return None, f"{FRESH_CLONE.relative_to(ROOT)} has no fresh_clone_to_first_adapter_s"
+        return None, f"{FRESH_CLONE.relative_to(ROOT)} has no seconds_to_first_adapter"
     return value, f"from {FRESH_CLONE.relative_to(ROOT)}"
 
 

@@ -3,7 +3,7 @@
 1. Speed (`stages`): per-step time of the same expert (same task, examples, seed) on the plain PEFT path and
    with one speed-up more per row: answer-only logits, length buckets, LoRA on the upper layers only, and
    the frozen lower layers' activations cached; plus 1 vs 2 intra-op threads and torch.compile.
-2. Quality (`quality`): on natural-instructions tasks of different families, the held-out answer NLL
+2. Quality (`quality`): on corpus tasks of different families, the held-out answer NLL
    (evaluation split, full prompts up to 384 tokens, never trained on) of base, plain PEFT with the
    previous default (15 steps, lr 1e-3: ~90 s per expert), the new default and its alternatives, with
    each run's training time.
@@ -27,18 +27,14 @@ import torch
 from common import machine, markdown_table, write_result
 
 from loramint.adapters import apply_lora
-from loramint.bigbench import import_tasks
+from loramint.corpus import Corpus
 from loramint.models import load_base_model
 from loramint.training.config import ExpertTrainConfig
 from loramint.training.data import answer_nll, eval_split
 from loramint.training.experts import train_expert
 
-TIMING_TASK = "ni_subtask024_cosmosqa_answer_generation"  # long prompts: every example fills max_length
-QUALITY_TASKS = [
-    "ni_subtask024_cosmosqa_answer_generation",
-    "ni_subtask040_qasc_question_generation",
-    "ni_subtask019_mctaco_temporal_reasoning_category",
-]
+TIMING_TASK = "evals.abstract-causal-reasoning-text"  # long prompts: every example fills max_length
+QUALITY_TASKS = ["evals.anagrams", "evals.bias_detection", "proc.sort_words"]
 
 
 def load() -> float:
@@ -73,7 +69,7 @@ def timed(base, task, config: ExpertTrainConfig) -> dict:
 
 
 def speed(base, default: ExpertTrainConfig, steps: int) -> tuple[list[dict], list[dict]]:
-    task = import_tasks(TIMING_TASK)[0]
+    task = Corpus().task(TIMING_TASK)
     rows = [{"stage": name, **timed(base, task, config)} for name, config in stages(default, steps)]
     for r in rows:
         r["step_speedup"] = round(rows[0]["per_step_s"] / r["per_step_s"], 2)
@@ -109,7 +105,7 @@ def candidates(default: ExpertTrainConfig) -> list[tuple[str, ExpertTrainConfig]
 
 def quality(base, default: ExpertTrainConfig, names: list[str], n_eval: int) -> list[dict]:
     rows = []
-    for task in import_tasks(names):
+    for task in Corpus().tasks(names=names):
         examples = eval_split(task)[1][:n_eval]
         row = {"task": task.name, "eval_examples": len(examples), "base": held_out(base, task, examples)}
         for name, config in candidates(default):

@@ -1,21 +1,20 @@
-"""Fresh clone to first adapter: how long a new user waits from `git clone` to a minted PEFT adapter.
+"""Fresh clone check: what a new user meets, from `git clone` to a minted adapter and a green `make test`.
 
 Phases, each timed as a user runs it (a fresh process, its own output captured to a log):
 
     clone    git clone --no-local <repo> <tmp>/loramint    (objects copied, not hard-linked)
-    venv     python3 -m venv .venv
-    install  .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e .
-             (the Makefile's setup recipe; `--extras test` installs -e ".[test]" as `make setup` does)
+    install  make setup                                    (the README's set-up: .venv, pip install -e ".[test]")
     setup    .venv/bin/loramint setup                      (verify the artifacts, base model, library, generator)
     mint     .venv/bin/loramint mint "<description>" -o <tmp>/first-adapter
+    test     make test                                     (the README's test command: ruff + pytest)
 
-As in .ci/run, the environment's pip configuration (PIP_* variables, pip.conf: local wheel folders and
-indexes) is used as it is, and LORAMINT_CACHE points at an empty folder inside the clone (.ci-cache), so the
-base model is fetched and converted as on a new machine (`--loramint-cache` reuses another). The clone
-needs the committed artifacts (`loramint pack-defaults`, then commit artifacts/). Writes
-benchmarks/results/fresh_clone.json.
+Every phase runs with a new, empty HOME (no pip cache, no user cache, no config of this user's) and
+LORAMINT_CACHE at an empty folder inside the clone (.ci-cache, as .ci/run sets it), so the base model and
+everything else is fetched and built as on a new machine. The environment's pip configuration (PIP_*
+variables, pip.conf: local wheel folders and indexes, copied into the new HOME) is used as it is. Writes
+benchmarks/results/fresh_clone.json: seconds to the first adapter, the test counts and every skip's reason.
 
-    python benchmarks/fresh_clone.py [--repo PATH_OR_URL] [--ref REF] [--extras test] [--keep] [--dry-run]
+    python benchmarks/fresh_clone.py [--repo PATH_OR_URL] [--ref REF] [--no-tests] [--keep] [--dry-run]
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -37,38 +37,62 @@ REPO = Path(__file__).resolve().parents[1]
 DESCRIPTION = "Answer questions about how long everyday events last"
 
 
-def clean_env(clone: Path, loramint_cache: str | None) -> dict[str, str]:
-    """This environment minus the active virtualenv (a user's shell has none); pip settings kept as they are."""
+def clean_env(clone: Path, home: Path) -> dict[str, str]:
+    """This environment minus the active virtualenv (a user's shell has none) and with a new, empty HOME;
+    pip settings kept as they are."""
     env = dict(os.environ)
     venv = env.pop("VIRTUAL_ENV", None)
-    env.pop("PYTHONPATH", None)
+    for key in (
+        "PYTHONPATH",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "LORAMINT_BIGBENCH_SDIST",
+    ):
+        env.pop(key, None)
+    env["HOME"] = str(home)
     if venv:
         env["PATH"] = os.pathsep.join(
             p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(venv)
         )
-    env["LORAMINT_CACHE"] = loramint_cache or str(clone / ".ci-cache")
+    env["LORAMINT_CACHE"] = str(clone / ".ci-cache")
     return env
 
 
 def phases(clone: Path, out: Path, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(name, command) in order; every command but the clone runs inside the clone."""
-    python, loramint = ".venv/bin/python", ".venv/bin/loramint"  # relative: the commands run in the clone
-    target = f".[{args.extras}]" if args.extras else "."
     clone_cmd = ["git", "clone", "--no-local", "--quiet"] + (["--branch", args.ref] if args.ref else [])
-    return [
+    steps = [
         ("clone", [*clone_cmd, args.repo, str(clone)]),
-        ("venv", [args.python, "-m", "venv", ".venv"]),
-        (
-            "install",
-            [
-                "sh",
-                "-c",
-                f"{python} -m pip install -q --upgrade pip && {python} -m pip install -q -e {shlex.quote(target)}",
-            ],
-        ),
-        ("setup", [loramint, "setup"]),
-        ("mint", [loramint, "mint", args.description, "-o", os.path.relpath(out, clone)]),
+        ("install", ["make", "setup"]),
+        ("setup", [".venv/bin/loramint", "setup"]),
+        ("mint", [".venv/bin/loramint", "mint", args.description, "-o", os.path.relpath(out, clone)]),
     ]
+    return steps + ([] if args.no_tests else [("test", ["make", "test"])])
+
+
+_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected)")
+_SKIP = re.compile(r"^SKIPPED \[(\d+)\] ([^:]+:\d+): (.*)$")
+
+
+def test_counts(log: str) -> dict:
+    """pytest's closing counts and each skip's reason (pytest runs with -ra) from a `make test` log."""
+    summary = next(
+        (line for line in reversed(log.splitlines()) if _COUNT.search(line) and " in " in line), ""
+    )
+    counts = {kind: int(n) for n, kind in _COUNT.findall(summary)}
+    skipped = [
+        {"count": int(m.group(1)), "where": m.group(2), "reason": m.group(3)}
+        for m in map(_SKIP.match, log.splitlines())
+        if m
+    ]
+    return {
+        "tests_passed": counts.get("passed", 0),
+        "tests_failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
+        "tests_skipped": counts.get("skipped", 0),
+        "skipped_reasons": skipped,
+        "pytest_summary": summary.strip("= "),
+    }
 
 
 def has_artifacts(repo: str, ref: str | None) -> bool | None:
@@ -91,14 +115,16 @@ def pip_settings(env: dict[str, str]) -> dict:
     return {"env": {k: v for k, v in env.items() if k.startswith("PIP_")}, "config": listed}
 
 
-def run_phase(name: str, command: list[str], cwd: Path, env: dict[str, str], logs: Path) -> float:
+def run_phase(
+    name: str, command: list[str], cwd: Path, env: dict[str, str], logs: Path, may_fail: bool = False
+) -> float:
     log = logs / f"{name}.log"
     print(f"[{name}] {shlex.join(command)}", flush=True)
     started = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
+    if done.returncode != 0 and not may_fail:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
         raise SystemExit(f"[{name}] failed (exit {done.returncode}) after {seconds:.1f}s; log {log}:\n{tail}")
     print(f"[{name}] {seconds:.1f}s", flush=True)
@@ -113,16 +139,8 @@ def main() -> None:
         "--repo", default=str(REPO), help="repository to clone (path or URL; default: this one)"
     )
     parser.add_argument("--ref", default=None, help="branch or tag to clone (default: the repository's HEAD)")
-    parser.add_argument(
-        "--python", default="python3", help="interpreter that creates the venv (Makefile: python3)"
-    )
-    parser.add_argument(
-        "--extras", default="", help='pip extras, e.g. "test" to install as `make setup` does'
-    )
     parser.add_argument("--description", default=DESCRIPTION, help="what the first adapter is minted for")
-    parser.add_argument(
-        "--loramint-cache", default=None, help="LORAMINT_CACHE (default: empty, in the clone)"
-    )
+    parser.add_argument("--no-tests", action="store_true", help="stop after the first adapter")
     parser.add_argument("--workdir", default=None, help="parent of the temp folder (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the clone, its venv and logs")
     parser.add_argument("--dry-run", action="store_true", help="print the phases and checks, run nothing")
@@ -135,8 +153,10 @@ def main() -> None:
         print(f"would clone {args.repo}{f' at {args.ref}' if args.ref else ''} into {clone} and run:")
         for name, command in phases(clone, clone.parent / "first-adapter", args):
             print(f"  {name:8s} {shlex.join(command)}")
-        env = clean_env(clone, args.loramint_cache)
-        print(f"  LORAMINT_CACHE={env['LORAMINT_CACHE']}; pip settings: {json.dumps(pip_settings(env))}")
+        env = clean_env(clone, clone.parent / "home")
+        print(
+            f"  HOME={env['HOME']} LORAMINT_CACHE={env['LORAMINT_CACHE']}; pip: {json.dumps(pip_settings(env))}"
+        )
         if artifacts is False:
             print(
                 "warning: the repository's HEAD has no artifacts/MANIFEST.json: `loramint setup` would fail"
@@ -150,23 +170,40 @@ def main() -> None:
         )
 
     work = Path(tempfile.mkdtemp(prefix="loramint-fresh-clone-", dir=args.workdir))
-    clone, out, logs = work / "loramint", work / "first-adapter", work / "logs"
+    clone, out, logs, home = work / "loramint", work / "first-adapter", work / "logs", work / "home"
     logs.mkdir()
-    env = clean_env(clone, args.loramint_cache)
+    home.mkdir()
+    env = clean_env(clone, home)
+    pip_conf = Path.home() / ".config" / "pip" / "pip.conf"
+    if pip_conf.is_file():  # how this machine reaches the package registries: configuration, not a cache
+        (home / ".config" / "pip").mkdir(parents=True)
+        shutil.copy(pip_conf, home / ".config" / "pip" / "pip.conf")
     ok = False
     try:
         timings = {}
+        cache_empty = None
         for name, command in phases(clone, out, args):
-            timings[name] = run_phase(name, command, clone if name != "clone" else work, env, logs)
-        if not ((out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()):
-            raise SystemExit(f"the mint phase left no PEFT adapter in {out}")
+            if name == "install":  # nothing of loramint's or pip's cached before the first command
+                cache_empty = not (clone / ".ci-cache").exists() and not any(
+                    p for p in home.rglob("*") if p.is_file() and p.name != "pip.conf"
+                )
+            timings[name] = run_phase(
+                name, command, clone if name != "clone" else work, env, logs, name == "test"
+            )
+            if name == "mint" and not (
+                (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+            ):
+                raise SystemExit(f"the mint phase left no PEFT adapter in {out}")
+        tests = test_counts((logs / "test.log").read_text(errors="replace")) if "test" in timings else {}
         commit = subprocess.run(
             ["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         manifest = json.loads((clone / "artifacts" / "MANIFEST.json").read_text())
         commands = dict(phases(clone, out, args))
         result = {
-            "fresh_clone_to_first_adapter_s": round(sum(timings.values()), 2),
+            "cache_empty": cache_empty,
+            "seconds_to_first_adapter": round(sum(s for n, s in timings.items() if n != "test"), 2),
+            **tests,
             "phases": [
                 {
                     "name": n,
@@ -178,11 +215,9 @@ def main() -> None:
             "repo": args.repo,
             "commit": commit,
             "description": args.description,
-            "install_extras": args.extras,
             "artifacts_bytes": manifest.get("total_bytes"),
-            "loramint_cache": "fresh (<clone>/.ci-cache)"
-            if args.loramint_cache is None
-            else args.loramint_cache,
+            "home": "new and empty (<tmp>/home)",
+            "loramint_cache": "new and empty (<clone>/.ci-cache)",
             "pip": pip_settings(env),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -190,8 +225,9 @@ def main() -> None:
         }
         path = write_result(args.out, result)
         print(
-            f"fresh clone to first adapter: {result['fresh_clone_to_first_adapter_s']:.1f}s "
-            f"({', '.join(f'{n} {s:.1f}s' for n, s in timings.items())}) -> {path}"
+            f"fresh clone to first adapter: {result['seconds_to_first_adapter']:.1f}s; "
+            f"({', '.join(f'{n} {s:.1f}s' for n, s in timings.items())}); "
+            f"tests: {tests.get('pytest_summary', 'not run')} -> {path}"
         )
         ok = True
     finally:

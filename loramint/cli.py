@@ -173,7 +173,10 @@ def data_show(name: str, n: int = 3, split: str = "train") -> None:
 
 
 def data_export(
-    names: str | list[str], out: Path, split: str | None = None, examples_only: bool = False
+    names: str | list[str],
+    out: Path = Path("data/tasks/tasks.jsonl"),
+    split: str | None = None,
+    examples_only: bool = False,
 ) -> None:
     """Export corpus tasks: as a task JSONL (what `train-experts --tasks` reads) or one task's examples.
 

@@ -30,7 +30,8 @@ MAX_MAJORITY = 0.8
 """A classification task whose most common answer covers more than this share is left out: a constant
 answer would look like skill."""
 GENERIC_SYSTEM_CHARS = 60
-"""A system prompt this short shared by every sample ("You are a helpful assistant.") is no task instruction."""
+"""A short system prompt about being an assistant ("You are a helpful assistant.") is no task instruction."""
+_ASSISTANT = re.compile(r"\bassistant\b", re.IGNORECASE)
 MAX_LABELS = 8
 """Free-text tasks whose answers come from at most this many short labels become multiple choice."""
 
@@ -240,7 +241,7 @@ def _evals_task(name: str, entry: dict, kind: str, text: str) -> Task:
     if summary:
         summary = summary[0].upper() + summary[1:]
     shared = bool(common) and count >= 0.9 * len(parsed)
-    if shared and summary and len(common) < GENERIC_SYSTEM_CHARS:
+    if shared and summary and len(common) < GENERIC_SYSTEM_CHARS and _ASSISTANT.search(common):
         description = (
             summary  # "You are a helpful assistant." says nothing of the task; the eval's summary does
         )
@@ -257,11 +258,13 @@ def _evals_task(name: str, entry: dict, kind: str, text: str) -> Task:
             examples_raw.append((text_in, targets))
     if len(examples_raw) < MIN_EXAMPLES:
         raise TaskError(f"fewer than {MIN_EXAMPLES} usable examples: too small")
+    if Counter(targets[0] for _, targets in examples_raw).most_common(1)[0][1] > MAX_MAJORITY * len(
+        examples_raw
+    ):
+        raise TaskError(f"one label answers over {MAX_MAJORITY:.0%} of examples: constant answer")
     mc = _as_multiple_choice([targets for _, targets in examples_raw])
     if mc is not None:
         choices, answers = mc
-        if Counter(answers).most_common(1)[0][1] > MAX_MAJORITY * len(answers):
-            raise TaskError(f"one label answers over {MAX_MAJORITY:.0%} of examples: constant answer")
         examples = [
             Example(text_in, choices=choices, answer=a)
             for (text_in, _), a in zip(examples_raw, answers, strict=True)

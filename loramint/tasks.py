@@ -220,7 +220,9 @@ class Task:
                 f"{len(self.examples)} examples"
             )
         if sizes["train"] < 1 or sizes["test"] < 1:
-            raise TaskError(f"{where}: a fixed split needs at least one train and one test example, got {sizes}")
+            raise TaskError(
+                f"{where}: a fixed split needs at least one train and one test example, got {sizes}"
+            )
         self.splits = {name: sizes[name] for name in SPLITS}
 
     def part(self, name: str) -> list[Example]:

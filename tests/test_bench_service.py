@@ -67,7 +67,7 @@ def test_load_test_survives_sigkill_without_losing_stored_adapters(tiny_world):
         assert result["endpoints"][name]["ok"] >= 1, result["endpoints"]
     assert result["mint_p50_ms"] > 0 and result["completions_tokens_per_s"] > 0
     assert result["completion_tokens"] == result["endpoints"]["completions"]["completion_tokens"]
-    assert result["machine"]["cores"] and "fresh_clone_to_first_adapter_s" in result
+    assert result["machine"]["cores"] and "seconds_to_first_adapter" in result
     # the real library was copied, never written
     assert sorted(p.name for p in (library / "experts").iterdir()) == before
 

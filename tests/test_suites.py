@@ -80,3 +80,33 @@ def test_committed_splits_match_their_rules():
     config = SuiteConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs/suites/tiny.yaml")
     fixed = json.loads(config.split_file.read_text())
     assert make_split(synthetic_suite(), config)["unseen"] == fixed["unseen"]
+
+
+def test_hashed_whole_families_and_seen_only_sources(tmp_path):
+    tasks = TASKS + [
+        Task(
+            name=f"gen_{i}",
+            description="d",
+            family="generated",
+            examples=[Example("x", target="y")],
+            source="proc",
+        )
+        for i in range(5)
+    ]
+    config = _config(tmp_path, holdout_families=[], n_holdout_families=2, seen_only_sources=["proc"])
+    split = make_split(tasks, config)
+    assert len(split["holdout_families"]) == 2 and "generated" not in split["holdout_families"]
+    assert not any(name.startswith("gen_") for name in split["unseen"])  # never held out, though large
+    for family in split["holdout_families"]:
+        assert {t.name for t in tasks if t.family == family} <= set(split["unseen"])
+    assert make_split(tasks, config) == split  # picked by hash, not by chance
+
+
+def test_default_corpus_suite_matches_its_committed_split(tmp_path):
+    config = SuiteConfig.from_yaml("configs/suites/corpus.yaml")
+    config.tasks_file = tmp_path / "corpus.jsonl"
+    suite = prepare_suite(config)  # raises if the rule applied to the shipped corpus disagrees with the file
+    fixed = json.loads(config.split_file.read_text())
+    assert len(fixed["holdout_families"]) == 4 and len(suite.unseen) >= 30
+    tasks = suite.tasks()
+    assert all(tasks[name].source != "procedural" for name in suite.unseen)
