@@ -72,7 +72,10 @@ SCHEMA = (
         created_at REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS experts_family ON experts (family)",
+    "CREATE INDEX IF NOT EXISTS experts_retrievable ON experts (json_extract(metrics, '$.retrievable'))",
 )
+UNFIT = "json_extract(metrics, '$.retrievable')"
+"""SQL of an expert's `retrievable` flag (1, 0 or NULL when unset: retrievable)."""
 COLUMNS = (  # what an Expert is read from (everything but the embedding)
     "id",
     "name",
@@ -428,10 +431,12 @@ class ExpertLibrary:
         return [r[0] for r in rows], vecs.astype(np.float32)
 
     def search(
-        self, query: str | np.ndarray, k: int = 5, family: str | None = None
+        self, query: str | np.ndarray, k: int = 5, family: str | None = None, include_unfit: bool = False
     ) -> list[tuple[Expert, float]]:
         """The k experts whose descriptions are closest to `query` (a text, or a [dim] vector from the
-        library's embedding model), best first, as (expert, cosine)."""
+        library's embedding model), best first, as (expert, cosine). Experts whose metrics say
+        `retrievable: false` (their quality card shows no gain over the base model) are left out unless
+        `include_unfit`."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         vec = self.encoder.encode(query) if isinstance(query, str) else self._embedding("", query)
@@ -445,12 +450,22 @@ class ExpertLibrary:
                 allow = [
                     r[0] for r in self.conn.execute("SELECT vid FROM experts WHERE family = ?", (family,))
                 ]
-            scores, vids = self._index.search(vec, k, allow)  # [k], [k]
-            hits = [(int(v), float(s)) for v, s in zip(vids, scores, strict=True) if v >= 0]
+            unfit = set() if include_unfit else self._unfit()
+            wide = min(k + len(unfit), len(self._index))
+            scores, vids = self._index.search(vec, wide, allow)  # [wide], [wide]
+            hits = [
+                (int(v), float(s)) for v, s in zip(vids, scores, strict=True) if v >= 0 and v not in unfit
+            ]
+            hits = hits[:k]
             sql = f"SELECT vid, {SELECT_COLUMNS} FROM experts WHERE vid IN ({', '.join('?' * len(hits))})"
             rows = {r[0]: r[1:] for r in self.conn.execute(sql, [v for v, _ in hits])}
         # A row can vanish between the index search and the read (another process removed it): skip it.
         return [(self._expert(rows[v]), s) for v, s in hits if v in rows]
+
+    def _unfit(self) -> set[int]:
+        """vids of the experts flagged `retrievable: false` (an index on the expression keeps this cheap)."""
+        sql = f"SELECT vid FROM experts WHERE {UNFIT} = 0"
+        return {r[0] for r in self.conn.execute(sql)}
 
     def _vid(self, id: str) -> int | None:
         with self._mutex:

@@ -345,6 +345,7 @@ def train_experts(
     only: list[str] | None = None,
     suite: Path | None = None,
     report: Path | None = None,
+    cards: bool = False,
 ) -> None:
     """Train one LoRA expert per task and add each to the library (skips experts already built identically).
 
@@ -359,6 +360,8 @@ def train_experts(
             `tasks`; combined with `only`).
         report: write the build's JSON report here (n_experts, wall_s, per_expert_s, per-expert metrics,
             machine), e.g. benchmarks/results/experts_build.json.
+        cards: give every expert a quality card (base vs expert on the task's test split, in the task's
+            metric and NLL); experts that do not beat the base model are kept out of retrieval.
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
@@ -375,13 +378,26 @@ def train_experts(
     config = train or ExpertTrainConfig()
     base = load_base_model(base_model)
     with _open(library) as lib:
-        build = build_library(lib, task_list, base, config)
-        table = Table("expert", "answer NLL before", "after", "train s")
+        scoring = None
+        if cards:
+            from loramint.paths import cache_dir
+            from loramint.training.evaluate import ScoringConfig
+
+            scoring = ScoringConfig(n_generate=150, batch_size=16, cache_dir=cache_dir("scores", "cards"))
+        build = build_library(lib, task_list, base, config, cards=scoring)
+        table = Table(
+            "expert", "answer NLL before", "after", "steps", "task metric base -> expert", "train s"
+        )
         for eid in build.trained + build.skipped:
             m = lib.get(eid).metrics
-            table.add_row(
-                eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}", str(m["train_seconds"])
+            q = m.get("quality")
+            card = (
+                f"{q['metric']} {q['base']:.3f} -> {q['expert']:.3f}{'' if q['beats_base'] else ' (unfit)'}"
+                if q
+                else ""
             )
+            table.add_row(eid, f"{m['answer_nll_before']:.3f}", f"{m['answer_nll_after']:.3f}",
+                          str(m.get("steps_run", "")), card, str(m["train_seconds"]))  # fmt: skip
         if report_path is not None:
             write_report(report_path, build, lib, base, config)
     console.print(table)

@@ -246,3 +246,69 @@ def test_trainers_run_where_the_base_model_is():
     assert trainer_device(torch.device("cpu")) == {"accelerator": "cpu", "devices": 1}
     assert trainer_device(torch.device("cuda", 1)) == {"accelerator": "gpu", "devices": [1]}
     assert trainer_device(torch.device("cuda")) == {"accelerator": "gpu", "devices": [0]}
+
+
+def test_early_stopping_keeps_the_best_state_and_never_trains_on_validation(tiny, suite, monkeypatch):
+    from loramint.corpus import finalize
+    from loramint.training import experts
+
+    task = finalize(suite[4])  # fixed train / val / test splits, as corpus tasks have
+    seen_inputs = []
+    original = experts.encode_example
+
+    def spy(tok, t, ex, max_length, answer=None):
+        seen_inputs.append(ex.input)
+        return original(tok, t, ex, max_length, answer)
+
+    monkeypatch.setattr(experts, "encode_example", spy)
+    config = replace(FAST, steps=200, val_every=5, patience=2, min_delta=0.0, train_examples=0)
+    adapter, metrics = experts.train_expert(tiny, task, config)
+    curve = metrics["val_curve"]
+    assert curve[0][0] == 0 and [s for s, _ in curve] == sorted({s for s, _ in curve})
+    best_step, best = min(curve, key=lambda point: point[1])
+    assert metrics["best_step"] == best_step and metrics["val_nll_best"] == pytest.approx(best, abs=1e-4)
+    if metrics["converged"]:  # stopped by patience: exactly `patience` checks after the best
+        assert metrics["steps_run"] < 200 and curve[-1][0] == best_step + 2 * 5
+    assert best < curve[0][1] - 0.1  # it learned
+    val = {ex.input for ex in task.part("val")}
+    assert not val & set(seen_inputs[: len(task.part("train"))])  # training examples only
+    # the returned adapter is the best state, not the last: its validation NLL is the best one
+    from loramint.adapters import apply_lora
+    from loramint.training.data import answer_nll
+
+    with apply_lora(tiny.model, adapter):
+        nll = answer_nll(
+            tiny.model, tiny.tokenizer, task, task.part("val")[: config.n_val], config.max_length
+        )
+    assert nll == pytest.approx(best, abs=2e-3)
+
+
+def test_quality_cards_flag_experts_that_do_not_beat_base_and_retrieval_skips_them(tiny, suite, tmp_path):
+    from loramint.index import ExpertLibrary
+    from loramint.tasks import Example, Task
+    from loramint.training.build import build_library, write_report
+    from loramint.training.evaluate import ScoringConfig
+
+    # a label prior is what a LoRA on the random tiny-llama surely learns: "alpha" is always right
+    words = [ex.input for ex in suite[0].examples]
+    prior = Task(
+        "prior",
+        "Always pick alpha.",
+        "prior",
+        [Example(w, choices=["alpha", "beta"], answer=0) for w in words],
+    )
+    scoring = ScoringConfig(n_generate=16, max_examples=32, batch_size=8, cache_dir=tmp_path / "scores")
+    useless = replace(FAST, lr=1e-9)  # trains, but learns nothing: its card must say so
+    with ExpertLibrary.open(tmp_path / "lib") as library:
+        build_library(library, [prior], tiny, replace(FAST, lr=1e-2), cards=scoring)
+        build = build_library(library, [suite[5]], tiny, useless, cards=scoring)
+        good, bad = library.get("expert-prior"), library.get(f"expert-{suite[5].name}")
+        card = good.metrics["quality"]
+        assert card["metric"] == "accuracy" and card["n"] == 32 and card["beats_base"], card
+        assert card["gain_ci"][0] > 0 and card["expert"] > card["base"] and good.metrics["retrievable"]
+        assert not bad.metrics["quality"]["beats_base"] and bad.metrics["retrievable"] is False
+        hits = [e.id for e, _ in library.search(suite[5].description, k=2)]
+        assert hits == [good.id]  # the unfit expert is never retrieved, even for its own description
+        assert bad.id in [e.id for e, _ in library.search(suite[5].description, k=2, include_unfit=True)]
+        result = write_report(tmp_path / "build.json", build, library, tiny, useless)
+    assert result["with_quality_card"] == 1 and result["beats_base"] == 0 and result["experts_per_hour"] > 0

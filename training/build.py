@@ -10,7 +10,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -41,9 +41,49 @@ class BuildReport:
     wall_s: float = 0.0
 
 
+def quality_card(base: BaseModel, task: Task, adapter, scoring) -> dict:
+    """Base vs expert on the task's evaluation (test) split: the task's own metric and the answer NLL, with
+    the paired 95% bootstrap CI of the metric's gain. `beats_base`: that CI lies above 0."""
+    import numpy as np
+
+    from loramint.training.evaluate import cached_score
+    from loramint.training.methods import Intervention
+    from loramint.training.metrics import bootstrap_ci
+
+    longest = max(len(base.tokenizer(ex.output)["input_ids"]) for ex in task.examples)
+    scoring = replace(scoring, max_new_tokens=min(scoring.max_new_tokens, longest + 2))
+    hashes: dict[int, str] = {}
+    started = time.perf_counter()
+    before = cached_score(base, task, Intervention(), scoring, hashes)
+    after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
+    b, a = before.values[task.metric], after.values[task.metric]  # [n] per example
+    gain = bootstrap_ci(a - b, scoring.n_bootstrap, scoring.seed)
+    return {
+        "metric": task.metric,
+        "n": len(b),
+        "base": round(float(np.mean(b)), 4),
+        "expert": round(float(np.mean(a)), 4),
+        "gain": round(gain["mean"], 4),
+        "gain_ci": [round(gain["ci_low"], 4), round(gain["ci_high"], 4)],
+        "nll_base": round(float(np.mean(before.values["answer_nll"])), 4),
+        "nll_expert": round(float(np.mean(after.values["answer_nll"])), 4),
+        "beats_base": gain["ci_low"] > 0,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
 def build_library(
-    library: ExpertLibrary, tasks: Sequence[Task], base: BaseModel, config: ExpertTrainConfig | None = None
+    library: ExpertLibrary,
+    tasks: Sequence[Task],
+    base: BaseModel,
+    config: ExpertTrainConfig | None = None,
+    cards=None,
 ) -> BuildReport:
+    """Train and add an expert per task, skipping those already built with the same task and config.
+
+    `cards` (a ScoringConfig): give each expert a quality card (`quality_card`) in its metrics; an expert
+    that does not beat the base model gets `retrievable: false` and retrieval leaves it out. An interrupted
+    build loses at most the expert in progress (each is added whole, after its card)."""
     config = config or ExpertTrainConfig()
     report = BuildReport()
     started = time.perf_counter()
@@ -57,6 +97,9 @@ def build_library(
             t0 = time.perf_counter()
             adapter, metrics = train_expert(base, task, config)
             metrics["config_hash"] = chash
+            if cards is not None:
+                metrics["quality"] = quality_card(base, task, adapter, cards)
+                metrics["retrievable"] = metrics["quality"]["beats_base"]
             library.add(
                 adapter,
                 id=eid,
@@ -91,11 +134,13 @@ def write_report(
     for eid in ids:
         m = library.get(eid).metrics
         experts[eid] = {
+            "family": library.get(eid).family,
             "answer_nll_before": m["answer_nll_before"],
             "answer_nll_after": m["answer_nll_after"],
             "train_seconds": m["train_seconds"],
             "wall_seconds": m["wall_seconds"],
             "trained_now": eid in report.seconds,
+            **{k: m[k] for k in ("steps_run", "best_step", "converged", "val_curve", "quality") if k in m},
         }
         if "answer_nll_before_examples" in m:  # paired per-example gains: before - after (> 0 is better)
             gain = np.subtract(m["answer_nll_before_examples"], m["answer_nll_after_examples"])
@@ -120,6 +165,11 @@ def write_report(
         "n_improved_significantly": sum(e["gain_ci"]["ci_low"] > 0 for e in with_ci),
         "n_worse_significantly": sum(e["gain_ci"]["ci_high"] < 0 for e in with_ci),
         "significance": "paired 95% bootstrap CI of the per-example NLL gain over the metric examples excludes 0",
+        "experts_per_hour": round(3600 * len(trained) / report.wall_s, 2) if report.wall_s else None,
+        "families": len({e["family"] for e in experts.values()}),
+        "converged": sum(bool(e.get("converged")) for e in experts.values()),
+        "with_quality_card": sum("quality" in e for e in experts.values()),
+        "beats_base": sum(bool(e.get("quality", {}).get("beats_base")) for e in experts.values()),
         "experts": experts,
         "machine": machine(),
     }

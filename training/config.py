@@ -48,6 +48,16 @@ class ExpertTrainConfig:
     (Llama-style models; needs answer_only_logits). False: the whole forward at every step."""
     length_buckets: bool = True
     """Batch examples of similar length, so little compute goes to padding. False: uniformly random batches."""
+    val_every: int = 0
+    """Early stopping: every this many steps, score the answer NLL of the task's validation examples, keep
+    the best state and stop after `patience` checks without an improvement of `min_delta`; `steps` is then
+    the most steps a run may take. 0: train exactly `steps` steps, no validation."""
+    patience: int = 3
+    min_delta: float = 0.005
+    """Nats per answer token a validation check must gain over the best so far to count as an improvement."""
+    n_val: int = 50
+    """Validation examples scored per check: the task's `val` split (a corpus task), else the last n_val of
+    its shuffled training split (which training then leaves out)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -61,6 +71,10 @@ class ExpertTrainConfig:
             "target_modules": bool(self.target_modules),
             "trained_layers": self.trained_layers >= 0,
             "train_examples": self.train_examples >= 0,
+            "val_every": self.val_every >= 0,
+            "patience": self.patience >= 1,
+            "min_delta": self.min_delta >= 0,
+            "n_val": self.n_val >= 1,
             "cache_lower (needs answer_only_logits)": self.answer_only_logits or not self.cache_lower,
         }
         bad = [name for name, ok in checks.items() if not ok]

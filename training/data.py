@@ -40,6 +40,17 @@ def eval_split(task: Task, seed: int = 0) -> tuple[list[Example], list[Example]]
     return task.split(n_eval=min(EVAL_SIZE, len(task.examples) // 2), seed=seed)
 
 
+def train_val_split(task: Task, n_val: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples for early stopping, never overlapping `eval_split`'s evaluation examples:
+    a corpus task's train and val splits, else its training split with the last `n_val` (at most a quarter)
+    held back for validation."""
+    if task.splits:
+        return task.part("train"), task.part("val")[:n_val]
+    train = eval_split(task, seed)[0]
+    n = min(n_val, len(train) // 4)
+    return (train[:-n], train[-n:]) if n else (train, [])
+
+
 def prompt_text(tokenizer, task: Task, example: Example) -> str:
     """Chat-formatted prompt ending where the assistant's answer starts."""
     return tokenizer.apply_chat_template(

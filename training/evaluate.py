@@ -329,13 +329,13 @@ def score_methods(
                 started = time.perf_counter()
                 intervention = method(task)
                 setup_s = round(time.perf_counter() - started, 3)
-                raw[name][task.name] = _cached_score(base, task, intervention, scoring, hashes)
+                raw[name][task.name] = cached_score(base, task, intervention, scoring, hashes)
                 raw[name][task.name].seconds["setup_s"] = setup_s
                 bar.update()
     return raw
 
 
-def _cached_score(
+def cached_score(
     base: BaseModel, task: Task, intervention: Intervention, scoring: ScoringConfig, hashes: dict[int, str]
 ) -> TaskScores:
     """`score_task`, read from / written to `scoring.cache_dir` when there is one."""

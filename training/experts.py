@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -25,6 +26,7 @@ from loramint.training.data import (
     collate,
     encode_example,
     eval_split,
+    train_val_split,
     trainer_device,
 )
 from loramint.training.fast import (
@@ -100,6 +102,15 @@ def train_lora(
         raise ValueError("train_lora needs at least one task")
     started = time.perf_counter()
     splits = [(task, *eval_split(task, seed=config.seed)) for task in tasks]
+    val_sets: list[tuple[Task, list]] = []
+    if config.val_every:  # training leaves the validation examples out
+        parts = [(task, *train_val_split(task, config.n_val, config.seed)) for task in tasks]
+        splits = [(task, train, ev) for (task, train, _), (_, _, ev) in zip(parts, splits, strict=True)]
+        val_sets = [(task, val) for task, _, val in parts if val]
+        if not val_sets:
+            raise ValueError(
+                f"tasks {[t.name for t in tasks]} have no validation examples for early stopping"
+            )
     pool = [(task, ex) for task, train, _ in splits for ex in train]
     if not pool:
         raise ValueError(
@@ -113,6 +124,7 @@ def train_lora(
     metric_sets = [(task, ev[: config.n_metric_eval]) for task, _, ev in splits]
     # get_peft_model injects LoRA into base.model in place, so base.model is the expert once wrapped
     held_out_nll = _held_out_scorer(base, metric_sets, config, first)
+    val_nll = _held_out_scorer(base, val_sets, config, first) if val_sets else None
 
     nll_before = held_out_nll()
     cache_started = time.perf_counter()
@@ -146,6 +158,7 @@ def train_lora(
         ),
     )
     device = base.device  # Lightning's teardown moves the module (the base model here) to the CPU
+    stopper = EarlyStopping(lambda: statistics.fmean(val_nll()), config) if val_nll is not None else None
     trainer = L.Trainer(
         max_steps=config.steps,
         **trainer_device(device),
@@ -154,15 +167,22 @@ def train_lora(
         enable_model_summary=False,
         enable_progress_bar=True,
         # tqdm, not rich: a rich bar cannot nest inside the overall per-expert bar of a library build
-        callbacks=[TQDMProgressBar(leave=False)],
+        callbacks=[TQDMProgressBar(leave=False), *([stopper] if stopper else [])],
         num_sanity_val_steps=0,
     )
     fit_started = time.perf_counter()
     try:
         peft_model.train()
         module = ExpertModule(peft_model, config.lr, first, config.answer_only_logits)
+        if stopper is not None:
+            stopper.check(0, peft_model)  # the untrained LoRA (B = 0) is the base model: the bar to beat
         trainer.fit(module, train_dataloaders=loader)
         peft_model.to(device)
+        steps_run = trainer.global_step
+        if stopper is not None:
+            if stopper.checked_at != steps_run:  # the last steps since the last check
+                stopper.check(steps_run, peft_model)
+            stopper.restore(peft_model)
         fit_seconds = time.perf_counter() - fit_started
         peft_model.eval()
         nll_after = held_out_nll()
@@ -184,11 +204,61 @@ def train_lora(
         "cache_seconds": round(cache_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "train_examples": len(encoded),
+        "steps_run": steps_run,
+        **(stopper.report(config.steps) if stopper is not None else {}),
         "first_trained_layer": first,
         "tasks": [t.name for t in tasks],
         "config": asdict(config),
     }
     return adapter, metrics
+
+
+class EarlyStopping(L.Callback):
+    """Scores the validation NLL every `val_every` steps, keeps a copy of the best LoRA weights and stops the
+    run after `patience` checks without an improvement of `min_delta`."""
+
+    def __init__(self, score: Callable[[], float], config: ExpertTrainConfig) -> None:
+        self.score, self.every = score, config.val_every
+        self.patience, self.min_delta = config.patience, config.min_delta
+        self.curve: list[tuple[int, float]] = []
+        self.best, self.best_step, self.bad, self.checked_at = math.inf, 0, 0, -1
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.stopped = False
+
+    def check(self, step: int, model: torch.nn.Module) -> bool:
+        """Score now; True when the run should stop."""
+        training = model.training
+        nll = self.score()  # the scorer puts the model in eval mode
+        model.train(training)
+        self.curve.append((step, round(nll, 5)))
+        self.checked_at = step
+        if nll < self.best - self.min_delta:
+            self.best, self.best_step, self.bad = nll, step, 0
+            self.best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            self.bad += 1
+        return self.bad >= self.patience
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 and self.check(step, pl_module.model):
+            self.stopped = trainer.should_stop = True
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        """Put the best weights back (the last ones may be past the best)."""
+        params = dict(model.named_parameters())
+        for name, value in self.best_state.items():
+            params[name].copy_(value)
+
+    def report(self, max_steps: int) -> dict:
+        return {
+            "val_curve": self.curve,
+            "val_nll_best": round(self.best, 5),
+            "best_step": self.best_step,
+            "converged": self.stopped,
+            "max_steps": max_steps,
+        }
 
 
 def _held_out_scorer(
