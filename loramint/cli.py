@@ -467,7 +467,7 @@ def evaluate(
         multitask_dir: PEFT folder caching the multi-task LoRA.
         oracle_library: expert library caching the oracle LoRAs.
         generator: generator checkpoint for the methods minted, minted-sampled, minted+examples,
-            minted-short and reconstructed.
+            minted-user and reconstructed.
         n_shots: training examples a user shows (minted+examples conditions on them, minted-sampled picks
             its best sample by their loss).
         n_samples: seeded samples minted-sampled chooses among (plus the mean).

@@ -290,6 +290,14 @@ def test_result_json_has_the_required_shape(run):
             assert ("rougeL" in cell and "exact_match" in cell) == (name == "arith_double")
     assert result["methods"]["base"]["vs_base"]["mean"] == 0.0
     assert result["methods"]["oracle"]["frac_oracle_gain"]["mean"] == pytest.approx(1.0)
+    # the task's own metric: accuracy for the multiple-choice task, exact match for the free-text one
+    assert result["task_metrics"] == {"arith_double": "exact_match", "classify_parity": "accuracy"}
+    for name, method in result["methods"].items():
+        cell = method["task_metric"]
+        expected = sum(method["per_task"][t][result["task_metrics"][t]]["mean"] for t in UNSEEN) / len(UNSEEN)
+        assert cell["mean"] == pytest.approx(expected) and cell["ci_low"] <= cell["mean"] <= cell["ci_high"]
+        assert "recovered" in method, name
+    assert result["methods"]["base"]["task_metric_vs_base"]["mean"] == 0.0
     for suffix in (".md", "_tasks.png", "_oracle_gain.png"):
         assert (run["root"] / "out" / f"eval_unseen{suffix}").stat().st_size > 0
     assert "| oracle |" in (run["root"] / "out" / "eval_unseen.md").read_text()
@@ -343,13 +351,17 @@ def test_only_base_plus_description_changes_the_prompt(run, tiny):
     built = build_methods(ALL_METHODS, context)
     task = run["unseen"][0]
     example = task.examples[0]
+    demos = data.eval_split(task)[0][:3]
     for name, method in built.items():
         prompt = method(task).shown(task).prompt(example)
         assert (task.description in prompt) == (name == "base+description"), name
         assert prompt.endswith(task.prompt(example))
+        shown = all(f"{task.prompt(ex)}\n{ex.output}" in prompt for ex in demos)
+        assert shown == (name == "few-shot"), name  # three solved training examples, never evaluation ones
     base, described = per_task(run, "base"), per_task(run, "base+description")
     assert all(base[n]["mean"] != described[n]["mean"] for n in UNSEEN)  # the model did read it
     assert all(not cell["info"] for cell in described.values())  # and no adapter was used
+    assert all(cell["info"] == {"n_demos": 3} for cell in per_task(run, "few-shot").values())
 
 
 def test_multitask_trains_once_on_all_seen_tasks_and_is_reused_from_its_cache(run, tiny, monkeypatch):

@@ -292,7 +292,7 @@ def test_functional_objective_lowers_the_loss_of_minted_adapters(functional, tin
 
 def test_minted_methods_in_the_harness(functional, tiny):
     from loramint.training.evaluate import ScoringConfig, evaluate
-    from loramint.training.methods import MethodConfig, short_description
+    from loramint.training.methods import UNRELATED, MethodConfig, short_description
 
     scoring = ScoringConfig(max_length=64, batch_size=16, n_generate=4, max_new_tokens=6, n_bootstrap=100)
     names = [
@@ -300,7 +300,9 @@ def test_minted_methods_in_the_harness(functional, tiny):
         "minted",
         "minted-sampled",
         "minted+examples",
-        "minted-short",
+        "minted-user",
+        "minted-unrelated",
+        "minted-shuffled",
         "reconstructed",
         "topk",
         "minted+topk",
@@ -339,8 +341,12 @@ def test_minted_methods_in_the_harness(functional, tiny):
         hybrid = methods["minted+topk"]["per_task"][name]["info"]
         assert hybrid["minted_weight"] == 0.5 and len(hybrid["experts"]) == 2
         assert hybrid["experts"] == methods["topk"]["per_task"][name]["info"]["experts"]  # same retrieval
-        short = methods["minted-short"]["per_task"][name]["info"]["description"]
-        assert short == short_description(next(t for t in unseen if t.name == name))
+        task = next(t for t in unseen if t.name == name)
+        short = methods["minted-user"]["per_task"][name]["info"]["description"]
+        assert short == short_description(task)
+        assert methods["minted-unrelated"]["per_task"][name]["info"]["description"] in UNRELATED
+        shuffled = methods["minted-shuffled"]["per_task"][name]["info"]["description"]
+        assert sorted(shuffled.split()) == sorted(task.description.split())
     # every challenger is compared, paired, with every other method; the report carries the tables
     assert set(result["comparisons"]) == set(names) - {"base", "topk"}  # every minted*/reconstructed
     versus = result["comparisons"]["minted"]["base"]
@@ -349,7 +355,7 @@ def test_minted_methods_in_the_harness(functional, tiny):
         versus["mean"] == pytest.approx(gain["mean"])
         and versus["ci_low"] <= versus["mean"] <= versus["ci_high"]
     )
-    assert result["short_description_gain_loss"]["definition"].startswith("1 - gain(minted-short)")
+    assert result["short_description_gain_loss"]["definition"].startswith("1 - gain(minted-user)")
     table = (functional["root"] / "out" / "eval_unseen.md").read_text()
     assert "`minted-sampled` against each method" in table
     # the functionally trained generator helps the seen tasks it learned from

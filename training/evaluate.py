@@ -54,8 +54,16 @@ from loramint.training.metrics import (
 )
 
 METRIC = "answer_nll"
-BASELINES = ("base", "base+description", "top1", "topk", "uniform", "multitask", "oracle")
-MINTED = ("minted", "minted-sampled", "minted+examples", "minted-short", "minted+topk")
+BASELINES = ("base", "base+description", "few-shot", "top1", "topk", "uniform", "multitask", "oracle")
+MINTED = (
+    "minted",
+    "minted-sampled",
+    "minted+examples",
+    "minted-user",
+    "minted+topk",
+    "minted-unrelated",
+    "minted-shuffled",
+)
 CHALLENGERS = (*MINTED, "reconstructed")
 """Methods compared pairwise with every other method of the run (`comparisons` in the result)."""
 ALL_METHODS = BASELINES
@@ -292,7 +300,8 @@ def evaluate(
         train_config = context.train_config() if {"multitask", "oracle"} & set(names) else None
     finally:
         context.close()
-    result = summarize(raw, [t.name for t in tasks], scoring)
+    result = summarize(raw, [t.name for t in tasks], scoring, {t.name: t.metric for t in tasks})
+    result["task_metrics"] = {t.name: t.metric for t in tasks}
     result["split"] = split
     result["machine"] = machine()
     result["config"] = {
@@ -369,8 +378,15 @@ def cached_score(
     return scores
 
 
-def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], config: ScoringConfig) -> dict:
-    """The result dict: per method the mean NLL over tasks, its gain over `base`, and per-task detail."""
+def summarize(
+    raw: dict[str, dict[str, TaskScores]],
+    tasks: Sequence[str],
+    config: ScoringConfig,
+    task_metrics: dict[str, str] | None = None,
+) -> dict:
+    """The result dict: per method the mean NLL over tasks, its gain over `base`, and per-task detail; with
+    `task_metrics` ({task: its metric}) also each method's mean over tasks of the task's own metric
+    (`task_metric`), its gain over base and the fraction of the oracle's gain it recovers (`recovered`)."""
     boot = {"n_resamples": config.n_bootstrap, "seed": config.seed}
     base_nll = [raw["base"][t].values[METRIC] for t in tasks]
     oracle_gain = None
@@ -410,6 +426,8 @@ def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], confi
                 summary[metric] = {**hierarchical_ci(have, **boot), "n_tasks": len(have)}
         if oracle_gain is not None:
             summary["frac_oracle_gain"] = oracle_fraction(gain, oracle_gain, **boot)
+        if task_metrics is not None:
+            summary.update(_task_metric_summary(raw, name, tasks, task_metrics, boot))
         summary["seconds"] = round(sum(sum(s.seconds.values()) for s in by_task.values()), 2)
         methods[name] = summary
     comparisons = {
@@ -429,13 +447,41 @@ def summarize(raw: dict[str, dict[str, TaskScores]], tasks: Sequence[str], confi
     result = {"metric": METRIC, "tasks": list(tasks), "methods": methods}
     if comparisons:
         result["comparisons"] = comparisons
-    if "minted" in methods and "minted-short" in methods:
-        full, short = methods["minted"]["vs_base"]["mean"], methods["minted-short"]["vs_base"]["mean"]
+    if "minted" in methods and "minted-user" in methods:
+        full, short = methods["minted"]["vs_base"]["mean"], methods["minted-user"]["vs_base"]["mean"]
         result["short_description_gain_loss"] = {
             "value": (1 - short / full) if full > 0 else None,
-            "definition": "1 - gain(minted-short) / gain(minted), gains over base (target <= 0.25)",
+            "definition": "1 - gain(minted-user) / gain(minted), gains over base (target <= 0.25)",
         }
     return result
+
+
+def _task_metric_summary(
+    raw: dict[str, dict[str, TaskScores]],
+    name: str,
+    tasks: Sequence[str],
+    metrics: dict[str, str],
+    boot: dict,
+) -> dict:
+    """Method `name` on each task's own metric (higher is better): mean over tasks, paired gain over base and
+    the fraction of the oracle's gain, on the examples every method scored (generated ones for free text)."""
+    runs = [raw[name], raw["base"], *([raw["oracle"]] if "oracle" in raw else [])]
+    if any(metrics[t] not in run[t].values for run in runs for t in tasks):
+        return {}  # free-text tasks scored without generating (n_generate 0) have no exact match / ROUGE-L
+    values = [raw[name][t].values[metrics[t]] for t in tasks]
+    base = [raw["base"][t].values[metrics[t]] for t in tasks]
+    gain = [v - b for v, b in zip(values, base, strict=True)]
+    out: dict[str, Any] = {
+        "task_metric": hierarchical_ci(values, **boot),
+        "task_metric_vs_base": {
+            **hierarchical_ci(gain, **boot),
+            "definition": "method - base on each task's own metric, paired (positive: better than base)",
+        },
+    }
+    if "oracle" in raw:
+        oracle = [raw["oracle"][t].values[metrics[t]] - b for t, b in zip(tasks, base, strict=True)]
+        out["recovered"] = oracle_fraction(gain, oracle, **boot)
+    return out
 
 
 def oracle_fraction(

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -63,6 +64,8 @@ class MethodConfig:
     n_shots: int = 5
     """Training examples a user is assumed to show: `minted+examples` conditions on them and
     `minted-sampled` picks its best sample by their answer loss (never by evaluation examples)."""
+    n_demos: int = 3
+    """Solved training examples `few-shot` puts before each input."""
     n_samples: int = 8
     """Seeded samples `minted-sampled` chooses among (plus the mean)."""
     router: Path | None = None
@@ -84,8 +87,10 @@ class MethodConfig:
             self.generator = Path(self.generator)
         if self.router is not None:
             self.router = Path(self.router)
-        if self.n_shots < 1 or self.n_samples < 1:
-            raise ValueError(f"n_shots and n_samples must be >= 1, got {self.n_shots}, {self.n_samples}")
+        if self.n_shots < 1 or self.n_samples < 1 or self.n_demos < 1:
+            raise ValueError(
+                f"n_shots, n_samples and n_demos must be >= 1, got {self.n_shots}, {self.n_samples}, {self.n_demos}"
+            )
 
 
 @dataclass
@@ -312,6 +317,18 @@ def description_method(ctx: MethodContext) -> Method:
     return lambda task: Intervention(instruction=task.description)
 
 
+@register("few-shot")
+def few_shot_method(ctx: MethodContext) -> Method:
+    """The base model shown `n_demos` solved training examples before each input (in-context learning)."""
+
+    def method(task: Task) -> Intervention:
+        demos = shots(task, ctx.config.n_demos)
+        text = "\n\n".join(f"{task.prompt(ex)}\n{ex.output}" for ex in demos)
+        return Intervention(instruction=text, info={"n_demos": len(demos)})
+
+    return method
+
+
 @register("top1")
 def top1_method(ctx: MethodContext) -> Method:
     def method(task: Task) -> Intervention:
@@ -449,10 +466,47 @@ def minted_method(ctx: MethodContext) -> Method:
     return lambda task: _minted(ctx.minter().mint(task.description), description="full")
 
 
-@register("minted-short")
-def minted_short_method(ctx: MethodContext) -> Method:
+@register("minted-user")
+def minted_user_method(ctx: MethodContext) -> Method:
+    """Minted from what a user would type: the task's shortest one-sentence phrasing."""
+
     def method(task: Task) -> Intervention:
         text = short_description(task)
+        return _minted(ctx.minter().mint(text), description=text)
+
+    return method
+
+
+UNRELATED = (
+    "Write a haiku about the sea.",
+    "Translate the sentence into French.",
+    "Summarise the news article in one sentence.",
+    "Answer like a pirate.",
+    "Classify the sentiment of a movie review as positive or negative.",
+    "Write a limerick about a cat.",
+)
+"""Descriptions of tasks unlike any in the corpus: `minted-unrelated` mints from one of them (by hash)."""
+
+
+@register("minted-unrelated")
+def minted_unrelated_method(ctx: MethodContext) -> Method:
+    """Control: the adapter minted for an unrelated task. What it recovers is not about the task."""
+
+    def method(task: Task) -> Intervention:
+        text = UNRELATED[int(hashlib.sha256(task.name.encode()).hexdigest(), 16) % len(UNRELATED)]
+        return _minted(ctx.minter().mint(text), description=text)
+
+    return method
+
+
+@register("minted-shuffled")
+def minted_shuffled_method(ctx: MethodContext) -> Method:
+    """Control: the task's own description with its words in a seeded random order (same words, no sense)."""
+
+    def method(task: Task) -> Intervention:
+        words = task.description.split()
+        random.Random(f"shuffle:{task.name}").shuffle(words)
+        text = " ".join(words)
         return _minted(ctx.minter().mint(text), description=text)
 
     return method
