@@ -365,7 +365,7 @@ def train_experts(
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
-    from loramint.training.build import build_library, write_report
+    from loramint.training.build import build_library, interleave_families, write_report
 
     report_path = report
 
@@ -374,7 +374,8 @@ def train_experts(
 
         fixed = load_suite(suite)
         tasks, only = fixed.tasks_file, [n for n in fixed.seen if not only or n in only]
-    task_list = [t for t in load_tasks(tasks) if only is None or t.name in only]
+    task_list = interleave_families([t for t in load_tasks(tasks) if only is None or t.name in only])
+    library = library.expanduser()
     config = train or ExpertTrainConfig()
     base = load_base_model(base_model)
     with _open(library) as lib:

@@ -312,3 +312,12 @@ def test_quality_cards_flag_experts_that_do_not_beat_base_and_retrieval_skips_th
         assert bad.id in [e.id for e, _ in library.search(suite[5].description, k=2, include_unfit=True)]
         result = write_report(tmp_path / "build.json", build, library, tiny, useless)
     assert result["with_quality_card"] == 1 and result["beats_base"] == 0 and result["experts_per_hour"] > 0
+
+
+def test_interleave_families_is_round_robin_and_keeps_each_familys_order(suite):
+    from loramint.training.build import interleave_families
+
+    order = [t.name for t in interleave_families(suite)]
+    assert sorted(order) == sorted(t.name for t in suite)
+    families = [next(t.family for t in suite if t.name == n) for n in order]
+    assert families[:3] == ["copy", "arith", "classify"] and families[3:] == families[:3]

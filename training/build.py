@@ -41,6 +41,16 @@ class BuildReport:
     wall_s: float = 0.0
 
 
+def interleave_families(tasks: Sequence[Task]) -> list[Task]:
+    """Tasks reordered round-robin over their families (each family's tasks in their given order), so that
+    a build stopped part-way has covered as many families as it could."""
+    by_family: dict[str, list[Task]] = {}
+    for task in tasks:
+        by_family.setdefault(task.family, []).append(task)
+    queues = list(by_family.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def quality_card(base: BaseModel, task: Task, adapter, scoring) -> dict:
     """Base vs expert on the task's evaluation (test) split: the task's own metric and the answer NLL, with
     the paired 95% bootstrap CI of the metric's gain. `beats_base`: that CI lies above 0."""
@@ -147,6 +157,8 @@ def write_report(
             experts[eid]["gain_ci"] = {k: round(v, 4) for k, v in bootstrap_ci(gain).items()}
     gains = [e["answer_nll_before"] - e["answer_nll_after"] for e in experts.values()]
     with_ci = [e for e in experts.values() if "gain_ci" in e]
+    # across resumed runs: each expert's own recorded training and card time
+    spent = sum(e["wall_seconds"] + e.get("quality", {}).get("seconds", 0.0) for e in experts.values())
     trained = list(report.seconds.values())
     result = {
         "n_experts": len(ids),
@@ -165,7 +177,7 @@ def write_report(
         "n_improved_significantly": sum(e["gain_ci"]["ci_low"] > 0 for e in with_ci),
         "n_worse_significantly": sum(e["gain_ci"]["ci_high"] < 0 for e in with_ci),
         "significance": "paired 95% bootstrap CI of the per-example NLL gain over the metric examples excludes 0",
-        "experts_per_hour": round(3600 * len(trained) / report.wall_s, 2) if report.wall_s else None,
+        "experts_per_hour": round(3600 * len(ids) / spent, 2) if spent else None,
         "families": len({e["family"] for e in experts.values()}),
         "converged": sum(bool(e.get("converged")) for e in experts.values()),
         "with_quality_card": sum("quality" in e for e in experts.values()),
