@@ -83,6 +83,14 @@ class ExpertStack:
                 raise AdapterError(
                     f"{module}: rank {a.shape[0]} exceeds the runtime's max_rank {self.max_rank}"
                 )
+        # everything that can fail (a pattern's scaling, a device copy) happens before a slot is taken
+        staged = {
+            module: (
+                a.to(self.device, self.dtype),
+                (b * adapter.config.scaling(module)).to(self.device, self.dtype),
+            )
+            for module, (a, b) in adapter.weights.items()
+        }  # module: (A [r, in], B * scale [out, r])
         if expert_id in self._slot:
             slot = self._slot.pop(expert_id)
         elif self._free:
@@ -90,13 +98,16 @@ class ExpertStack:
         else:
             _, slot = self._slot.popitem(last=False)
             self.evictions += 1
-        for module in self.shapes:
-            self.A[module][slot].zero_()
-            self.B[module][slot].zero_()
-        for module, (a, b) in adapter.weights.items():
-            r, scale = a.shape[0], adapter.config.scaling(module)
-            self.A[module][slot, :r] = a.to(self.device, self.dtype)
-            self.B[module][slot, :, :r] = (b * scale).to(self.device, self.dtype)
+        try:
+            for module in self.shapes:
+                self.A[module][slot].zero_()
+                self.B[module][slot].zero_()
+            for module, (a, b) in staged.items():
+                self.A[module][slot, : a.shape[0]] = a
+                self.B[module][slot, :, : a.shape[0]] = b
+        except BaseException:
+            self._free.append(slot)  # every path gives the slot back
+            raise
         self._slot[expert_id] = slot
         return slot
 

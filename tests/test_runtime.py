@@ -435,3 +435,25 @@ def test_per_token_routing_methods_in_the_harness(tiny, tmp_path):
         and arrow["mean"] != result["methods"]["base"]["mean"]
     )
     assert on_seen["methods"]["route-token"]["mean"] < on_seen["methods"]["base"]["mean"]
+
+
+def test_a_failing_add_gives_its_slot_back(model, monkeypatch):
+    """An adapter whose scaling raises (e.g. a bad alpha pattern) must not leak the slot it would have taken:
+    after many such failures the stack still holds `capacity` experts."""
+    stack = ExpertStack(shapes_of(model), capacity=3, max_rank=8)
+    stack.add("kept", adapter(0))
+    broken = adapter(1)
+
+    def bad_scaling(module):
+        raise AdapterError("alpha_pattern value is not a number")
+
+    monkeypatch.setattr(broken.config, "scaling", bad_scaling)
+    for i in range(10):
+        with pytest.raises(AdapterError, match="alpha_pattern"):
+            stack.add(f"broken-{i}", broken)
+    with pytest.raises(AdapterError):
+        stack.add("kept", broken)  # replacing a resident id: a failure keeps the resident expert
+    assert stack.ids == ["kept"] and stack.evictions == 0
+    for i in range(3):
+        stack.add(f"good-{i}", adapter(2 + i))
+    assert len(stack) == 3 and stack.evictions == 1  # three slots in all, none lost
