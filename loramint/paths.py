@@ -18,7 +18,7 @@ from platformdirs import user_cache_dir
 
 from loramint.errors import FetchError, InvalidIdError
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -31,7 +31,7 @@ def cache_dir(*parts: str) -> Path:
 
 def validate_id(value: str, what: str = "id") -> str:
     """Return `value` if it is a safe identifier (letters, digits, '_', '.', '-'; no '..'), else raise."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value) or ".." in value:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or ".." in value:
         raise InvalidIdError(
             f"invalid {what} {value!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter "
             "or digit, and no '..'"

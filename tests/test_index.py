@@ -245,7 +245,18 @@ def test_open_without_encoder_loads_the_default_lazily(tmp_path, encoder):
 
 # ---- ExpertLibrary: errors ------------------------------------------------------------------------------
 
-BAD_IDS = ["../x", "a/b", "", "..", "x" * 200, ".hidden", "a b", "/etc/passwd", "a\x00b"]
+BAD_IDS = [
+    "../x",
+    "a/b",
+    "",
+    "..",
+    "x" * 200,
+    ".hidden",
+    "a b",
+    "/etc/passwd",
+    "a\x00b",
+    "abc\n",
+]  # "$" matched before a final newline
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
