@@ -25,6 +25,7 @@ import torch
 
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import GeneratorError
+from loramint.gen.minter import truncate
 from loramint.paths import replacing_dir
 
 FORMAT = "loramint-generator-ensemble"
@@ -216,7 +217,7 @@ class EnsembleMinter:
         out = [
             minted[i] if o is None else self.members[0].bank.expert(self.layout, o) for i, o in enumerate(own)
         ]
-        return out if rank is None else [_truncate(a, rank) for a in out]
+        return out if rank is None else [truncate(a, rank) for a in out]
 
     def mint(
         self,
@@ -235,7 +236,7 @@ class EnsembleMinter:
             fused = average([m.fuse(descriptions, weights) for m in self.members], self.weights)
         if rank is not None:
             _check_rank(rank, fused.config.r)
-            return _truncate(fused, rank)
+            return truncate(fused, rank)
         return fused
 
 
@@ -243,12 +244,6 @@ def _check_rank(rank: int | None, max_rank: int) -> None:
     from loramint.gen.minter import check_rank
 
     check_rank(rank, max_rank)
-
-
-def _truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
-    from loramint.gen.minter import truncate
-
-    return adapter if rank == adapter.config.r else truncate(adapter, rank)
 
 
 def save_ensemble(

@@ -344,9 +344,7 @@ class Minter:
             adapter = compose(self.layout, experts, sims, correction, mix_gain, gain, direct)
         else:
             adapter = assemble(self.model, self.normalizer, tokens, experts, sims)
-        if rank is None or rank == adapter.config.r:
-            return adapter
-        return truncate(adapter, rank)
+        return adapter if rank is None else truncate(adapter, rank)
 
 
 def check_rank(rank: int | None, max_rank: int) -> None:
@@ -358,7 +356,11 @@ def check_rank(rank: int | None, max_rank: int) -> None:
 
 
 def truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
-    """The best rank-`rank` approximation of each module's ΔW (leading SVD components), same scale."""
+    """The best rank-`rank` approximation of each module's ΔW (leading SVD components), same scale. A rank
+    at or above the adapter's own keeps the adapter as it is: a rank is a cap on components, and padding
+    would only store zeros (and a config whose `r` disagrees with its tensors does not load in PEFT)."""
+    if rank >= adapter.config.r:
+        return adapter
     canon = canonicalize(adapter)
     cfg = adapter.config
     config = AdapterConfig(cfg.base_model, rank, cfg.alpha * rank / cfg.r, list(cfg.target_modules))

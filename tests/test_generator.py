@@ -191,6 +191,16 @@ def test_truncate_is_the_best_low_rank_approximation():
         torch.testing.assert_close(low.delta(module), best, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rank", [4, 40])
+def test_a_rank_at_or_above_the_adapters_keeps_it_and_its_config_matches_its_tensors(rank, tmp_path):
+    """Minting a stored rank-4 expert at rank 40 once wrote r=40 over rank-4 tensors, which PEFT refuses."""
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=3)
+    kept = truncate(adapter, rank)
+    assert kept.config.r == 4 and all(a.shape[0] == 4 for a, _ in kept.weights.values())
+    kept.save(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+
+
 def test_config_validation_names_the_setting():
     with pytest.raises(ValueError, match="objective"):
         GeneratorTrainConfig(objective="magic")  # type: ignore[arg-type]
