@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 MAX_ADAPTER_BYTES = 2 << 30
+MAX_RANK = 4096
+"""Largest LoRA rank accepted anywhere (a config's `r` or a `rank_pattern` value)."""
+MAX_PATTERNS = 1024
+PATTERN_KEY = re.compile(r"[A-Za-z0-9_.*^$|-]{1,256}")
+"""What a `rank_pattern` / `alpha_pattern` key may be: a module path, optionally with `.*`, `^`, `$` and `|`
+(what PEFT writes and its users use). Keys are regular expressions matched against every module name, so
+groups, classes and repeat counts are refused: no key can make matching expensive."""
 
 
 @dataclass
@@ -52,12 +60,34 @@ class AdapterConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise AdapterError(f"r must be a positive integer, got {self.r!r}")
-        if not self.alpha or self.alpha <= 0:
-            raise AdapterError(f"alpha (lora_alpha) must be positive, got {self.alpha!r}")
+        if not isinstance(self.base_model, str) or not self.base_model:
+            raise AdapterError(f"base_model_name_or_path must be a non-empty string, got {self.base_model!r}")
+        if not isinstance(self.r, int) or not _is_rank(self.r):
+            raise AdapterError(f"r must be an integer in [1, {MAX_RANK}], got {self.r!r}")
+        if not _is_scale(self.alpha):
+            raise AdapterError(f"alpha (lora_alpha) must be a finite positive number, got {self.alpha!r}")
         if not self.target_modules:
             raise AdapterError("target_modules is empty: name the linear layers the adapter modifies")
+        for name, pattern, valid, what in (
+            ("rank_pattern", self.rank_pattern, _is_rank, f"integers in [1, {MAX_RANK}]"),
+            ("alpha_pattern", self.alpha_pattern, _is_scale, "finite positive numbers"),
+        ):
+            if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERNS:
+                raise AdapterError(
+                    f"{name} must be an object of at most {MAX_PATTERNS} entries, got {pattern!r}"
+                )
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not PATTERN_KEY.fullmatch(key):
+                    raise AdapterError(
+                        f"{name} key {key!r} is not a module path: use letters, digits, '_', '.', '-', and only "
+                        "'.*', '^', '$', '|' as patterns (at most 256 characters)"
+                    )
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise AdapterError(f"{name} key {key!r} is not a valid pattern: {exc}") from None
+                if not valid(value):
+                    raise AdapterError(f"{name}[{key!r}] must be one of the {what}, got {value!r}")
 
     def _pattern_value(self, pattern: dict, module: str, default):
         for key, value in pattern.items():  # PEFT: a key matches a module path by regex on its tail
@@ -113,23 +143,45 @@ class AdapterConfig:
             )
         if cfg.get("fan_in_fan_out"):
             raise refuse("fan_in_fan_out is true (Conv1D/GPT-2 style weights)")
-        for key in ("r", "lora_alpha"):
-            if not isinstance(cfg.get(key), int | float) or isinstance(cfg.get(key), bool):
-                raise AdapterError(f"{CONFIG_FILE}: {key!r} must be a number, got {cfg.get(key)!r}")
+        if not _is_rank(cfg.get("r")):
+            raise AdapterError(
+                f"{CONFIG_FILE}: 'r' must be an integer in [1, {MAX_RANK}], got {cfg.get('r')!r}"
+            )
+        if not _is_scale(cfg.get("lora_alpha")):
+            raise AdapterError(
+                f"{CONFIG_FILE}: 'lora_alpha' must be a finite positive number, got {cfg.get('lora_alpha')!r}"
+            )
         base = cfg.get("base_model_name_or_path") or base_model
         if not base:
             raise AdapterError(
                 f"{CONFIG_FILE} names no base_model_name_or_path; pass the base model explicitly"
             )
+        if not isinstance(base, str):
+            raise AdapterError(f"{CONFIG_FILE}: 'base_model_name_or_path' must be a string, got {base!r}")
+        patterns = {
+            key: cfg.get(key) if cfg.get(key) is not None else {} for key in ("rank_pattern", "alpha_pattern")
+        }
         return cls(
             base_model=models.canonical_name(base),
             r=int(cfg["r"]),
             alpha=float(cfg["lora_alpha"]),
             target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
             use_rslora=bool(cfg.get("use_rslora", False)),
-            rank_pattern=dict(cfg.get("rank_pattern") or {}),
-            alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+            **patterns,
         )
+
+
+def _is_rank(value: object) -> bool:
+    """An integer in [1, MAX_RANK] (a float with an integer value counts, as JSON writers may produce 8.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value == int(value) and 1 <= value <= MAX_RANK
+
+
+def _is_scale(value: object) -> bool:
+    return (
+        not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value > 0
+    )
 
 
 def _all_layers(base_model: str, targets: list[str]) -> list[int] | None:

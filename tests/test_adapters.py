@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora, merge_lora
+from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, LoraAdapter, apply_lora, merge_lora
 from loramint.errors import AdapterError
 
 
@@ -146,6 +146,21 @@ BAD_ADAPTERS = [
         lambda f: _edit_config(f, base_model_name_or_path="/nonexistent/model"),
         "unknown base model",
     ),
+    # uploads that once gave a 500, a dropped connection, or an adapter that failed every completion
+    ("r infinite", lambda f: _edit_config(f, r=float("inf")), "'r' must be an integer"),
+    ("r huge", lambda f: _edit_config(f, r=1e308), "'r' must be an integer"),
+    ("alpha nan", lambda f: _edit_config(f, lora_alpha=float("nan")), "'lora_alpha' must be a finite"),
+    ("rank_pattern int", lambda f: _edit_config(f, rank_pattern=3), "rank_pattern must be an object"),
+    (
+        "rank_pattern list",
+        lambda f: _edit_config(f, rank_pattern=["q_proj"]),
+        "rank_pattern must be an object",
+    ),
+    ("base model an int", lambda f: _edit_config(f, base_model_name_or_path=7), "must be a string"),
+    ("bad regex key", lambda f: _edit_config(f, rank_pattern={"q_proj(": 2}), "not a module path"),
+    ("costly regex key", lambda f: _edit_config(f, rank_pattern={"(a+)+$": 2}), "not a module path"),
+    ("string alpha value", lambda f: _edit_config(f, alpha_pattern={"q_proj": "8"}), "finite positive"),
+    ("zero rank value", lambda f: _edit_config(f, rank_pattern={"q_proj": 0}), r"integers in \[1"),
 ]
 
 
@@ -177,6 +192,13 @@ def test_scaling_follows_peft_patterns():
     assert adapter.config.scaling(module) == 4.0
     adapter.config.use_rslora = True
     assert adapter.config.scaling(module) == pytest.approx(8.0 / 2**0.5)
+    cfg = {
+        "r": 4,
+        "lora_alpha": 8,
+        "base_model_name_or_path": "tiny-llama",
+        "rank_pattern": {"layers.0.*q_proj|^x$": 2},
+    }
+    assert AdapterConfig.from_peft(cfg, [module], None).scaling(module) == 4.0  # PEFT-style keys still work
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
