@@ -74,18 +74,34 @@ async def chat_completions(req: ChatRequest, service: Reader):
 @router.get("/models", response_model=ModelList)
 def list_models(service: Reader) -> ModelList:
     """The base model, "auto", and every adapter (stored experts, then minted ones held in memory)."""
-    base = service.base.hf_id
-    started = int(service.started)
+    infos = [*map(expert_info, service.library.list()), *service.minted.infos()]
+    return ModelList(data=[*_fixed_cards(service), *(_card(service, i.id, i.created) for i in infos)])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=responses(400, 404, 422))
+def retrieve_model(model_id: str, service: Reader) -> ModelCard:
+    """One model of `GET /v1/models` (what OpenAI's `models.retrieve` asks for): 404 when there is none."""
+    for card in _fixed_cards(service):
+        if card.id == model_id:
+            return card
+    return _card(service, model_id, service.info(model_id).created)
+
+
+def _fixed_cards(service: Service) -> list[ModelCard]:
+    """The base model and "auto"."""
+    base, started = service.base.hf_id, int(service.started)
     length = getattr(service.base.model.config, "max_position_embeddings", None)
-    cards = [
+    return [
         ModelCard(id=base, created=started, root=base, parent=None, max_model_len=length),
         ModelCard(id=AUTO, created=started, root=AUTO, parent=base, max_model_len=length),
     ]
-    infos = [*map(expert_info, service.library.list()), *service.minted.infos()]
-    cards += [
-        ModelCard(id=i.id, created=i.created, root=i.id, parent=base, max_model_len=length) for i in infos
-    ]
-    return ModelList(data=cards)
+
+
+def _card(service: Service, adapter_id: str, created: int) -> ModelCard:
+    length = getattr(service.base.model.config, "max_position_embeddings", None)
+    return ModelCard(
+        id=adapter_id, created=created, root=adapter_id, parent=service.base.hf_id, max_model_len=length
+    )
 
 
 # ---- shared ------------------------------------------------------------------------------------------------

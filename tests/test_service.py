@@ -359,6 +359,10 @@ def test_models_list_vllm_shape(client):
     for model in ("auto", "arith_0", "write_6", minted["id"]):
         assert cards[model]["parent"] == BASE and cards[model]["root"] == model
         assert cards[model]["object"] == "model" and cards[model]["owned_by"] == "loramint"
+    for model in (BASE, "auto", "arith_0", minted["id"]):  # OpenAI's models.retrieve once got a 404
+        assert client.get(f"/v1/models/{model}").json() == cards[model]
+    missing = client.get("/v1/models/no-such-adapter")
+    assert missing.status_code == 404 and "no-such-adapter" in missing.json()["error"]["message"]
 
 
 def test_healthz_and_metrics(client):
