@@ -374,7 +374,9 @@ def train_experts(
 
         fixed = load_suite(suite)
         tasks, only = fixed.tasks_file, [n for n in fixed.seen if not only or n in only]
-    task_list = interleave_families([t for t in load_tasks(tasks) if only is None or t.name in only])
+    # cheapest first within each family (fewest prompt characters), families round-robin
+    chosen = sorted((t for t in load_tasks(tasks) if only is None or t.name in only), key=_prompt_chars)
+    task_list = interleave_families(chosen)
     library = library.expanduser()
     config = train or ExpertTrainConfig()
     base = load_base_model(base_model)
@@ -406,6 +408,10 @@ def train_experts(
         f"trained {len(build.trained)}, skipped {len(build.skipped)} (unchanged) in {build.wall_s:.0f}s"
         + (f"; report: {report_path}" if report_path is not None else "")
     )
+
+
+def _prompt_chars(task) -> float:
+    return sum(len(ex.input) for ex in task.examples) / len(task.examples)
 
 
 def evaluate(
