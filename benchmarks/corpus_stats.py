@@ -11,40 +11,26 @@ Writes benchmarks/results/corpus.json and prints a table.
 
 from __future__ import annotations
 
-from collections import Counter
-
 from common import markdown_table, write_result
 
 from loramint.corpus import Corpus
 
 
-def totals(corpus: Corpus, names: list[str]) -> dict:
-    tasks = [t for n in names for t in corpus.load(n)]
-    return {
-        "tasks": len(tasks),
-        "families": len({t.family for t in tasks}),
-        "examples": sum(len(t.examples) for t in tasks),
-        "test_examples": sum(t.splits["test"] for t in tasks),
-        "bytes": sum(corpus.path(corpus.sources[n]).stat().st_size for n in names),
-        "metrics": dict(Counter(t.metric for t in tasks)),
-    }
-
-
 def main() -> None:
     corpus = Corpus()
     here = [n for n in corpus.available() if n in corpus.sources]  # a user's own tasks are not counted
+    built = {row["name"]: row for row in corpus.summary(here)["sources"]}
+    sources = [
+        {"name": name, "license": entry.license, "shipped": entry.shipped, "tasks": entry.tasks,
+         "examples": entry.examples, "provenance": entry.provenance, "built_here": name in built,
+         **({"families": built[name]["families"]} if name in built else {})}
+        for name, entry in corpus.sources.items()
+    ]  # fmt: skip
     shipped = [n for n in here if corpus.sources[n].shipped]
-    sources = []
-    for name, entry in corpus.sources.items():
-        row = {"name": name, "license": entry.license, "shipped": entry.shipped, "tasks": entry.tasks}
-        row.update(examples=entry.examples, provenance=entry.provenance, built_here=name in here)
-        if name in here:
-            row["families"] = len({t.family for t in corpus.load(name)})
-        sources.append(row)
     result = {
-        **totals(corpus, here),
+        **{k: v for k, v in corpus.summary(here).items() if k != "sources"},
         "sources": sources,
-        "shipped": {**totals(corpus, shipped), "sources": shipped},
+        "shipped": {**corpus.summary(shipped), "sources": shipped},
         "corpus_version": corpus.version,
         "max_examples_per_task": corpus.max_examples,
         "split_seed": corpus.split_seed,

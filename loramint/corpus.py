@@ -195,10 +195,11 @@ class Corpus:
     def families(self, sources: Iterable[str] | None = None) -> Counter[str]:
         return Counter(t.family for t in self.tasks(sources))
 
-    def summary(self) -> dict:
-        """Counts per source and in total (what `benchmarks/results/corpus.json` records)."""
+    def summary(self, sources: Iterable[str] | None = None) -> dict:
+        """Counts of `sources` (default: every available one), in total and per source (`benchmarks/corpus_stats.py`
+        writes them to `results/corpus.json`)."""
         rows, tasks = [], []
-        for name in self.available():
+        for name in sources if sources is not None else self.available():
             loaded = self.load(name)
             tasks += loaded
             entry = self.sources.get(name)
@@ -209,15 +210,14 @@ class Corpus:
                 "tasks": len(loaded),
                 "families": len({t.family for t in loaded}),
                 "examples": sum(len(t.examples) for t in loaded),
-                "bytes": self.path(entry).stat().st_size if entry else self.user_file.stat().st_size,
+                "bytes": (self.path(entry) if entry else self.user_file).stat().st_size,
             })  # fmt: skip
         return {
-            "version": self.version,
             "tasks": len(tasks),
             "families": len({t.family for t in tasks}),
             "examples": sum(len(t.examples) for t in tasks),
+            "test_examples": sum(t.splits["test"] for t in tasks),
             "bytes": sum(r["bytes"] for r in rows),
-            "max_examples_per_task": self.max_examples,
             "metrics": dict(Counter(t.metric for t in tasks)),
             "sources": rows,
         }
