@@ -12,15 +12,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from loramint.adapters import LoraAdapter
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
 from loramint.paths import atomic_write_bytes, validate_id
 from loramint.tasks import Task
 from loramint.training.data import ENCODING_VERSION
 from loramint.training.experts import ExpertTrainConfig, train_expert
+
+if TYPE_CHECKING:  # evaluate imports methods, which imports this module
+    from loramint.training.evaluate import ScoringConfig
 
 
 def config_hash(task: Task, base: BaseModel, config: ExpertTrainConfig) -> str:
@@ -51,7 +56,7 @@ def interleave_families(tasks: Sequence[Task]) -> list[Task]:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
-def quality_card(base: BaseModel, task: Task, adapter, scoring) -> dict:
+def quality_card(base: BaseModel, task: Task, adapter: LoraAdapter, scoring: ScoringConfig) -> dict:
     """Base vs expert on the task's evaluation (test) split: the task's own metric and the answer NLL, with
     the paired 95% bootstrap CI of the metric's gain. `beats_base`: that CI lies above 0."""
     import numpy as np
@@ -87,7 +92,7 @@ def build_library(
     tasks: Sequence[Task],
     base: BaseModel,
     config: ExpertTrainConfig | None = None,
-    cards=None,
+    cards: ScoringConfig | None = None,
 ) -> BuildReport:
     """Train and add an expert per task, skipping those already built with the same task and config.
 
