@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -92,8 +93,17 @@ def status_of(exc: BaseException) -> int:
     return next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\",;:)]+)")
+
+
+def public_message(message: str) -> str:
+    """`message` without the server's file system: every absolute path becomes its last component (the
+    library, checkpoint or file it names), so errors tell clients what went wrong but not where it lives."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
+
+
 def error_body(message: str, kind: str, code: int, **extra) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code, **extra}}
+    return {"error": {"message": public_message(message), "type": kind, "code": code, **extra}}
 
 
 def _respond(exc: BaseException, code: int) -> JSONResponse:

@@ -959,3 +959,12 @@ def test_text_a_tokenizer_cannot_take_is_422(client, body, model):
     data = json.dumps({"model": model, "max_tokens": 2, **body})  # ensure_ascii: "\ud800" as JSON escapes
     response = client.post("/v1/chat/completions", content=data, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and error_type(response) == "RequestValidationError"
+
+
+def test_errors_never_show_the_servers_file_system(client, world):
+    """Messages once carried absolute paths (`no expert 'x' in library /srv/.../lib`)."""
+    for path in ("/v1/experts/no-such-expert", "/v1/adapters/no-such-adapter"):
+        response = client.get(path)
+        message = response.json()["error"]["message"]
+        assert response.status_code == 404 and "no-such" in message, message
+        assert str(world["root"]) not in message and not re.search(r"(^|\s)/\w", message), message
