@@ -37,8 +37,9 @@ def writer(service: Annotated[Service, Depends(get_service)], credentials: Crede
 
 
 def reader(service: Annotated[Service, Depends(get_service)], credentials: Credentials) -> Service:
-    """The service, for reads and completions: a key only when auth is "all"."""
-    if service.config.auth == "all":
+    """The service, for reads and completions: a key when auth is "all"; a key that is sent is checked
+    whatever the policy (a wrong key is a client's mistake to report, never something to ignore)."""
+    if service.config.auth == "all" or (credentials is not None and service.config.api_keys):
         _check(service, credentials)
     return service
 

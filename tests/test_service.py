@@ -562,6 +562,11 @@ def test_mutating_endpoints_need_a_key_reads_do_not(client):
     for path in ("/v1/models", "/v1/experts", "/v1/adapters/arith_0", "/healthz", "/metrics"):
         assert client.get(path).status_code == 200, path
     assert client.post("/v1/retrieve", json={"description": "sums"}).status_code == 200
+    # a key that is sent is checked on reads too: a wrong one was once silently accepted
+    wrong = {"Authorization": "Bearer wrong-key-123"}
+    assert client.get("/v1/experts", headers=wrong).status_code == 401
+    assert client.post("/v1/retrieve", json={"description": "sums"}, headers=wrong).status_code == 401
+    assert client.get("/v1/experts", headers=AUTH).status_code == 200
 
 
 def test_auth_all_guards_reads_too(world):
