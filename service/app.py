@@ -54,6 +54,14 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    default_openapi = app.openapi
+
+    def openapi() -> dict:  # generated once, then cached by FastAPI on app.openapi_schema
+        if app.openapi_schema is None:
+            app.openapi_schema = document_limits(default_openapi(), config)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     errors.install(app)
     for module in (adapters, experts, completions, system, web):
         app.include_router(module.router)
@@ -65,3 +73,33 @@ def create_app(
         upload_paths=UPLOAD_PATHS,
     )
     return app
+
+
+# (schema, property) -> {JSON-schema keyword: ServiceConfig limit} for the limits a request body meets
+DOCUMENTED_LIMITS = {
+    ("MintRequest", "description"): {"maxLength": "max_description_chars"},
+    ("RetrieveRequest", "description"): {"maxLength": "max_description_chars"},
+    ("Body_upload_v1_experts_post", "description"): {"maxLength": "max_description_chars"},
+    ("MintRequest", "examples"): {"maxItems": "max_examples", "items.maxLength": "max_example_chars"},
+    ("MintRequest", "rank"): {"maximum": "max_rank"},
+    ("CompletionRequest", "max_tokens"): {"maximum": "max_tokens"},
+    ("ChatRequest", "max_tokens"): {"maximum": "max_tokens"},
+}
+
+
+def document_limits(schema: dict, config: ServiceConfig) -> dict:
+    """The OpenAPI document with this server's limits (`ServiceConfig.limits`, the values it enforces and
+    `GET /v1/limits` answers) in place of the request models' static bounds."""
+    limits = config.limits()
+    components = schema.get("components", {}).get("schemas", {})
+    for (model, prop), keywords in DOCUMENTED_LIMITS.items():
+        spec = components[model]["properties"][prop]
+        branches = [b for b in spec.get("anyOf", [spec]) if b.get("type") != "null"]
+        for keyword, limit in keywords.items():
+            for branch in branches:
+                *path, key = keyword.split(".")
+                target = branch
+                for part in path:
+                    target = target[part]
+                target[key] = limits[limit]
+    return schema

@@ -68,6 +68,10 @@ class ServiceConfig:
     max_unzipped_bytes: int = 256 << 20
     """An uploaded zip's members together, decompressed."""
 
+    def limits(self) -> dict[str, int]:
+        """Every limit a request meets, by name: what `GET /v1/limits` answers and the OpenAPI document shows."""
+        return {name: getattr(self, name) for name in LIMITS}
+
     def __post_init__(self) -> None:
         if self.auth not in ("writes", "all", "none"):
             raise ValueError(f"auth must be 'writes', 'all' or 'none', got {self.auth!r}")
@@ -75,24 +79,7 @@ class ServiceConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if any(not isinstance(k, str) or len(k) < 8 for k in self.api_keys):
             raise ValueError("every api_keys entry must be a string of at least 8 characters")
-        positive = (
-            "capacity",
-            "max_rank",
-            "top_k",
-            "queue_size",
-            "mint_batch",
-            "completion_batch",
-            "max_minted",
-            "max_description_chars",
-            "max_examples",
-            "max_example_chars",
-            "max_prompt_chars",
-            "max_tokens",
-            "default_max_tokens",
-            "max_body_bytes",
-            "max_upload_bytes",
-            "max_unzipped_bytes",
-        )
+        positive = ("capacity", "top_k", "mint_batch", "completion_batch", "default_max_tokens", *LIMITS)
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -165,3 +152,19 @@ class ServiceConfig:
                 f'auth is "{self.auth}" but no api_keys are set: set LORAMINT_API_KEYS=<key> (8+ characters), '
                 'or auth: "none" on a trusted network'
             )
+
+
+LIMITS = (
+    "max_description_chars",
+    "max_examples",
+    "max_example_chars",
+    "max_prompt_chars",
+    "max_tokens",
+    "max_rank",
+    "max_body_bytes",
+    "max_upload_bytes",
+    "max_unzipped_bytes",
+    "max_minted",
+    "queue_size",
+)
+"""The request limits of a `ServiceConfig`, in one place (see `ServiceConfig.limits`)."""

@@ -253,6 +253,26 @@ class ErrorResponse(BaseModel):
 
 
 # ---- operations --------------------------------------------------------------------------------------------
+class Limits(BaseModel):
+    """What this server accepts (its configuration); requests over a limit get a 4xx naming it."""
+
+    max_description_chars: int = Field(description="A task description (mint, retrieve, upload).")
+    max_examples: int = Field(description="Example texts per mint request.")
+    max_example_chars: int = Field(description="One example text.")
+    max_prompt_chars: int = Field(description="A completion prompt, or a chat request's messages together.")
+    max_tokens: int = Field(description="The largest `max_tokens` a completion may ask for.")
+    max_rank: int = Field(
+        description="The highest LoRA rank served (uploads and mints above it are refused)."
+    )
+    max_body_bytes: int = Field(description="A request body other than an upload (HTTP 413 above).")
+    max_upload_bytes: int = Field(description="An uploaded adapter zip (HTTP 413 above).")
+    max_unzipped_bytes: int = Field(description="An upload's members together, decompressed.")
+    max_minted: int = Field(
+        description="Minted adapters kept in memory when not stored (least recent dropped)."
+    )
+    queue_size: int = Field(description="Requests waiting per work queue; one more gets HTTP 429.")
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     base_model: str

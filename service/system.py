@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from loramint.service.core import Service
 from loramint.service.deps import Reader, get_service
 from loramint.service.errors import responses
-from loramint.service.schemas import Health
+from loramint.service.schemas import Health, Limits
 
 router = APIRouter(tags=["system"])
 
@@ -23,6 +23,12 @@ def healthz(request: Request) -> Health:
         generator=service.minter is not None,
         queues={name: lane.depth for name, lane in service.lanes.items()},
     )
+
+
+@router.get("/v1/limits", response_model=Limits, responses=responses(401))
+def limits(service: Reader) -> Limits:
+    """Every limit this server puts on requests (the OpenAPI document shows the same values)."""
+    return Limits(**service.config.limits())
 
 
 @router.get(

@@ -973,3 +973,26 @@ def test_errors_never_show_the_servers_file_system(client, world):
         message = response.json()["error"]["message"]
         assert response.status_code == 404 and "no-such" in message, message
         assert str(world["root"]) not in message and not re.search(r"(^|\s)/\w", message), message
+
+
+def test_limits_are_one_source_of_truth(client, world):
+    """The OpenAPI document once allowed 8,000-character descriptions while the server refused above 4,000."""
+    from loramint.service.config import LIMITS
+    from loramint.service.schemas import Limits
+
+    config = world["config"]
+    assert set(Limits.model_fields) == set(LIMITS)
+    assert client.get("/v1/limits").json() == config.limits()
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for model in ("MintRequest", "RetrieveRequest", "Body_upload_v1_experts_post"):
+        assert schemas[model]["properties"]["description"]["maxLength"] == config.max_description_chars == 500
+    examples = schemas["MintRequest"]["properties"]["examples"]["anyOf"][0]
+    assert (
+        examples["maxItems"] == config.max_examples
+        and examples["items"]["maxLength"] == config.max_example_chars
+    )
+    assert (
+        schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == config.max_tokens
+    )
+    over = client.post("/v1/adapters", json={"description": "x" * 501}, headers=AUTH)
+    assert over.status_code in (400, 422) and "500" in over.json()["error"]["message"]
