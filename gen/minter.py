@@ -347,6 +347,24 @@ class Minter:
         return adapter if rank is None else truncate(adapter, rank)
 
 
+def provenance(
+    minter: Minter, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
+) -> list[dict]:
+    """Per description, what a mint draws on: the library experts the generator retrieves for it (name and
+    cosine similarity of their descriptions, best first) and `confidence`, the best of those similarities
+    (near 1: the library holds this very task; low: nothing in it fits). Works for a Minter or an ensemble."""
+    cond = minter.condition(descriptions, examples)  # [B, C]
+    k = min(max(minter.model.config.residual_k, 1), len(minter.bank))
+    top = (cond @ minter.bank.keys.T).topk(k, dim=-1)
+    out = []
+    for idx, sims in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+        experts = [
+            {"id": minter.bank.names[i], "similarity": round(s, 4)} for i, s in zip(idx, sims, strict=True)
+        ]
+        out.append({"experts": experts, "confidence": experts[0]["similarity"]})
+    return out
+
+
 def check_rank(rank: int | None, max_rank: int) -> None:
     """A requested rank (None: keep the minted one) must be an integer in [1, max_rank] (not a bool)."""
     if rank is not None and (

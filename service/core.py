@@ -309,6 +309,8 @@ class Service:
         if self.minter is None:
             error = UnavailableError("this service has no generator configured: minting is off")
             return [error] * len(requests)
+        from loramint.gen.minter import provenance
+
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault((req.rank, i if req.seed is not None else None), []).append(i)
@@ -330,12 +332,13 @@ class Service:
                         adapter = self.minter.mint(
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
-                    results[i] = self._keep(requests[i], adapter)
+                    (drawn,) = provenance(self.minter, [requests[i].description], [requests[i].examples])
+                    results[i] = self._keep(requests[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _keep(self, req: MintRequest, adapter: LoraAdapter) -> AdapterInfo:
+    def _keep(self, req: MintRequest, adapter: LoraAdapter, drawn: dict) -> AdapterInfo:
         """Store the adapter in the library or keep it in memory, under the request's id or its content's."""
         digest = adapter.content_hash()
         if req.id is not None:
@@ -348,7 +351,10 @@ class Service:
                 return expert_info(self.library.get(adapter_id))
             if not req.store and (item := self.minted.get(adapter_id)) is not None:
                 return item[1]
-        metrics = {"minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or [])}}
+        # which library experts it draws on, and how well the best one fits (gen.minter.provenance)
+        metrics = {
+            "minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or []), **drawn}
+        }
         if req.store:
             expert = self.library.add(
                 adapter,

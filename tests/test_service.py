@@ -996,3 +996,17 @@ def test_limits_are_one_source_of_truth(client, world):
     )
     over = client.post("/v1/adapters", json={"description": "x" * 501}, headers=AUTH)
     assert over.status_code in (400, 422) and "500" in over.json()["error"]["message"]
+
+
+def test_a_mint_says_which_experts_it_draws_on_and_how_well_they_fit(client, world):
+    """Out-of-library requests got adapters with no sign that nothing in the library fits."""
+    near = client.post("/v1/adapters", json={"description": "Add the two numbers together."}, headers=AUTH)
+    far = client.post("/v1/adapters", json={"description": "Answer like a pirate would."}, headers=AUTH)
+    reports = [r.json()["metrics"]["minted"] for r in (near, far)]
+    bank = world["minter"].bank.names
+    for report in reports:
+        sims = [e["similarity"] for e in report["experts"]]
+        assert report["experts"] and all(e["id"] in bank for e in report["experts"])
+        assert sims == sorted(sims, reverse=True) and report["confidence"] == sims[0]
+    assert reports[0]["confidence"] > reports[1]["confidence"]  # an arithmetic library fits the sum better
+    assert reports[0]["experts"][0]["id"].startswith("arith")
