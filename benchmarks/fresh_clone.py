@@ -86,7 +86,9 @@ def test_counts(log: str) -> dict:
         for m in map(_SKIP.match, log.splitlines())
         if m
     ]
+    failed = [line.split(" ", 1)[1] for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     return {
+        "failed_tests": failed,
         "tests_passed": counts.get("passed", 0),
         "tests_failed": counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0),
         "tests_skipped": counts.get("skipped", 0),
