@@ -3,7 +3,7 @@
 For tasks the generator's library does not cover, each task's own description is minted with the default
 generator and scored against the base model on the task's test split in the task's metric (paired 95%
 bootstrap CI of the difference). A result is "worse than base" when that CI lies below 0. Each mint's
-confidence (`gen.minter.provenance`: the best similarity between the request and a library expert's
+confidence (`Minter.provenance`: the best similarity between the request and a library expert's
 description) is recorded next to it, so a fallback threshold can be read off the table: below it, returning
 no adapter would have been the safe answer.
 
@@ -22,7 +22,7 @@ import numpy as np
 from common import machine, markdown_table, write_result
 
 from loramint.corpus import Corpus
-from loramint.gen.minter import Minter, provenance
+from loramint.gen.minter import Minter
 from loramint.models import load_base_model
 from loramint.paths import cache_dir
 from loramint.training.build import interleave_families
@@ -62,7 +62,7 @@ def main() -> None:
     for task in tasks:
         started = time.perf_counter()
         adapter = minter.mint(task.description)
-        (drawn,) = provenance(minter, [task.description])
+        (drawn,) = minter.provenance([task.description])
         before = cached_score(base, task, Intervention(), scoring, hashes)
         after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
         diff = bootstrap_ci(after.values["accuracy"] - before.values["accuracy"])

@@ -25,7 +25,7 @@ import torch
 
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import GeneratorError
-from loramint.gen.minter import truncate
+from loramint.gen.minter import provenance, truncate
 from loramint.paths import replacing_dir
 
 FORMAT = "loramint-generator-ensemble"
@@ -183,6 +183,12 @@ class EnsembleMinter:
         if self.decode_dtype == "bfloat16":
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def provenance(
+        self, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
+    ) -> list[dict]:
+        """What minting each description draws on: the members share one bank (`gen.minter.provenance`)."""
+        return provenance(self, descriptions, examples)
 
     def mint_many(
         self,

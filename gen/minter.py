@@ -266,6 +266,12 @@ class Minter:
             self._experts[i] = self.bank.expert(self.layout, i)
         return self._experts[i]
 
+    def provenance(
+        self, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
+    ) -> list[dict]:
+        """What minting each description draws on (see the module function `provenance`)."""
+        return provenance(self, descriptions, examples)
+
     def mint(
         self,
         description: str,
@@ -348,7 +354,7 @@ class Minter:
 
 
 def provenance(
-    minter: Minter, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
+    minter, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
 ) -> list[dict]:
     """Per description, what a mint draws on: the library experts the generator retrieves for it (name and
     cosine similarity of their descriptions, best first) and `confidence`, the best of those similarities

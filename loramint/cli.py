@@ -632,7 +632,7 @@ def mint(
     """
     import time
 
-    from loramint.gen.minter import Minter, provenance
+    from loramint.gen.minter import Minter
 
     minter = Minter.from_pretrained(generator)
     started = time.perf_counter()
@@ -646,7 +646,7 @@ def mint(
         f"minted {adapter.config.base_model} rank {adapter.config.r} adapter in {ms:.0f} ms -> {out}"
     )
     for text, drawn in zip(
-        [description, *(fuse or [])], provenance(minter, [description, *(fuse or [])]), strict=True
+        [description, *(fuse or [])], minter.provenance([description, *(fuse or [])]), strict=True
     ):
         experts = ", ".join(f"{e['id']} ({e['similarity']:.2f})" for e in drawn["experts"])
         console.print(f"{text[:60]!r} draws on {experts}; confidence {drawn['confidence']:.2f}")

@@ -309,7 +309,6 @@ class Service:
         if self.minter is None:
             error = UnavailableError("this service has no generator configured: minting is off")
             return [error] * len(requests)
-        from loramint.gen.minter import provenance
 
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
@@ -332,7 +331,7 @@ class Service:
                         adapter = self.minter.mint(
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
-                    (drawn,) = provenance(self.minter, [requests[i].description], [requests[i].examples])
+                    (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
                     results[i] = self._keep(requests[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc

@@ -631,6 +631,9 @@ def test_a_full_queue_answers_429_and_a_late_job_504(world):
         def mint(self, *args, **kwargs):
             return world["minter"].mint(*args, **kwargs)
 
+        def provenance(self, *args, **kwargs):
+            return world["minter"].provenance(*args, **kwargs)
+
     app = make_app(world, minter=Blocking(), queue_size=1, mint_batch=1, batch_wait_ms=0, timeout_s=1.5)
     with TestClient(app) as c:
         answers: dict[str, int] = {}
