@@ -25,7 +25,7 @@ from loramint.corpus import Corpus
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
 from loramint.paths import cache_dir
-from loramint.training.build import interleave_families
+from loramint.training.build import interleave_families, prompt_chars
 from loramint.training.evaluate import ScoringConfig, cached_score
 from loramint.training.methods import Intervention
 from loramint.training.metrics import bootstrap_ci
@@ -37,7 +37,7 @@ def pick_tasks(corpus: Corpus, n: int, min_test: int) -> list:
         for t in corpus.tasks([s for s, e in corpus.sources.items() if e.shipped and s != "procedural"])
         if t.metric == "accuracy" and t.splits["test"] >= min_test
     ]
-    tasks.sort(key=lambda t: sum(len(ex.input) for ex in t.examples) / len(t.examples))
+    tasks.sort(key=prompt_chars)
     return interleave_families(tasks)[:n]
 
 

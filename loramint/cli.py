@@ -365,7 +365,7 @@ def train_experts(
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
-    from loramint.training.build import build_library, interleave_families, write_report
+    from loramint.training.build import build_library, interleave_families, prompt_chars, write_report
 
     report_path = report
 
@@ -375,7 +375,7 @@ def train_experts(
         fixed = load_suite(suite)
         tasks, only = fixed.tasks_file, [n for n in fixed.seen if not only or n in only]
     # cheapest first within each family (fewest prompt characters), families round-robin
-    chosen = sorted((t for t in load_tasks(tasks) if only is None or t.name in only), key=_prompt_chars)
+    chosen = sorted((t for t in load_tasks(tasks) if only is None or t.name in only), key=prompt_chars)
     task_list = interleave_families(chosen)
     library = library.expanduser()
     config = train or ExpertTrainConfig()
@@ -408,10 +408,6 @@ def train_experts(
         f"trained {len(build.trained)}, skipped {len(build.skipped)} (unchanged) in {build.wall_s:.0f}s"
         + (f"; report: {report_path}" if report_path is not None else "")
     )
-
-
-def _prompt_chars(task) -> float:
-    return sum(len(ex.input) for ex in task.examples) / len(task.examples)
 
 
 def evaluate(

@@ -261,7 +261,6 @@ def export_task(task: Task, split: str | None = None) -> str:
 
 BUILDERS = ("openai-evals", "procedural", "bbh")
 """Sources `build_source` knows; openai-evals and procedural ship in corpus/, bbh is built into the cache."""
-MIN_TASK_EXAMPLES = 20
 
 
 def build_source(name: str, input: str | Path | None = None, root: str | Path | None = None) -> Source:
@@ -311,7 +310,7 @@ def build_source(name: str, input: str | Path | None = None, root: str | Path | 
     else:
         raise NotFoundError(f"no builder for source {name!r}; builders: {', '.join(BUILDERS)}")
     seed, cap = manifest["split_seed"], manifest["max_examples"]
-    tasks = [finalize(t, cap, seed) for t in tasks if len(t.examples) >= MIN_TASK_EXAMPLES]
+    tasks = [finalize(t, cap, seed) for t in tasks if len(t.examples) >= sources.MIN_EXAMPLES]
     file = f"{name}.jsonl.gz"
     path = root / file if shipped else cache_dir("corpus") / file
     old = next((s for s in manifest["sources"] if s["name"] == name), None)

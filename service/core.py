@@ -316,22 +316,22 @@ class Service:
         results: list[AdapterInfo | Exception | None] = [None] * len(requests)
         for (rank, _), members in groups.items():
             batch = [requests[i] for i in members]
+            texts, shots = [r.description for r in batch], [r.examples for r in batch]
             try:
-                adapters = self.minter.mint_many(
-                    [r.description for r in batch], [r.examples for r in batch], batch[0].seed, rank
-                )
+                adapters = self.minter.mint_many(texts, shots, batch[0].seed, rank)
+                reports = self.minter.provenance(texts, shots)  # what each draws on, for the whole batch
             except Exception as exc:
                 if len(members) == 1:
                     results[members[0]] = exc
                     continue
-                adapters = [None] * len(members)  # one bad request must not fail the others: retry alone
-            for i, adapter in zip(members, adapters, strict=True):
+                adapters = reports = [None] * len(members)  # one bad request must not fail the others
+            for i, adapter, drawn in zip(members, adapters, reports, strict=True):
                 try:
-                    if adapter is None:
+                    if adapter is None:  # retried alone
                         adapter = self.minter.mint(
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
-                    (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
+                        (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
                     results[i] = self._keep(requests[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc

@@ -46,6 +46,11 @@ class BuildReport:
     wall_s: float = 0.0
 
 
+def prompt_chars(task: Task) -> float:
+    """Mean characters of a task's inputs: what one of its training steps or scored examples costs, roughly."""
+    return sum(len(ex.input) for ex in task.examples) / len(task.examples)
+
+
 def interleave_families(tasks: Sequence[Task]) -> list[Task]:
     """Tasks reordered round-robin over their families (each family's tasks in their given order), so that
     a build stopped part-way has covered as many families as it could."""

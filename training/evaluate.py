@@ -300,8 +300,9 @@ def evaluate(
         train_config = context.train_config() if {"multitask", "oracle"} & set(names) else None
     finally:
         context.close()
-    result = summarize(raw, [t.name for t in tasks], scoring, {t.name: t.metric for t in tasks})
-    result["task_metrics"] = {t.name: t.metric for t in tasks}
+    task_metrics = {t.name: t.metric for t in tasks}
+    result = summarize(raw, [t.name for t in tasks], scoring, task_metrics)
+    result["task_metrics"] = task_metrics
     result["split"] = split
     result["machine"] = machine()
     result["config"] = {
