@@ -12,7 +12,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_result(name: str, result: dict) -> Path:
-    """results/<name>.json; $BENCH_NOTE, when set, is recorded as the result's "note" (e.g. shadow weights)."""
+    """results/<name>.json; $BENCH_NOTE, when set, is recorded as the result's "note"."""
     if os.environ.get("BENCH_NOTE"):
         result = {**result, "note": os.environ["BENCH_NOTE"]}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The generator (issue 4): a conditional VAE mapping description embeddings + retrieved-expert priors to LoRA weights.
+"""The generator: a description (+ examples) -> a LoRA adapter, as the similarity-weighted mixture of the library
+experts retrieved for it plus a learned correction, decoded by a network trained with a conditional-VAE prior.
 
 `from loramint.gen import Minter` is the entry point; the import is lazy so that `loramint.gen.config` stays
 importable without torch (the CLI builds its parser from it).

@@ -26,7 +26,7 @@ import torch
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import GeneratorError
 from loramint.gen.minter import provenance, truncate
-from loramint.paths import replacing_dir
+from loramint.paths import staged_dir
 
 FORMAT = "loramint-generator-ensemble"
 VERSION = 1
@@ -275,7 +275,7 @@ def save_ensemble(
             raise GeneratorError(f"{m} is not a generator checkpoint (no generator.json)")
         if json.loads(meta_file.read_text()).get("format") == FORMAT:
             raise GeneratorError(f"{m} is itself an ensemble: give its members")
-    with replacing_dir(out) as tmp:
+    with staged_dir(out, replace=True) as tmp:
         rels = []
         for i, m in enumerate(members):
             shutil.copytree(m, tmp / f"member-{i}")

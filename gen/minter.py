@@ -28,7 +28,7 @@ from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
 from loramint.gen.residual import assemble, bounded_gain, coefficients, compose
-from loramint.paths import replacing_dir
+from loramint.paths import staged_dir
 
 FORMAT = "loramint-generator"
 VERSION = 1
@@ -70,7 +70,7 @@ def save_generator(
 ) -> Path:
     """Write a checkpoint folder; an existing one at `path` is replaced only once the new one is complete."""
     path = Path(path)
-    with replacing_dir(path) as tmp:
+    with staged_dir(path, replace=True) as tmp:
         meta = {
             "format": FORMAT,
             "version": VERSION,

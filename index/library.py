@@ -36,7 +36,7 @@ from loramint.adapters import LoraAdapter
 from loramint.encoders.text import DEFAULT_ENCODER, Encoder
 from loramint.errors import AlreadyExistsError, LibraryError, NotFoundError
 from loramint.index.vectors import KINDS, IndexParams, VectorIndex, sidecar_path
-from loramint.paths import staging_dir, validate_id
+from loramint.paths import staged_dir, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class ExpertLibrary:
                 raise AlreadyExistsError(
                     f"expert {expert_id!r} already exists; pass overwrite=True to replace it"
                 )
-            with staging_dir(final) as tmp:
+            with staged_dir(final) as tmp:
                 adapter.save(tmp)
                 if old is not None:
                     before, after, _ = self._write("DELETE FROM experts WHERE vid = ?", (old,))

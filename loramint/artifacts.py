@@ -28,13 +28,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -47,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from loramint import __version__
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import LoramintError
-from loramint.paths import file_lock, fsync_dir, sha256_file
+from loramint.paths import file_lock, sha256_file, staged_dir
 
 FORMAT = "loramint-artifacts"
 VERSION = 1
@@ -372,7 +369,7 @@ def pack_defaults(
             "target": _relative_target(generator, data),
         }
     started = time.perf_counter()
-    with _staged(out, "pack") as tmp:
+    with staged_dir(out, replace=True) as tmp:
         summary: dict[str, Any] = {}
         for kind, bundle in bundles.items():
             folder = tmp / bundle["dir"]
@@ -549,7 +546,7 @@ def setup(
                 continue
             t0 = time.perf_counter()
             source = artifacts / bundle["dir"]
-            with _staged(target, "setup") as tmp:
+            with staged_dir(target, replace=True) as tmp:
                 if kind == "library":
                     info, encoder = _restore_library(source, tmp, manifest, bundle["dir"], log, progress)
                 else:
@@ -737,33 +734,3 @@ def _restore_generator(
     probe.validate()
     log(f"generator: loads and mints (bank of {len(minter.bank)} experts, rank {probe.config.r})")
     return {"bank": len(minter.bank), "files": sorted(index["files"])}
-
-
-@contextmanager
-def _staged(target: Path, what: str) -> Iterator[Path]:
-    """A temp folder next to `target`, renamed into its place on success (an existing `target` is moved
-    aside first and deleted after); removed on failure. Leftovers of killed runs are swept first."""
-    target = target.absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{target.name}.{what}-"
-    for leftover in target.parent.glob(f"{prefix}*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        for child in tmp.rglob("*"):
-            if child.is_file():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=".tmp"))
-            os.rename(target, old / "old")
-        os.rename(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

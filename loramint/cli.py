@@ -723,6 +723,8 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
     import uvicorn
 
     from loramint.service import create_app
+    from loramint.service.config import READY_DESCRIPTION
+    from loramint.service.schemas import MintRequest
 
     config = (service or ServiceConfig()).with_env()
     try:
@@ -732,7 +734,14 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
     key_command = os.environ.get("LORAMINT_KEY_COMMAND")  # how the printed curl examples get a key
 
     def ready(service) -> None:
-        print(config.ready_message(service.minter is not None, key_command), file=sys.stderr, flush=True)
+        minted_id = None
+        if service.minter is not None:  # the printed mint's own id, so that the printed chat works as shown
+            (info,) = service.mint_batch([MintRequest(description=READY_DESCRIPTION)])
+            if isinstance(info, Exception):
+                print(f"loramint: the example mint failed: {info}", file=sys.stderr, flush=True)
+            else:
+                minted_id = info.id
+        print(config.ready_message(minted_id, key_command), file=sys.stderr, flush=True)
 
     app = create_app(config, on_ready=ready)
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level)

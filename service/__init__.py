@@ -1,4 +1,4 @@
-"""The FastAPI service (issue 6): mint, retrieve, manage experts, complete text through the runtime.
+"""The FastAPI service: mint, retrieve, manage experts, complete text through the runtime.
 
 `create_app(ServiceConfig(...))` (`loramint serve`); routers: `adapters` (mint, metadata, download,
 retrieve), `experts` (upload, list, delete), `completions` (OpenAI-compatible), `system` (healthz, metrics),

@@ -111,23 +111,26 @@ class ServiceConfig:
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
         return replace(self, **changes)
 
-    def ready_message(self, minting: bool, key_command: str | None = None) -> str:
+    def ready_message(self, minted_id: str | None, key_command: str | None = None) -> str:
         """What `loramint serve` prints once it is up: where it listens and curl commands that work against it
-        (mint, or retrieve when there is no generator, then a chat completion). `key_command`: a shell
-        expression giving a key (e.g. `$(cat data/api-key)`); else the examples say <key>. Never a key."""
+        (mint, or retrieve when there is no generator, then a chat completion). `minted_id`: the id that the
+        printed mint returns (the server mints it once at start-up, so the chat command works as printed),
+        None without a generator. `key_command`: a shell expression giving a key (e.g. `$(cat data/api-key)`);
+        else the examples say <key>. Never a key."""
+        minting = minted_id is not None
         host = f"[{self.host}]" if ":" in self.host else self.host
         if host in ("0.0.0.0", "[::]"):
             host = "127.0.0.1"
         url = f"http://{host}:{self.port}"
         auth = "" if self.auth == "none" else f' -H "Authorization: Bearer {key_command or "<key>"}"'
         read_auth = auth if self.auth == "all" else ""
-        description = "Answer questions about how long everyday events last"
+        description = READY_DESCRIPTION
         if minting:
             first = (
                 f"curl -s {url}/v1/adapters{auth} -H 'Content-Type: application/json' \\\n"
-                f'       -d \'{{"description": "{description}"}}\'   # -> {{"id": "minted-...", ...}}'
+                f'       -d \'{{"description": "{description}"}}\'   # -> {{"id": "{minted_id}", ...}}'
             )
-            model = "minted-..."
+            model = minted_id
         else:
             first = (
                 f"curl -s {url}/v1/retrieve{read_auth} -H 'Content-Type: application/json' \\\n"
@@ -153,6 +156,9 @@ class ServiceConfig:
                 'or auth: "none" on a trusted network'
             )
 
+
+READY_DESCRIPTION = "Answer questions about how long everyday events last"
+"""The description of the mint that `loramint serve` prints as its first example."""
 
 LIMITS = (
     "max_description_chars",

@@ -220,6 +220,16 @@ def test_config_validation_names_the_setting():
         GeneratorConfig(adaptive_mix=True)  # a mixing rule needs a retrieved mixture (residual_k > 0)
 
 
+def test_training_needs_an_explicit_out(tmp_path):
+    """No default checkpoint folder: a training run must never silently replace the served generator."""
+    from loramint.training.generator import train_generator
+
+    assert GeneratorTrainConfig().out == ""
+    with pytest.raises(ValueError, match="train.out is required"):
+        train_generator(GeneratorTrainConfig(library=str(tmp_path / "lib")), progress=False)
+    assert not (tmp_path / "lib").exists()
+
+
 def test_validation_holds_out_whole_small_families_then_single_tasks():
     from loramint.training.generator import select_val
 

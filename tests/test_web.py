@@ -219,3 +219,53 @@ def test_with_auth_all_the_page_sends_the_key_on_reads_too(world, browser):
         saved = browser.downloads / f"{adapter_id}.zip"
         wait.until(lambda _: saved.exists() and zipfile.is_zipfile(saved))
         assert not _visible_error(browser, "experts-error") and not _visible_error(browser, "download-error")
+
+
+LONG_ID = "a-very-long-expert-identifier-without-any-spaces-" + "x" * 70
+LONG_DESCRIPTION = ("Add the two numbers, then explain the carrying step by step. " * 8)[:500]
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_the_page_lays_out_at_desktop_and_phone_widths(server, browser, width, tmp_path):
+    """With a long unbroken expert id and a 500-character description (the limit) among the nearest experts, the page
+    has no horizontal overflow and no table taller than the viewport, at 1280 px and at 390 px (a phone)."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from loramint.adapters import LoraAdapter
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    data = test_service.adapter_zip(LoraAdapter.random("tiny-llama", r=2, seed=11))
+    files = {"file": ("adapter.zip", data, "application/zip")}
+    form = {"description": LONG_DESCRIPTION, "id": LONG_ID, "family": "a-long-family-name-too"}
+    response = httpx.post(f"{server}/v1/experts", files=files, data=form, headers=headers)
+    assert response.status_code == 201, response.text
+    try:
+        browser.set_window_size(width, 900)
+        browser.get(f"{server}/")
+        wait = WebDriverWait(browser, WAIT_S)
+        wait.until(lambda d: BASE in _text(d, "service-info"))
+        key = browser.find_element("id", "api-key")
+        key.clear()  # an earlier test's key stays in the tab's sessionStorage
+        key.send_keys(KEY)
+        description = browser.find_element("id", "description")
+        description.clear()
+        description.send_keys("Add the two numbers and explain the carrying.", Keys.CONTROL, Keys.ENTER)
+        wait.until(lambda d: d.find_elements("css selector", "#experts tbody tr"))
+        shown = [
+            r.get_attribute("data-expert") for r in browser.find_elements("css selector", "#experts tbody tr")
+        ]
+        assert LONG_ID in shown, (shown, browser.get_log("browser"))
+        layout = browser.execute_script(
+            "const tables = [...document.querySelectorAll('table')].filter(t => t.offsetParent !== null);"
+            "return {viewport: window.innerWidth, height: window.innerHeight,"
+            " scroll: document.documentElement.scrollWidth,"
+            " tables: tables.map(t => t.getBoundingClientRect().height)};"
+        )
+        assert browser.get_screenshot_as_file(str(tmp_path / f"page-{width}.png"))
+        assert layout["tables"], "the experts table is not shown"
+        assert layout["scroll"] <= layout["viewport"], f"horizontal overflow at {width} px: {layout}"
+        assert max(layout["tables"]) <= layout["height"], f"a table taller than the viewport: {layout}"
+    finally:
+        httpx.delete(f"{server}/v1/experts/{LONG_ID}", headers=headers)
+        browser.set_window_size(1280, 1024)

@@ -92,8 +92,9 @@ class ExpertTrainConfig:
 class GeneratorTrainConfig:
     library: str = "data/library-ni-family"
     """Expert library to learn from (every expert whose task is in `tasks`, or all of them)."""
-    out: str = "data/generator/ni-family"
-    """Checkpoint folder (replaced atomically when training ends)."""
+    out: str = ""
+    """Checkpoint folder (replaced atomically when training ends). Required, and never defaulted: a training
+    run must not silently replace a generator that a service is using."""
     model: GeneratorConfig = field(default_factory=GeneratorConfig)
     objective: Objective = "recon"
     """`own`: the ΔW error of the minting path, against the row's own expert where it is retrievable (the

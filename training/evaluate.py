@@ -98,7 +98,7 @@ class ScoringConfig:
     instruction, the base model and these settings. None: no cache."""
 
     def __post_init__(self) -> None:
-        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir is not None else None
         checks = {
             "max_length": self.max_length >= 16,
             "batch_size": self.batch_size >= 1,

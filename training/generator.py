@@ -50,6 +50,7 @@ from loramint.gen.phrasings import phrasings
 from loramint.gen.residual import assemble, delta_cosines, delta_error, mean_off_diagonal
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
+from loramint.paths import atomic_write_bytes
 from loramint.sysinfo import machine
 from loramint.tasks import Task
 from loramint.training.config import GeneratorTrainConfig
@@ -650,6 +651,10 @@ def train_generator(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, keep the best validation state, write the checkpoint to `config.out`; returns the report."""
+    if not config.out:
+        raise ValueError(
+            "train.out is required: the folder the new generator is written to (e.g. data/generator/mine)"
+        )
     L.seed_everything(config.seed, verbose=False)
     started = time.perf_counter()
     with ExpertLibrary.open(config.library) as library:
@@ -721,7 +726,7 @@ def train_generator(
         tau=config.tau,
         extra={"train_config": asdict(config), "report": report},
     )
-    Path(config.out, "curve.json").write_text(json.dumps(module.curve, indent=2))
+    atomic_write_bytes(Path(config.out, "curve.json"), json.dumps(module.curve, indent=2).encode())
     return report
 
 
