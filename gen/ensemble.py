@@ -55,7 +55,8 @@ def average(adapters: Sequence[LoraAdapter], weights: Sequence[float] | None = N
 
 
 class EnsembleMinter:
-    """The members' mints averaged; the same minting API as `Minter` (mint, mint_many, fuse)."""
+    """Several generators trained alike, minting the exact mean of their updates (implements
+    `gen.protocol.MintingModel`, like `Minter`)."""
 
     def __init__(
         self,

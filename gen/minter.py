@@ -27,6 +27,7 @@ from loramint.errors import GeneratorError
 from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
+from loramint.gen.protocol import MintingModel
 from loramint.gen.residual import assemble, bounded_gain, coefficients, compose
 from loramint.paths import staged_dir
 
@@ -98,7 +99,7 @@ def save_generator(
 
 
 class Minter:
-    """A trained generator ready to mint; see the module docstring."""
+    """A trained generator ready to mint (implements `gen.protocol.MintingModel`); see the module docstring."""
 
     def __init__(
         self,
@@ -137,8 +138,9 @@ class Minter:
         return self.model.layout
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, encoder=None, device: str = "cpu") -> Minter:
-        """Load a checkpoint folder written by `save_generator` (`loramint train-generator`)."""
+    def from_pretrained(cls, path: str | Path, encoder=None, device: str = "cpu") -> MintingModel:
+        """Load a checkpoint folder written by `save_generator` (`loramint train-generator`), or an ensemble's
+        (`loramint ensemble-generator`): either implements `gen.protocol.MintingModel`."""
         path = Path(path)
         meta_file = path / "generator.json"
         if not meta_file.is_file():

@@ -190,7 +190,9 @@ def pack_library(
         ids, vectors = lib.embeddings()
         by_id = dict(zip(ids, vectors, strict=True))
         settings = {"embedding_model": lib.embedding_model, "dim": lib.dim}
-        for n, expert in enumerate(experts, 1):
+        from tqdm.auto import tqdm
+
+        for n, expert in enumerate(tqdm(experts, desc="packing experts", unit="expert"), 1):
             adapter = expert.load_adapter()
             for module, (a, b) in adapter.weights.items():
                 a16 = _to_fp16(f"expert {expert.id}: {module}.lora_A", a)

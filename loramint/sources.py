@@ -190,7 +190,9 @@ def openai_evals_tasks(wheel: str | Path) -> tuple[list[Task], dict]:
             if isinstance(data, dict):
                 specs.update({k: v for k, v in data.items() if isinstance(v, dict)})
         used_files: set[str] = set()
-        for name, entry in sorted(specs.items()):
+        from tqdm.auto import tqdm
+
+        for name, entry in tqdm(sorted(specs.items()), desc="openai-evals", unit="eval"):
             impl = specs.get(str(entry.get("id", "")))
             if impl is None:
                 continue

@@ -35,7 +35,7 @@ from loramint.service.schemas import AdapterInfo, MintRequest, RetrievedExpert
 from loramint.service.zipfiles import extract_adapter, zip_adapter
 
 if TYPE_CHECKING:
-    from loramint.gen.minter import Minter
+    from loramint.gen.protocol import MintingModel
 
 log = logging.getLogger(__name__)
 Route = dict[str, float]
@@ -158,7 +158,7 @@ class Service:
         config: ServiceConfig,
         runtime: Runtime,
         library: ExpertLibrary,
-        minter: Minter | None = None,
+        minter: MintingModel | None = None,
         metrics: Metrics | None = None,
         owns: Sequence[object] = (),
     ) -> None:
@@ -210,7 +210,7 @@ class Service:
         config: ServiceConfig,
         runtime: Runtime | None = None,
         library: ExpertLibrary | None = None,
-        minter: Minter | None = None,
+        minter: MintingModel | None = None,
         metrics: Metrics | None = None,
     ) -> Service:
         """Open what was not given: the library, the runtime on the base model, the generator (sharing the

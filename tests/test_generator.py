@@ -950,3 +950,30 @@ def test_bad_ensembles_are_refused_and_nothing_is_replaced(residual, tmp_path):
     with pytest.raises(GeneratorError, match="weights must be 2 non-negative"):
         save_ensemble(tmp_path / "ens", [root / "residual", root / "r0"], weights=[1.0, -1.0])
     assert (good / "generator.json").read_text() == before and not list(tmp_path.glob(".ens.*"))
+
+
+def test_both_generators_implement_the_minting_protocol(residual, tmp_path):
+    """`Minter` and `EnsembleMinter` offer every member of `gen.protocol.MintingModel`, with the protocol's
+    parameters first (extras only with defaults), so serving, evaluation and the CLI can take either."""
+    import inspect
+
+    from loramint.gen.ensemble import EnsembleMinter, save_ensemble
+    from loramint.gen.protocol import MintingModel
+
+    root = residual["root"]
+    single = Minter.from_pretrained(root / "residual")
+    ensemble = Minter.from_pretrained(save_ensemble(tmp_path / "ens", [root / "residual", root / "r0"]))
+    assert isinstance(single, Minter) and isinstance(ensemble, EnsembleMinter)
+    members = [n for n in vars(MintingModel) if not n.startswith("_")]
+    assert {"mint", "mint_many", "fuse", "provenance", "max_rank"} <= set(members)
+    for generator in (single, ensemble):
+        assert isinstance(generator, MintingModel)
+        for name in members:
+            wanted = getattr(MintingModel, name)
+            if callable(wanted):
+                got = inspect.signature(getattr(type(generator), name)).parameters
+                need = list(inspect.signature(wanted).parameters)
+                assert list(got)[: len(need)] == need, (type(generator), name)  # extras only after, defaulted
+                assert all(p.default is not p.empty for p in list(got.values())[len(need) :])
+    text = "Add up the numbers and report the total."
+    assert ensemble.provenance([text])[0]["experts"] == single.provenance([text])[0]["experts"]
