@@ -739,7 +739,8 @@ def test_uvicorn_process_with_the_openai_client(world, tmp_path):
         ]  # mint, then chat with the minted id
         assert len(commands) == 2 and shutil.which("curl"), printed
         minted = json.loads(subprocess.run(["sh", "-c", commands[0]], capture_output=True, check=True).stdout)
-        assert minted["id"] in commands[0] and minted["id"] in commands[1]  # the real id, printed as it is
+        assert f'# -> {{"id": "{minted["id"]}"' in printed  # the real id, printed as it is
+        assert minted["id"] in commands[1]
         chat_command = commands[1]
         answer = json.loads(
             subprocess.run(["sh", "-c", chat_command], capture_output=True, check=True).stdout
