@@ -15,6 +15,7 @@ from loramint.runtime.runtime import Runtime
 from loramint.service import adapters, completions, errors, experts, system, web
 from loramint.service.config import ServiceConfig
 from loramint.service.core import Service
+from loramint.service.guard import Guard
 from loramint.service.metrics import Metrics, ObserveAndLimit
 
 UPLOAD_PATHS = ("/v1/experts",)
@@ -65,6 +66,7 @@ def create_app(
     errors.install(app)
     for module in (adapters, experts, completions, system, web):
         app.include_router(module.router)
+    app.add_middleware(Guard, config=config)  # inside ObserveAndLimit: its 401s and 429s are counted
     app.add_middleware(
         ObserveAndLimit,
         metrics=metrics,

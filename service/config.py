@@ -30,8 +30,10 @@ class ServiceConfig:
     """torch device of the base model and the generator; None picks cuda when present."""
     api_keys: list[str] = field(default_factory=list)
     """Keys accepted as `Authorization: Bearer <key>` (set them with LORAMINT_API_KEYS=k1,k2)."""
-    auth: Auth = "writes"
-    """Which endpoints need a key: "writes" (mint, upload, delete), "all", or "none" (trusted network only)."""
+    auth: Auth = "all"
+    """Which endpoints need a key: "all" (every /v1 endpoint), "writes" (mint, upload, delete only), or "none"
+    (trusted network only). /healthz, /metrics, the web page and the API docs are always open; a key that a
+    request sends is always checked."""
     capacity: int = 64
     """Experts resident in the runtime at once (LRU)."""
     max_rank: int = 48
@@ -67,6 +69,11 @@ class ServiceConfig:
     """An uploaded adapter zip."""
     max_unzipped_bytes: int = 256 << 20
     """An uploaded zip's members together, decompressed."""
+    mint_per_minute: int = 600
+    """Mint requests a minute per API key (per client address without auth): a minute's allowance at once,
+    refilled continuously; one more gets HTTP 429 with Retry-After."""
+    upload_per_minute: int = 60
+    """Expert uploads a minute per API key, likewise."""
 
     def limits(self) -> dict[str, int]:
         """Every limit a request meets, by name: what `GET /v1/limits` answers and the OpenAPI document shows."""
@@ -172,5 +179,7 @@ LIMITS = (
     "max_unzipped_bytes",
     "max_minted",
     "queue_size",
+    "mint_per_minute",
+    "upload_per_minute",
 )
 """The request limits of a `ServiceConfig`, in one place (see `ServiceConfig.limits`)."""

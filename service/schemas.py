@@ -271,6 +271,12 @@ class Limits(BaseModel):
         description="Minted adapters kept in memory when not stored (least recent dropped)."
     )
     queue_size: int = Field(description="Requests waiting per work queue; one more gets HTTP 429.")
+    mint_per_minute: int = Field(
+        description="Mint requests a minute per API key; one more gets HTTP 429 with Retry-After."
+    )
+    upload_per_minute: int = Field(
+        description="Expert uploads a minute per API key; one more gets HTTP 429 with Retry-After."
+    )
 
 
 class Health(BaseModel):

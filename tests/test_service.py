@@ -67,6 +67,7 @@ def world(tmp_path_factory, tiny):
         generator=config.out,
         base_model="tiny-llama",
         api_keys=[KEY],
+        auth="writes",  # reads open here; the default ("all") and the gate have tests of their own
         max_description_chars=500,
         max_examples=4,
         max_tokens=64,
@@ -577,6 +578,91 @@ def test_auth_all_guards_reads_too(world):
         assert c.get("/healthz").status_code == 200  # liveness stays open
     with pytest.raises(ValueError, match="LORAMINT_API_KEYS"):
         make_app(world, api_keys=[])
+
+
+def test_by_default_every_v1_endpoint_needs_the_key():
+    """With auth on, reads need the key too (what users of an authenticated API expect); liveness, metrics,
+    the page and the API docs stay open."""
+    assert ServiceConfig().auth == "all"
+    from loramint.service.guard import key_problem
+
+    config = ServiceConfig(api_keys=[KEY])
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("POST", "/v1/retrieve"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/adapters/x/download"),
+        ("POST", "/v1/adapters"),
+        ("DELETE", "/v1/experts/x"),
+    ):
+        assert key_problem(config, method, path, None), (method, path)
+        assert key_problem(config, method, path, KEY) is None
+        assert key_problem(config, method, path, "wrong-key-123") == "the API key is not valid"
+    for path in ("/healthz", "/metrics", "/", "/openapi.json", "/docs"):
+        assert key_problem(config, "GET", path, None) is None
+
+
+def test_the_key_is_checked_before_the_body_is_read(client):
+    """A request without a valid key is refused from its headers: its body is never read or parsed."""
+    import asyncio
+
+    from loramint.service.guard import Guard
+
+    assert (
+        client.post(
+            "/v1/adapters", content=b"{not json", headers={"Content-Type": "application/json"}
+        ).status_code
+        == 401
+    )
+    wrong = {"Authorization": "Bearer wrong-key-123", "Content-Type": "application/json"}
+    assert client.post("/v1/adapters", content=b"{not json", headers=wrong).status_code == 401
+
+    async def app(scope, receive, send):  # the app behind the gate: reached only past it
+        raise AssertionError("the gate let an unauthenticated request through")
+
+    async def receive():
+        raise AssertionError("the gate read the body")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/experts",
+        "headers": [(b"content-length", b"999999")],
+    }
+    asyncio.run(Guard(app, ServiceConfig(api_keys=[KEY]))(scope, receive, send))
+    assert sent[0]["status"] == 401 and (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+
+
+def test_mint_and_upload_rate_limits_per_key(world):
+    """Each key has its own allowance; one request over it gets 429 with Retry-After; tokens come back."""
+    from loramint.service.guard import RateLimits
+
+    other = "another-key-0123456789"
+    with TestClient(make_app(world, mint_per_minute=2, upload_per_minute=1, api_keys=[KEY, other])) as c:
+        body = {"description": "Add the two numbers.", "store": False}
+        assert [c.post("/v1/adapters", json=body, headers=AUTH).status_code for _ in range(2)] == [201, 201]
+        refused = c.post("/v1/adapters", json=body, headers=AUTH)
+        assert refused.status_code == 429 and error_type(refused) == "RateLimitError"
+        assert (
+            int(refused.headers["Retry-After"]) >= 1
+            and "2 mint requests a minute" in refused.json()["error"]["message"]
+        )
+        assert (
+            c.post("/v1/adapters", json=body, headers={"Authorization": f"Bearer {other}"}).status_code == 201
+        )
+        assert c.get("/v1/models").status_code == 200  # reads spend no allowance
+        assert upload(c, b"not a zip").status_code == 422  # the one upload of the minute (refused as invalid)
+        assert upload(c, b"not a zip").status_code == 429
+    now = [0.0]
+    limits = RateLimits({"mint": 60}, clock=lambda: now[0])
+    assert all(limits.take("mint", "k") == 0 for _ in range(60)) and limits.take("mint", "k") > 0
+    now[0] += 1.0  # 60 a minute: one token a second
+    assert limits.take("mint", "k") == 0 and limits.take("mint", "k") == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
