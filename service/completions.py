@@ -142,7 +142,11 @@ async def _serve(service: Service, req, jobs: list[CompletionJob], queries: list
     lane = service.lanes["generate"]
     if not req.stream:
         futures = _enqueue_all(lane, jobs)
-        results = await asyncio.gather(*(lane.wait(f) for f in futures))
+        try:
+            results = await asyncio.gather(*(lane.wait(f) for f in futures))
+        except BaseException:  # timed out, failed, or the client went away: nobody wants the other rows
+            _cancel(jobs, futures)
+            raise
         return fmt.response(results)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _stream(service, lane, jobs, fmt, include_usage)
@@ -163,18 +167,31 @@ async def _stream(service: Service, lane: Lane, jobs: list[CompletionJob], fmt, 
         try:
             return await asyncio.wait_for(events.get(), service.config.timeout_s)
         except TimeoutError:
-            for f in futures:
-                f.cancel()
+            _cancel(jobs, futures)
             service.metrics.timeouts.labels(lane.name).inc()
             raise WorkTimeoutError(
                 f"no output within {service.config.timeout_s:g} s (server busy): retry later"
             ) from None
 
-    first = await next_event()
+    try:
+        first = await next_event()
+    except BaseException:  # also the client going away before the first token
+        _cancel(jobs, futures)
+        raise
     if first[2] is not None and not first[2].cancelled() and first[2].exception() is not None:
         raise first[2].exception()
 
     async def body() -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for chunk in chunks():
+                yield chunk
+            finished = True
+        finally:
+            if not finished:  # the client went away (or the stream failed): stop decoding for it
+                _cancel(jobs, futures)
+
+    async def chunks() -> AsyncIterator[str]:
         results: list[CompletionResult | None] = [None] * len(jobs)
         for chunk in fmt.start(len(jobs)):
             yield _sse(chunk)
@@ -203,6 +220,14 @@ async def _stream(service: Service, lane: Lane, jobs: list[CompletionJob], fmt, 
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _cancel(jobs: Sequence[CompletionJob], futures: Sequence[asyncio.Future]) -> None:
+    """Nobody waits for these jobs any more: queued ones are skipped, a pass of cancelled rows stops."""
+    for job in jobs:
+        job.cancelled.set()
+    for future in futures:
+        future.cancel()
 
 
 def _sse(chunk: BaseModel) -> str:

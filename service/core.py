@@ -28,7 +28,7 @@ from loramint.index import Expert, ExpertLibrary
 from loramint.paths import validate_id
 from loramint.runtime.runtime import Runtime, Usage, similarity_weights
 from loramint.service.config import ServiceConfig
-from loramint.service.errors import ContextLengthError, UnavailableError
+from loramint.service.errors import ContextLengthError, UnavailableError, WorkTimeoutError
 from loramint.service.lanes import Lane
 from loramint.service.metrics import Metrics
 from loramint.service.schemas import AdapterInfo, MintRequest, RetrievedExpert
@@ -58,6 +58,9 @@ class CompletionJob:
     max_tokens: int = 16
     stop: list[str] = field(default_factory=list)
     sink: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when nobody waits for the result any more (the client went away, or the request timed out): the
+    job is skipped if it has not started, and a runtime pass whose every row is cancelled stops early."""
 
 
 @dataclass
@@ -432,6 +435,9 @@ class Service:
         results: list[CompletionResult | Exception | None] = [None] * len(jobs)
         rows: list[_Row] = []
         for i, job in enumerate(jobs):
+            if job.cancelled.is_set():
+                results[i] = WorkTimeoutError("cancelled: the client went away before the work started")
+                continue
             try:
                 rows.append(self._prepare(i, job))
             except Exception as exc:
@@ -510,14 +516,25 @@ class Service:
             return
         filters = [_StopFilter(row.job.stop, row.job.sink) for row in group]
         usage: list[Usage] = []
-        for r, piece in self.runtime.stream(
+        pieces = self.runtime.stream(
             [row.text for row in group],
             [row.route or None for row in group],
             max_new_tokens=[row.job.max_tokens for row in group],
             chat=False,
             usage=usage,
-        ):
-            filters[r].feed(piece)
+        )
+        try:
+            for r, piece in pieces:
+                if group[r].job.cancelled.is_set():
+                    if all(row.job.cancelled.is_set() for row in group):  # nobody is listening: stop the pass
+                        self.metrics.cancelled.inc(len(group))
+                        for row in group:
+                            results[row.index] = WorkTimeoutError("cancelled: the client went away")
+                        return
+                    continue
+                filters[r].feed(piece)
+        finally:
+            pieces.close()  # an early exit ends the runtime's pass after its current step
         tok = self.base.tokenizer
         for row, f, used in zip(group, filters, usage, strict=True):
             text = f.close()

@@ -1101,3 +1101,43 @@ def test_a_mint_says_which_experts_it_draws_on_and_how_well_they_fit(client, wor
         assert sims == sorted(sims, reverse=True) and report["confidence"] == sims[0]
     assert reports[0]["confidence"] > reports[1]["confidence"]  # an arithmetic library fits the sum better
     assert reports[0]["experts"][0]["id"].startswith("arith")
+
+
+def test_an_abandoned_stream_stops_decoding(world, monkeypatch):
+    """A streaming client that goes away cancels its decoding: the runtime pass stops after its current
+    step, so the lane is free for the next request (it used to decode to max_tokens for nobody)."""
+    import httpx
+    from test_web import serving
+
+    runtime = world["runtime"]
+    real_stream = runtime.stream
+    steps = []
+
+    def slow_stream(*args, **kwargs):  # 50 ms a token: 64 tokens would take 3.2 s
+        for item in real_stream(*args, **kwargs):
+            steps.append(item)
+            time.sleep(0.05)
+            yield item
+
+    monkeypatch.setattr(runtime, "stream", slow_stream)
+    app = make_app(world)
+    with serving(app) as url:
+        body = {"model": "strong", "prompt": "Once upon a time", "max_tokens": 64, "stream": True}
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream("POST", f"{url}/v1/completions", json=body) as response,
+        ):
+            assert response.status_code == 200
+            next(response.iter_lines())  # the first chunk arrived: decoding is under way
+        # the client is gone; the pass stops within a few steps instead of running to 64 tokens
+        deadline = time.monotonic() + 10
+        while not re.search(
+            r"^loramint_cancelled_completions_total [1-9]", httpx.get(f"{url}/metrics").text, re.M
+        ):
+            assert time.monotonic() < deadline, "the abandoned stream was not cancelled"
+            time.sleep(0.1)
+        assert len(steps) < 40
+        answer = httpx.post(
+            f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30
+        )
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4
