@@ -63,6 +63,15 @@ class ExpertStack:
     def ids(self) -> list[str]:
         return list(self._slot)
 
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def slots_accounted(self) -> bool:
+        """Every slot is either free or held by exactly one resident expert (a leak breaks this)."""
+        held = list(self._slot.values())
+        return sorted(held + self._free) == list(range(self.capacity))
+
     def nbytes_per_expert(self) -> int:
         """Bytes one slot occupies across all modules."""
         return sum(a[0].nbytes + self.B[m][0].nbytes for m, a in self.A.items())

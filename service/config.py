@@ -32,8 +32,8 @@ class ServiceConfig:
     """Keys accepted as `Authorization: Bearer <key>` (set them with LORAMINT_API_KEYS=k1,k2)."""
     auth: Auth = "all"
     """Which endpoints need a key: "all" (every /v1 endpoint), "writes" (mint, upload, delete only), or "none"
-    (trusted network only). /healthz, /metrics, the web page and the API docs are always open; a key that a
-    request sends is always checked."""
+    (trusted network only). /healthz, the web page and the API docs are always open; a key that a request
+    sends is always checked."""
     capacity: int = 64
     """Experts resident in the runtime at once (LRU)."""
     max_rank: int = 48

@@ -21,8 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from loramint.service.config import ServiceConfig
 from loramint.service.errors import error_body
 
-OPEN_PATHS = ("/healthz", "/metrics", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
-"""Never behind a key: liveness, Prometheus, the web page (it asks for the key itself) and the API docs."""
+OPEN_PATHS = ("/healthz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+"""Never behind a key: liveness, the web page (it asks for the key itself) and the API docs."""
 
 
 def is_write(method: str, path: str) -> bool:
@@ -54,7 +54,7 @@ def key_problem(config: ServiceConfig, method: str, path: str, key: str | None) 
     """Why a request is refused by the key policy, or None when it may go on."""
     if config.auth == "none" or path in OPEN_PATHS:
         return None
-    needed = is_write(method, path) or (config.auth == "all" and path.startswith("/v1/"))
+    needed = is_write(method, path) or config.auth == "all"
     if key is None:
         return "this endpoint needs an API key: send 'Authorization: Bearer <key>'" if needed else None
     if not any(hmac.compare_digest(key.encode(), k.encode()) for k in config.api_keys):

@@ -67,6 +67,11 @@ class Lane:
                 job.future.set_exception(UnavailableError("the service is shutting down"))
 
     @property
+    def running(self) -> bool:
+        """Whether its worker task is alive (it only ends when the service stops)."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 

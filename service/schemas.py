@@ -279,10 +279,20 @@ class Limits(BaseModel):
     )
 
 
+class RuntimeHealth(BaseModel):
+    resident: int = Field(description="Adapters resident in the runtime's stack.")
+    capacity: int
+    free_slots: int
+    slots_accounted: bool = Field(description="Every slot is free or held by one resident adapter (no leak).")
+
+
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field(description='"degraded" (HTTP 503) names its `problems`.')
+    problems: list[str] = Field(default_factory=list)
     base_model: str
     experts: int
     minted: int
     generator: bool
     queues: dict[str, int]
+    workers: dict[str, bool] = Field(description="Whether each work queue's worker is running.")
+    runtime: RuntimeHealth

@@ -385,6 +385,32 @@ def test_healthz_and_metrics(client):
     assert "loramint_completion_tokens_total" in text
 
 
+def test_healthz_reports_the_runtimes_real_state(world):
+    """A leaked runtime slot or a stopped worker makes /healthz answer 503 naming the problem (it used to say
+    ok while every adapter completion failed)."""
+    with TestClient(make_app(world)) as c:
+        health = c.get("/healthz").json()
+        assert health["runtime"]["slots_accounted"] and all(health["workers"].values())
+        stack = c.app.state.service.runtime.stack
+        leaked = stack._free.pop()  # what a slot leak leaves behind
+        try:
+            response = c.get("/healthz")
+            assert response.status_code == 503 and response.json()["status"] == "degraded"
+            assert "runtime slots leaked" in response.json()["problems"][0]
+        finally:
+            stack._free.append(leaked)
+        assert c.get("/healthz").status_code == 200
+        lane = c.app.state.service.lanes["files"]
+        lane._task.cancel()
+        deadline = time.monotonic() + 5
+        while lane.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = c.get("/healthz")
+        assert (
+            response.status_code == 503 and "the files worker is not running" in response.json()["problems"]
+        )
+
+
 # ---- the expert library ------------------------------------------------------------------------------------
 def test_upload_list_page_retrieve_serve_delete(client, world):
     adapter = LoraAdapter.random("tiny-llama", r=4, std=0.3, seed=11, target_modules=TARGETS)
@@ -581,8 +607,8 @@ def test_auth_all_guards_reads_too(world):
 
 
 def test_by_default_every_v1_endpoint_needs_the_key():
-    """With auth on, reads need the key too (what users of an authenticated API expect); liveness, metrics,
-    the page and the API docs stay open."""
+    """With auth on, reads need the key too (what users of an authenticated API expect); liveness, the page
+    and the API docs stay open."""
     assert ServiceConfig().auth == "all"
     from loramint.service.guard import key_problem
 
@@ -598,8 +624,9 @@ def test_by_default_every_v1_endpoint_needs_the_key():
         assert key_problem(config, method, path, None), (method, path)
         assert key_problem(config, method, path, KEY) is None
         assert key_problem(config, method, path, "wrong-key-123") == "the API key is not valid"
-    for path in ("/healthz", "/metrics", "/", "/openapi.json", "/docs"):
+    for path in ("/healthz", "/", "/openapi.json", "/docs"):
         assert key_problem(config, "GET", path, None) is None
+    assert key_problem(config, "GET", "/metrics", None)  # Prometheus scrapes with a bearer token
 
 
 def test_the_key_is_checked_before_the_body_is_read(client):
