@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from loramint.paths import validate_id
-from loramint.service.core import Service
+from loramint.service.core import MintJob, Service
 from loramint.service.deps import Reader, Writer
 from loramint.service.errors import responses
+from loramint.service.guard import bearer_key, client_of
 from loramint.service.schemas import AdapterInfo, MintRequest, RetrieveRequest, RetrieveResponse
 
 router = APIRouter(prefix="/v1", tags=["adapters"], responses=responses(401))
@@ -28,9 +29,10 @@ def check_text(service: Service, what: str, text: str) -> None:
     status_code=201,
     responses=responses(400, 409, 413, 422, 429, 503, 504),
 )
-async def mint(req: MintRequest, service: Writer) -> AdapterInfo:
+async def mint(req: MintRequest, request: Request, service: Writer) -> AdapterInfo:
     """Mint a LoRA adapter from a task description (one generator pass; concurrent requests are batched).
-    `store: true` adds it to the expert library; otherwise the service keeps it in memory (LRU)."""
+    By default it is kept on disk until it expires (`expires_at`), counted to the key's storage quota;
+    `store: true` adds it to the expert library, `store: false` keeps it in memory only."""
     cfg = service.config
     check_text(service, "description", req.description)
     examples = req.examples or []
@@ -40,13 +42,22 @@ async def mint(req: MintRequest, service: Writer) -> AdapterInfo:
         raise ValueError(f"an example is over the limit of {cfg.max_example_chars} characters")
     if req.id is not None:
         validate_id(req.id, "adapter id")
-    return await service.lanes["mint"].submit(req)
+    owner = client_of(request.scope, bearer_key(request.scope))
+    return await service.lanes["mint"].submit(MintJob(req, owner))
 
 
 @router.get("/adapters/{adapter_id}", response_model=AdapterInfo, responses=responses(400, 404, 422))
 def get_adapter(adapter_id: AdapterId, service: Reader) -> AdapterInfo:
     """Metadata of a minted or stored adapter."""
     return service.info(adapter_id)
+
+
+@router.delete("/adapters/{adapter_id}", status_code=204, responses=responses(400, 404, 409, 422))
+async def delete_adapter(adapter_id: AdapterId, service: Writer) -> Response:
+    """Delete a minted adapter (kept or in memory) and free its share of the key's quota. Library experts
+    are deleted with DELETE /v1/experts/{id} (409 here)."""
+    await service.lanes["files"].submit(lambda: service.delete_minted(adapter_id))
+    return Response(status_code=204)
 
 
 @router.get(

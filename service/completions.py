@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from loramint.service.core import AUTO, CompletionJob, CompletionResult, Service, expert_info
+from loramint.service.core import AUTO, CompletionJob, CompletionResult, Service, expert_info, kept_info
 from loramint.service.deps import Reader
 from loramint.service.errors import WorkTimeoutError, error_body, responses, status_of
 from loramint.service.lanes import Lane
@@ -74,7 +74,8 @@ async def chat_completions(req: ChatRequest, service: Reader):
 @router.get("/models", response_model=ModelList)
 def list_models(service: Reader) -> ModelList:
     """The base model, "auto", and every adapter (stored experts, then minted ones held in memory)."""
-    infos = [*map(expert_info, service.library.list()), *service.minted.infos()]
+    kept = [] if service.kept is None else [kept_info(e) for e in service.kept.list()]
+    infos = [*map(expert_info, service.library.list()), *kept, *service.minted.infos()]
     return ModelList(data=[*_fixed_cards(service), *(_card(service, i.id, i.created) for i in infos)])
 
 

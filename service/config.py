@@ -52,8 +52,14 @@ class ServiceConfig:
     """Completion requests (rows) decoded together in one runtime pass."""
     batch_wait_ms: float = 5.0
     """How long a worker waits for more requests to join a batch."""
-    max_minted: int = 256
-    """Minted adapters kept in memory when not stored in the library (least recently used dropped)."""
+    max_minted: int = 64
+    """Minted adapters held in memory with `store: false` (least recently used dropped; ~11 MB each at rank 48)."""
+    minted_store: str | None = "data/minted"
+    """Folder where minted adapters are kept by default (until they expire); None keeps every mint in memory."""
+    minted_ttl_hours: int = 168
+    """How long a kept minted adapter lives (it is deleted after; mint again for a new one)."""
+    minted_quota_mb: int = 2048
+    """Disk per API key for kept minted adapters; a mint over it gets HTTP 429."""
     max_description_chars: int = 4000
     max_examples: int = 16
     max_example_chars: int = 4000
@@ -178,6 +184,8 @@ LIMITS = (
     "max_upload_bytes",
     "max_unzipped_bytes",
     "max_minted",
+    "minted_ttl_hours",
+    "minted_quota_mb",
     "queue_size",
     "mint_per_minute",
     "upload_per_minute",

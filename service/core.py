@@ -9,6 +9,7 @@ runs on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -28,7 +29,7 @@ from loramint.index import Expert, ExpertLibrary
 from loramint.paths import validate_id
 from loramint.runtime.runtime import Runtime, Usage, similarity_weights
 from loramint.service.config import ServiceConfig
-from loramint.service.errors import ContextLengthError, UnavailableError, WorkTimeoutError
+from loramint.service.errors import ContextLengthError, QuotaError, UnavailableError, WorkTimeoutError
 from loramint.service.lanes import Lane
 from loramint.service.metrics import Metrics
 from loramint.service.schemas import AdapterInfo, MintRequest, RetrievedExpert
@@ -70,6 +71,15 @@ class CompletionResult:
     prompt_tokens: int
     completion_tokens: int
     route: Route
+
+
+@dataclass
+class MintJob:
+    """A mint request and whose it is (a hash of its API key, or its client's address): kept mints count to
+    that owner's storage quota."""
+
+    request: MintRequest
+    owner: str = ""
 
 
 @dataclass
@@ -153,6 +163,109 @@ class MintedAdapters:
         return len(self._items)
 
 
+class MintedStore:
+    """Minted adapters kept on disk (a library folder of its own, never retrieved from): each has an owner
+    (a hash of the key that minted it) and an expiry; an owner's adapters together stay under a quota.
+    Crash safety is the library's (a stored adapter is whole or absent); expired ones are swept at start-up
+    and then on every add, and are never served."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        encoder,
+        ttl_s: float,
+        quota_bytes: int,
+        on_drop: Callable[[str], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lib = ExpertLibrary.open(path, encoder=encoder)
+        self.ttl_s, self.quota_bytes, self.on_drop, self.clock = ttl_s, quota_bytes, on_drop, clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[str, int, float]] = {}  # id -> (owner, nbytes, expires_at)
+        for expert in self.lib.list():
+            minted = expert.metrics.get("minted", {})
+            self._entries[expert.id] = (
+                minted.get("owner", ""),
+                expert.nbytes,
+                float(minted.get("expires_at", 0)),
+            )
+        self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Remove every expired adapter; returns their ids."""
+        now = self.clock()
+        with self._lock:
+            gone = [i for i, (_, _, expires) in self._entries.items() if expires <= now]
+            for adapter_id in gone:
+                self._entries.pop(adapter_id)
+        for adapter_id in gone:
+            with contextlib.suppress(NotFoundError):
+                self.lib.remove(adapter_id)
+            self.on_drop(adapter_id)
+        return gone
+
+    def used(self, owner: str) -> int:
+        with self._lock:
+            return sum(n for o, n, _ in self._entries.values() if o == owner)
+
+    def add(self, adapter: LoraAdapter, adapter_id: str, owner: str, embedding, **fields) -> Expert:
+        self.sweep()
+        nbytes, now = adapter.nbytes(), self.clock()
+        with self._lock:
+            mine = [(e, n) for o, n, e in self._entries.values() if o == owner]
+            if sum(n for _, n in mine) + nbytes > self.quota_bytes:
+                wait = max(1, int(min((e for e, _ in mine), default=now + 1) - now) + 1)
+                raise QuotaError(
+                    f"the storage quota of {self.quota_bytes >> 20} MB per API key for kept minted adapters is "
+                    f"used up ({sum(n for _, n in mine) >> 20} MB in {len(mine)} adapters): delete some "
+                    "(DELETE /v1/adapters/{id}), wait for them to expire, or mint with store: false",
+                    retry_after=wait,
+                )
+            expires = now + self.ttl_s
+            self._entries[adapter_id] = (owner, nbytes, expires)  # reserved: a racing add counts it
+        metrics = dict(fields.pop("metrics", {}))
+        metrics["minted"] = {**metrics.get("minted", {}), "owner": owner, "expires_at": expires}
+        try:
+            return self.lib.add(adapter, id=adapter_id, embedding=embedding, metrics=metrics, **fields)
+        except BaseException:
+            with self._lock:
+                self._entries.pop(adapter_id, None)
+            raise
+
+    def get(self, adapter_id: str) -> Expert | None:
+        with self._lock:
+            entry = self._entries.get(adapter_id)
+        if entry is None or entry[2] <= self.clock():
+            return None
+        try:
+            return self.lib.get(adapter_id)
+        except NotFoundError:
+            return None
+
+    def remove(self, adapter_id: str) -> bool:
+        with self._lock:
+            if self._entries.pop(adapter_id, None) is None:
+                return False
+        with contextlib.suppress(NotFoundError):
+            self.lib.remove(adapter_id)
+        self.on_drop(adapter_id)
+        return True
+
+    def list(self) -> list[Expert]:
+        now = self.clock()
+        with self._lock:
+            live = {i for i, (_, _, e) in self._entries.items() if e > now}
+        return [e for e in self.lib.list() if e.id in live]
+
+    def __contains__(self, adapter_id: object) -> bool:
+        with self._lock:
+            entry = self._entries.get(adapter_id)  # type: ignore[arg-type]
+        return entry is not None and entry[2] > self.clock()
+
+    def close(self) -> None:
+        self.lib.close()
+
+
 class Service:
     """`Service.load(config)`; `start()` the lanes inside the event loop; `stop()`; `close()`."""
 
@@ -179,6 +292,16 @@ class Service:
         self._stale_lock = threading.Lock()
         self.minted = MintedAdapters(config.max_minted, self._mark_stale)
         self._owns = list(owns)
+        self.kept: MintedStore | None = None  # minted adapters persisted with an expiry
+        if config.minted_store and minter is not None:
+            self.kept = MintedStore(
+                config.minted_store,
+                library.encoder,
+                ttl_s=config.minted_ttl_hours * 3600.0,
+                quota_bytes=config.minted_quota_mb << 20,
+                on_drop=self._mark_stale,
+            )
+            self._owns.append(self.kept)
         self._pools = {
             "encoder": ThreadPoolExecutor(1, "loramint-encoder"),
             "runtime": ThreadPoolExecutor(1, "loramint-runtime"),
@@ -273,20 +396,43 @@ class Service:
 
     # ---- lookups -----------------------------------------------------------------------------------------
     def info(self, adapter_id: str) -> AdapterInfo:
-        """Metadata of a minted (in memory) or stored adapter."""
+        """Metadata of a minted (in memory or kept) or stored adapter."""
         validate_id(adapter_id, "adapter id")
         if (item := self.minted.get(adapter_id)) is not None:
             return item[1]
+        if self.kept is not None and (kept := self.kept.get(adapter_id)) is not None:
+            return kept_info(kept)
         return expert_info(self.library.get(adapter_id))
 
     def adapter(self, adapter_id: str) -> LoraAdapter:
         validate_id(adapter_id, "adapter id")
         if (item := self.minted.get(adapter_id)) is not None:
             return item[0]
+        if self.kept is not None and (kept := self.kept.get(adapter_id)) is not None:
+            return kept.load_adapter()
         return self.library.get(adapter_id).load_adapter()
 
     def exists(self, adapter_id: str) -> bool:
-        return adapter_id in self.minted or adapter_id in self.library
+        return (
+            adapter_id in self.minted
+            or (self.kept is not None and adapter_id in self.kept)
+            or adapter_id in self.library
+        )
+
+    def delete_minted(self, adapter_id: str) -> None:
+        """Forget a minted adapter (kept or in memory); library experts are deleted through /v1/experts."""
+        validate_id(adapter_id, "adapter id")
+        if adapter_id in self.minted:
+            self.minted.pop(adapter_id)
+            self._mark_stale(adapter_id)
+            return
+        if self.kept is not None and self.kept.remove(adapter_id):
+            return
+        if adapter_id in self.library:
+            raise AlreadyExistsError(
+                f"{adapter_id!r} is a library expert: delete it with DELETE /v1/experts/{adapter_id}"
+            )
+        raise NotFoundError(f"no minted adapter {adapter_id!r}")
 
     def route_of(self, model: str) -> str | None:
         """A request's `model` as a route: None (the base model), "auto", or an existing adapter id."""
@@ -306,9 +452,11 @@ class Service:
         return zip_adapter(self.adapter(adapter_id), adapter_id)
 
     # ---- minting (the encoder thread) -------------------------------------------------------------------
-    def mint_batch(self, requests: Sequence[MintRequest]) -> list[AdapterInfo | Exception]:
+    def mint_batch(self, items: Sequence[MintRequest | MintJob]) -> list[AdapterInfo | Exception]:
         """Mint every request: those without a seed and with the same rank in one `mint_many` call each (a
         seeded sample depends on its batch, so seeded requests run alone and stay reproducible)."""
+        jobs = [item if isinstance(item, MintJob) else MintJob(item) for item in items]
+        requests = [job.request for job in jobs]
         if self.minter is None:
             error = UnavailableError("this service has no generator configured: minting is off")
             return [error] * len(requests)
@@ -335,14 +483,16 @@ class Service:
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
                         (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
-                    results[i] = self._keep(requests[i], adapter, drawn)
+                    results[i] = self._keep(requests[i], adapter, drawn, jobs[i].owner)
                 except Exception as exc:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _keep(self, req: MintRequest, adapter: LoraAdapter, drawn: dict) -> AdapterInfo:
-        """Store the adapter in the library or keep it in memory, under the request's id or its content's."""
+    def _keep(self, req: MintRequest, adapter: LoraAdapter, drawn: dict, owner: str = "") -> AdapterInfo:
+        """Keep the adapter under the request's id or its content's: in the expert library (`store: true`),
+        in memory only (`store: false`), or by default on disk with an expiry, counted to `owner`'s quota."""
         digest = adapter.content_hash()
+        keep = "memory" if req.store is False or self.kept is None else "library" if req.store else "kept"
         if req.id is not None:
             adapter_id = validate_id(req.id, "adapter id")
             if self.exists(adapter_id):
@@ -351,35 +501,36 @@ class Service:
             adapter_id = f"minted-{digest[:16]}"
             if adapter_id in self.library:
                 return expert_info(self.library.get(adapter_id))
-            if not req.store and (item := self.minted.get(adapter_id)) is not None:
+            if (
+                keep != "library"
+                and self.kept is not None
+                and (kept := self.kept.get(adapter_id)) is not None
+            ):
+                return kept_info(kept)
+            if keep == "memory" and (item := self.minted.get(adapter_id)) is not None:
                 return item[1]
         # which library experts it draws on, and how well the best one fits (gen.minter.provenance)
         metrics = {
             "minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or []), **drawn}
         }
-        if req.store:
-            expert = self.library.add(
-                adapter,
-                id=adapter_id,
-                name=req.name or adapter_id,
-                description=req.description,
-                family=req.family,
-                metrics=metrics,
-            )
-            self.minted.pop(adapter_id)
-            self.metrics.minted.labels("true").inc()
-            return expert_info(expert)
-        info = adapter_info(
-            adapter_id,
-            adapter,
-            digest,
-            name=req.name or adapter_id,
-            description=req.description,
-            family=req.family,
-            metrics=metrics,
+        fields = dict(
+            name=req.name or adapter_id, description=req.description, family=req.family, metrics=metrics
         )
+        if keep == "library":
+            expert = self.library.add(adapter, id=adapter_id, **fields)
+            self.minted.pop(adapter_id)
+            self.metrics.minted.labels("library").inc()
+            return expert_info(expert)
+        if keep == "kept":
+            assert self.kept is not None
+            embedding = self.library.encoder.encode(req.description)  # cached: the mint encoded it already
+            kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
+            self.minted.pop(adapter_id)
+            self.metrics.minted.labels("kept").inc()
+            return kept_info(kept)
+        info = adapter_info(adapter_id, adapter, digest, **fields)
         self.minted.put(adapter_id, adapter, info)
-        self.metrics.minted.labels("false").inc()
+        self.metrics.minted.labels("memory").inc()
         return info
 
     # ---- the library (the encoder thread) ---------------------------------------------------------------
@@ -584,6 +735,15 @@ def expert_info(expert: Expert) -> AdapterInfo:
         created=int(expert.created_at),
         metrics=expert.metrics,
         download_url=f"/v1/adapters/{expert.id}/download",
+    )
+
+
+def kept_info(expert: Expert) -> AdapterInfo:
+    """A kept minted adapter: not in the expert library, on disk until `expires_at`."""
+    info = expert_info(expert)
+    expires = expert.metrics.get("minted", {}).get("expires_at")
+    return info.model_copy(
+        update={"stored": False, "kept": True, "expires_at": int(expires) if expires else None}
     )
 
 

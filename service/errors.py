@@ -40,6 +40,14 @@ class QueueFullError(ServiceError):
     """A work queue is full: the client should retry later."""
 
 
+class QuotaError(ServiceError):
+    """A key's storage quota for kept minted adapters is used up; `retry_after`: seconds until one expires."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class WorkTimeoutError(ServiceError):
     """The work did not finish within the configured timeout."""
 
@@ -62,6 +70,7 @@ STATUS: dict[type[BaseException], int] = {  # most specific first: the first isi
     GeneratorError: 422,
     TaskError: 422,
     QueueFullError: 429,
+    QuotaError: 429,
     LibraryError: 500,
     ModelError: 500,
     FetchError: 502,
@@ -109,7 +118,7 @@ def error_body(message: str, kind: str, code: int, **extra) -> dict:
 def _respond(exc: BaseException, code: int) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
     if code == 429:
-        headers = {"Retry-After": "1"}
+        headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
     return JSONResponse(error_body(str(exc), type(exc).__name__, code), status_code=code, headers=headers)
 
 

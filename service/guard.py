@@ -28,7 +28,7 @@ OPEN_PATHS = ("/healthz", "/", "/openapi.json", "/docs", "/docs/oauth2-redirect"
 def is_write(method: str, path: str) -> bool:
     """Requests that change what the service stores: mint, upload, delete."""
     return (method == "POST" and path in ("/v1/adapters", "/v1/experts")) or (
-        method == "DELETE" and path.startswith("/v1/experts/")
+        method == "DELETE" and path.startswith(("/v1/experts/", "/v1/adapters/"))
     )
 
 

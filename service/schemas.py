@@ -37,7 +37,12 @@ class MintRequest(BaseModel):
         None, ge=0, le=2**63 - 1, description="Sample the latent (default: the prior's mean)."
     )
     rank: int | None = Field(None, ge=1, le=256, description="Keep only the strongest `rank` components.")
-    store: bool = Field(False, description="Add the adapter to the expert library (retrievable, kept).")
+    store: bool | None = Field(
+        None,
+        description="Where the adapter is kept: by default (null) on disk until it expires, counted to your "
+        "key's storage quota; true: in the expert library (retrievable, no expiry); false: in memory only "
+        "(ephemeral: gone at a restart or when newer ones push it out).",
+    )
     id: Id | None = Field(None, description="The adapter's id (default: minted-<content hash>).")
     name: str | None = Field(None, max_length=200, description="Library name (default: the id).")
     family: str = Field("minted", max_length=128, description="Library family of a stored adapter.")
@@ -46,7 +51,9 @@ class MintRequest(BaseModel):
 class AdapterInfo(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
-    stored: bool = Field(description="Whether it is in the expert library (else kept in memory, LRU).")
+    stored: bool = Field(description="Whether it is in the expert library (retrievable, no expiry).")
+    kept: bool = Field(False, description="A minted adapter kept on disk until `expires_at`.")
+    expires_at: int | None = Field(None, description="Unix time a kept minted adapter is deleted at.")
     name: str
     description: str
     family: str
@@ -268,8 +275,10 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(description="An uploaded adapter zip (HTTP 413 above).")
     max_unzipped_bytes: int = Field(description="An upload's members together, decompressed.")
     max_minted: int = Field(
-        description="Minted adapters kept in memory when not stored (least recent dropped)."
+        description="Minted adapters held in memory with `store: false` (least recent dropped)."
     )
+    minted_ttl_hours: int = Field(description="How long a kept minted adapter lives before it is deleted.")
+    minted_quota_mb: int = Field(description="Disk per API key for kept minted adapters (HTTP 429 over it).")
     queue_size: int = Field(description="Requests waiting per work queue; one more gets HTTP 429.")
     mint_per_minute: int = Field(
         description="Mint requests a minute per API key; one more gets HTTP 429 with Retry-After."

@@ -68,6 +68,7 @@ def world(tmp_path_factory, tiny):
         base_model="tiny-llama",
         api_keys=[KEY],
         auth="writes",  # reads open here; the default ("all") and the gate have tests of their own
+        minted_store=str(root / "minted"),
         max_description_chars=500,
         max_examples=4,
         max_tokens=64,
@@ -1168,3 +1169,84 @@ def test_an_abandoned_stream_stops_decoding(world, monkeypatch):
             f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=30
         )
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] <= 4
+
+
+# ---- kept minted adapters ------------------------------------------------------------------------------------
+def test_a_minted_adapter_outlives_a_restart_unless_store_is_false(world):
+    """By default a mint is kept on disk with an expiry, so the id a user was given still works after a
+    restart; `store: false` is ephemeral on purpose; DELETE /v1/adapters/{id} forgets a minted adapter."""
+    body = {"description": "Multiply the two numbers and give the product."}
+    with TestClient(make_app(world)) as c:
+        kept = c.post("/v1/adapters", json=body, headers=AUTH).json()
+        assert kept["kept"] and not kept["stored"] and kept["expires_at"] > time.time() + 3600
+        ephemeral = c.post(
+            "/v1/adapters", json={**body, "store": False, "id": "just-now"}, headers=AUTH
+        ).json()
+        assert not ephemeral["kept"] and ephemeral["expires_at"] is None
+        assert kept["id"] not in world["library"]  # kept mints are never retrieved as library experts
+    with TestClient(make_app(world)) as c:  # a restart
+        again = c.get(f"/v1/adapters/{kept['id']}")
+        assert again.status_code == 200 and again.json()["content_hash"] == kept["content_hash"]
+        assert c.get(f"/v1/adapters/{kept['id']}/download").status_code == 200
+        chat = {"model": kept["id"], "messages": [{"role": "user", "content": "2 x 3"}], "max_tokens": 3}
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        assert c.get("/v1/adapters/just-now").status_code == 404
+        assert kept["id"] in {m["id"] for m in c.get("/v1/models").json()["data"]}
+        assert c.delete(f"/v1/adapters/{kept['id']}").status_code == 401
+        assert c.delete(f"/v1/adapters/{kept['id']}", headers=AUTH).status_code == 204
+        assert c.get(f"/v1/adapters/{kept['id']}").status_code == 404
+        assert c.delete("/v1/adapters/arith_0", headers=AUTH).status_code == 409  # a library expert
+        assert "arith_0" in world["library"]
+
+
+def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
+    from loramint.service.core import MintedStore
+    from loramint.service.errors import QuotaError
+
+    adapters = [LoraAdapter.random("tiny-llama", r=2, seed=s) for s in range(3)]
+    size = adapters[0].nbytes()
+    now, dropped = [1000.0], []
+    store = MintedStore(
+        tmp_path / "kept",
+        world["library"].encoder,
+        ttl_s=60,
+        quota_bytes=2 * size,
+        on_drop=dropped.append,
+        clock=lambda: now[0],
+    )
+    vec = world["library"].encoder.encode("Add the numbers.")
+    fields = {"name": "m", "description": "Add the numbers.", "family": "minted"}
+    store.add(adapters[0], "m0", "alice", vec, **fields)
+    now[0] += 30
+    store.add(adapters[1], "m1", "alice", vec, **fields)
+    with pytest.raises(QuotaError, match="quota") as refused:
+        store.add(adapters[2], "m2", "alice", vec, **fields)
+    assert refused.value.retry_after == 31  # m0 expires at 1060
+    store.add(adapters[2], "b0", "bob", vec, **fields)  # another key's quota is its own
+    now[0] += 31  # m0 has expired: it is never served and is swept
+    assert store.get("m0") is None and "m0" not in store
+    store.add(adapters[2], "m2", "alice", vec, **fields)
+    assert "m0" in dropped and not (tmp_path / "kept" / "experts" / "m0").exists()
+    store.close()
+    reopened = MintedStore(
+        tmp_path / "kept",
+        world["library"].encoder,
+        ttl_s=60,
+        quota_bytes=2 * size,
+        on_drop=dropped.append,
+        clock=lambda: now[0],
+    )  # owners and expiries survive
+    assert sorted(e.id for e in reopened.list()) == ["b0", "m1", "m2"] and reopened.used("alice") == 2 * size
+    reopened.close()
+
+    with TestClient(make_app(world)) as c:  # over HTTP: 429 with the seconds until one expires
+        c.app.state.service.kept.quota_bytes = 1
+        refused = c.post("/v1/adapters", json={"description": "Reverse the word order."}, headers=AUTH)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "quota" in refused.json()["error"]["message"]
+        assert (
+            c.post(
+                "/v1/adapters", json={"description": "Reverse the word order.", "store": False}, headers=AUTH
+            ).status_code
+            == 201
+        )
