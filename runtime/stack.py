@@ -43,11 +43,14 @@ class ExpertStack:
             raise ValueError(f"capacity and max_rank must be >= 1, got {capacity}, {max_rank}")
         self.shapes, self.capacity, self.max_rank = dict(shapes), capacity, max_rank
         self.device, self.dtype = torch.device(device), dtype
+        # torch.empty: on the CPU the pages of a slot are only touched (and resident) once an expert is
+        # added to it, so a server at rest holds no memory for its empty capacity. Nothing reads a slot
+        # that holds no expert: every read goes through the slots of resident experts, zeroed when filled.
         self.A = {
-            m: torch.zeros(capacity, max_rank, i, device=device, dtype=dtype) for m, (o, i) in shapes.items()
+            m: torch.empty(capacity, max_rank, i, device=device, dtype=dtype) for m, (o, i) in shapes.items()
         }
         self.B = {
-            m: torch.zeros(capacity, o, max_rank, device=device, dtype=dtype) for m, (o, i) in shapes.items()
+            m: torch.empty(capacity, o, max_rank, device=device, dtype=dtype) for m, (o, i) in shapes.items()
         }
         self._slot: OrderedDict[str, int] = OrderedDict()  # id -> slot, least recently used first
         self._free = list(range(capacity - 1, -1, -1))

@@ -36,6 +36,9 @@ class ServiceConfig:
     sends is always checked."""
     capacity: int = 64
     """Experts resident in the runtime at once (LRU)."""
+    target_modules: list[str] | None = None
+    """Linear layers the runtime can apply adapters to; None: those the generator mints for and the library's
+    experts use (q_proj and v_proj for the defaults). Uploads targeting others are refused."""
     max_rank: int = 48
     """Highest LoRA rank the runtime serves; uploads above it are refused. The default generator (an ensemble
     of 3) mints rank 48 (its 3 retrieved rank-8 experts + three 8-rank corrections; `rank` in a mint request
@@ -112,7 +115,7 @@ class ServiceConfig:
                 continue
             kind = hints[f.name]
             try:
-                if kind == list[str]:
+                if kind in (list[str], list[str] | None):
                     changes[f.name] = [k.strip() for k in raw.split(",") if k.strip()]
                 elif kind is int or kind is float:
                     changes[f.name] = kind(raw)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+import torch
+
 from loramint import models
 from loramint.adapters import LoraAdapter
 from loramint.errors import AdapterError, AlreadyExistsError, GeneratorError, NotFoundError
@@ -354,15 +356,6 @@ class Service:
 
     @classmethod
     def _load(cls, config, runtime, library, minter, metrics, owns) -> Service:
-        if runtime is None:
-            runtime = Runtime(
-                config.base_model,
-                library=library,
-                capacity=config.capacity,
-                max_rank=config.max_rank,
-                device=config.device,
-                top_k=config.top_k,
-            )
         if minter is None and config.generator:
             from loramint.gen.minter import Minter
 
@@ -377,7 +370,23 @@ class Service:
             shared = (
                 library.encoder if _model_key(encoder_name) == _model_key(library.embedding_model) else None
             )
-            minter = Minter.from_pretrained(path, encoder=shared, device=str(runtime.base.device))
+            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            minter = Minter.from_pretrained(path, encoder=shared, device=device)
+        if runtime is None:
+            targets = config.target_modules
+            if targets is None:  # what is served: the generator's modules and the library's experts'
+                served = set(minter.layout.module_types) if minter is not None else set()
+                served |= {m for expert in library.list() for m in expert.target_modules}
+                targets = sorted(served) or None
+            runtime = Runtime(
+                config.base_model,
+                library=library,
+                capacity=config.capacity,
+                max_rank=config.max_rank,
+                device=config.device,
+                top_k=config.top_k,
+                **({"target_modules": targets} if targets else {}),
+            )
         return cls(config, runtime, library, minter, metrics, owns=owns)
 
     def start(self) -> None:

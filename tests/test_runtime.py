@@ -457,3 +457,21 @@ def test_a_failing_add_gives_its_slot_back(model, monkeypatch):
     for i in range(3):
         stack.add(f"good-{i}", adapter(2 + i))
     assert len(stack) == 3 and stack.evictions == 1  # three slots in all, none lost
+
+
+def test_empty_capacity_costs_no_resident_memory():
+    """A stack's slots take memory only once experts fill them: a server at rest with room for many
+    experts is not charged for all of them (it used to zero the whole capacity up front: 3.5 GB)."""
+    import os
+
+    def rss_mb() -> float:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    if not os.path.exists(f"/proc/{os.getpid()}/status"):
+        pytest.skip("needs /proc to read the resident set size")
+    shapes = {f"model.layers.{i}.self_attn.q_proj": (512, 512) for i in range(8)}
+    before = rss_mb()
+    stack = ExpertStack(shapes, capacity=512, max_rank=64)  # nominal 1 GiB of float32
+    nominal = sum(a.nbytes + stack.B[m].nbytes for m, a in stack.A.items()) / 2**20
+    assert nominal >= 1000 and rss_mb() - before < 100

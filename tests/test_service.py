@@ -1250,3 +1250,27 @@ def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
             ).status_code
             == 201
         )
+
+
+def test_the_runtime_serves_the_modules_in_use(world, tiny):
+    """Left to itself the service's runtime targets what the generator mints for and the library's experts
+    use (not every linear layer), so its resident slots cost what they need."""
+    from loramint.service.core import Service
+
+    config = replace(world["config"], target_modules=None)
+    service = Service.load(config, library=world["library"], minter=world["minter"])
+    try:
+        served = {module.rsplit(".", 1)[-1] for module in service.runtime.stack.shapes}
+        expected = set(world["minter"].layout.module_types)
+        expected |= {m for e in world["library"].list() for m in e.target_modules}
+        assert served == expected and served < {
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
+    finally:
+        service.close()
