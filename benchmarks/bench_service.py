@@ -1,7 +1,8 @@
 """Service load test: a real `loramint serve` process on loopback under concurrent clients, killed with SIGKILL
 during the load and restarted, then every adapter it acknowledged as stored is checked.
 
-    python benchmarks/bench_service.py                  # 32 clients, 60 s, the ni-family library + generator
+    python benchmarks/bench_service.py                  # 8 minting clients for 30 s, then 32 mixed clients for
+                                                        # 60 s, the ni-family library + generator
     python benchmarks/bench_service.py --quick          # 8 clients, 12 s (a smoke run)
     python benchmarks/bench_service.py --library L --generator G --base-model tiny-llama --clients 4 --duration 3
 
@@ -100,6 +101,9 @@ class LoadConfig:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 300.0
     seed: int = 0
+    mint_clients: int = 8
+    """Clients of the mint-only phase before the mixed load (0: none): `mint_p50_ms` / `mint_p99_ms`."""
+    mint_duration_s: float = 30.0
     server_env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the server (e.g. OMP_NUM_THREADS)."""
 
@@ -154,6 +158,8 @@ class LoadTest:
         self.load_s = 0.0
         self._up_since: float | None = None
         self._counter = 0
+        self.rss_rest_mb = self.rss_after_mint_mb = self.rss_end_mb = None
+        self.mint_only: dict | None = None
 
     # ---- the server ----------------------------------------------------------------------------------------
     def _command(self) -> list[str]:
@@ -172,8 +178,17 @@ class LoadTest:
             LORAMINT_LIBRARY=str(self.library),
             LORAMINT_GENERATOR=self.cfg.generator or "",
             LORAMINT_BASE_MODEL=self.cfg.base_model,
+            LORAMINT_MINTED_STORE=str(self.workdir / "minted"),
         )
         return env
+
+    def rss_mb(self) -> float | None:
+        """The server process's resident set size, from /proc (None where there is no /proc)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                return round(next(int(x.split()[1]) for x in f if x.startswith("VmRSS")) / 1024, 1)
+        except (OSError, StopIteration, AttributeError):
+            return None
 
     async def start_server(self, why: str) -> None:
         import httpx
@@ -273,7 +288,7 @@ class LoadTest:
                 adapter_id = f"bench-{self.run_id}-{self._counter}"  # its own family: retrieval is checkable
                 body.update(store=True, id=adapter_id, family=adapter_id)
                 return endpoint, "store", body
-            return endpoint, "memory", body
+            return endpoint, "kept", body
         if endpoint == "retrieve":
             return endpoint, "retrieve", {"description": self._description(rng), "k": 5}
         kind = rng.choice(["adapter", "auto", "base"])
@@ -355,9 +370,47 @@ class LoadTest:
         self.unexpected.append({"endpoint": endpoint, "tag": tag, "status": status, "detail": detail})
 
     # ---- the run -------------------------------------------------------------------------------------------
+    async def mint_phase(self) -> dict:
+        """`mint_clients` closed-loop clients minting new descriptions (kept, the default) and nothing else."""
+        samples: list[tuple[float, int]] = []
+        rng = random.Random(self.cfg.seed)
+        headers = {"Authorization": f"Bearer {self.key}"}
+        deadline = time.perf_counter() + self.cfg.mint_duration_s
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                try:
+                    response = await self.http.post(
+                        ENDPOINTS["mint"], json={"description": self._description(rng)}, headers=headers
+                    )
+                    status = response.status_code
+                except Exception as exc:  # counted as unexpected below
+                    self._unexpected("mint-phase", "kept", "exception", repr(exc))
+                    continue
+                samples.append(((time.perf_counter() - started) * 1000, status))
+                if status != 201:
+                    self._unexpected("mint-phase", "kept", str(status), response.text[:300])
+
+        await asyncio.gather(*(client() for _ in range(self.cfg.mint_clients)))
+        ok = [ms for ms, status in samples if status == 201]
+        return {
+            "clients": self.cfg.mint_clients,
+            "seconds": self.cfg.mint_duration_s,
+            "count": len(samples),
+            "ok": len(ok),
+            "p50_ms": percentile(ok, 50),
+            "p99_ms": percentile(ok, 99),
+            "per_s": round(len(ok) / self.cfg.mint_duration_s, 2),
+        }
+
     async def run(self) -> dict:
         cfg = self.cfg
         await self.start_server("initial")
+        await asyncio.sleep(2.0)
+        self.rss_rest_mb = self.rss_mb()  # loaded, nothing served yet
+        self.mint_only = await self.mint_phase() if cfg.mint_clients and cfg.generator else None
+        self.rss_after_mint_mb = self.rss_mb()
         self.go()
         clients = [asyncio.create_task(self.client(i)) for i in range(cfg.clients)]
         try:
@@ -371,9 +424,11 @@ class LoadTest:
                 await self.start_server("after SIGKILL during the load")
                 self.go()
                 await asyncio.sleep(max(cfg.duration_s - self.load_s, 0.0))
+                self.rss_end_mb = self.rss_mb()
                 await self.kill_server("at the end of the load, under load")
             else:
                 await asyncio.sleep(cfg.duration_s)
+                self.rss_end_mb = self.rss_mb()
                 self.pause()
             self.stopping = True
             self.up.set()  # wake the clients waiting for a server, so they return
@@ -440,7 +495,7 @@ class LoadTest:
         }
         by_tag = {
             f"{name}[{tag}]": _stats([s for s in self.samples if s.endpoint == name and s.tag == tag], load_s)
-            for name, tags in (("mint", ("memory", "store")), ("completions", ("adapter", "auto", "base")))
+            for name, tags in (("mint", ("kept", "store")), ("completions", ("adapter", "auto", "base")))
             for tag in tags
         }
         tokens = sum(s.tokens for s in self.samples)
@@ -451,8 +506,15 @@ class LoadTest:
             "stored_lost": durability["stored_lost"],
             "stored_changed": durability["stored_changed"],
             "stored_not_retrievable": durability["stored_not_retrievable"],
-            "mint_p50_ms": endpoints["mint"]["p50_ms"],
-            "mint_p99_ms": endpoints["mint"]["p99_ms"],
+            "rss_rest_mb": self.rss_rest_mb,
+            "rss_after_mint_mb": self.rss_after_mint_mb,
+            "rss_end_mb": self.rss_end_mb,
+            "mint_clients": self.cfg.mint_clients,
+            "mint_p50_ms": (self.mint_only or {}).get("p50_ms"),
+            "mint_p99_ms": (self.mint_only or {}).get("p99_ms"),
+            "mint_only": self.mint_only,
+            "mixed_mint_p50_ms": endpoints["mint"]["p50_ms"],
+            "mixed_mint_p99_ms": endpoints["mint"]["p99_ms"],
             "retrieve_p50_ms": endpoints["retrieve"]["p50_ms"],
             "retrieve_p99_ms": endpoints["retrieve"]["p99_ms"],
             "completions_p50_ms": endpoints["completions"]["p50_ms"],
@@ -573,6 +635,10 @@ def main() -> None:
     )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mint-clients", type=int, default=8, help="clients of the mint-only phase (0: skip)"
+    )
+    parser.add_argument("--mint-duration", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="8 clients, 12 s")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = parser.parse_args()
@@ -592,6 +658,8 @@ def main() -> None:
         config_file=config_file,
         startup_timeout_s=args.startup_timeout,
         seed=args.seed,
+        mint_clients=args.mint_clients,
+        mint_duration_s=args.mint_duration if not args.quick else min(args.mint_duration, 8.0),
     )
     result = run_load_test(cfg)
     result["quick"] = args.quick

@@ -50,11 +50,14 @@ def test_load_test_survives_sigkill_without_losing_stored_adapters(tiny_world):
         duration_s=3.0,
         max_tokens=4,
         store_fraction=0.5,
+        mint_clients=2,
+        mint_duration_s=2.0,
         startup_timeout_s=180,
         server_env={"OMP_NUM_THREADS": "1"},
     )
     result = run_load_test(cfg)
     assert result["unexpected_errors"] == 0, (result["unexpected"], result["server_log_tail"])
+    assert result["mint_only"]["ok"] >= 1 and result["mint_p99_ms"] is not None and result["rss_rest_mb"] > 0
     assert result["stored_acknowledged"] >= 1  # the check is not vacuous
     assert result["stored_lost"] == 0 and result["stored_changed"] == 0, result["durability"]
     assert result["stored_not_retrievable"] == 0, result["durability"]
