@@ -179,6 +179,7 @@ class LoadTest:
             LORAMINT_GENERATOR=self.cfg.generator or "",
             LORAMINT_BASE_MODEL=self.cfg.base_model,
             LORAMINT_MINTED_STORE=str(self.workdir / "minted"),
+            LORAMINT_MINTED_QUOTA_MB=str(1 << 20),  # one key mints everything here: latency, not the quota
         )
         return env
 

@@ -82,6 +82,8 @@ class MintJob:
 
     request: MintRequest
     owner: str = ""
+    defer: bool = False
+    """Hand a kept adapter's disk write back as a call (see `Service._keep`) instead of doing it here."""
 
 
 @dataclass
@@ -492,14 +494,18 @@ class Service:
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
                         (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
-                    results[i] = self._keep(requests[i], adapter, drawn, jobs[i].owner)
+                    results[i] = self._keep(requests[i], adapter, drawn, jobs[i].owner, jobs[i].defer)
                 except Exception as exc:
                     results[i] = exc
         return results  # type: ignore[return-value]
 
-    def _keep(self, req: MintRequest, adapter: LoraAdapter, drawn: dict, owner: str = "") -> AdapterInfo:
+    def _keep(
+        self, req: MintRequest, adapter: LoraAdapter, drawn: dict, owner: str = "", defer: bool = False
+    ) -> AdapterInfo | Callable[[], AdapterInfo]:
         """Keep the adapter under the request's id or its content's: in the expert library (`store: true`),
-        in memory only (`store: false`), or by default on disk with an expiry, counted to `owner`'s quota."""
+        in memory only (`store: false`), or by default on disk with an expiry, counted to `owner`'s quota.
+        `defer`: return the disk write as a call for another thread (the files lane), so that the mint
+        thread goes on decoding while adapters are written."""
         digest = adapter.content_hash()
         keep = "memory" if req.store is False or self.kept is None else "library" if req.store else "kept"
         if req.id is not None:
@@ -532,11 +538,16 @@ class Service:
             return expert_info(expert)
         if keep == "kept":
             assert self.kept is not None
+            kept_store = self.kept
             embedding = self.library.encoder.encode(req.description)  # cached: the mint encoded it already
-            kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
-            self.minted.pop(adapter_id)
-            self.metrics.minted.labels("kept").inc()
-            return kept_info(kept)
+
+            def write() -> AdapterInfo:
+                kept = kept_store.add(adapter, adapter_id, owner, embedding, **fields)
+                self.minted.pop(adapter_id)
+                self.metrics.minted.labels("kept").inc()
+                return kept_info(kept)
+
+            return write if defer else write()
         info = adapter_info(adapter_id, adapter, digest, **fields)
         self.minted.put(adapter_id, adapter, info)
         self.metrics.minted.labels("memory").inc()
