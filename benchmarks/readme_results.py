@@ -101,15 +101,17 @@ def rows() -> list[tuple[str, str, str, str]]:
         )
     )
     svc = _load("bench_service.json")
-    out.append((
-        "Service: 8 clients minting (kept on disk), then 32 mixed clients, killed and restarted",
-        f"mint p50 {svc['mint_p50_ms']:.0f} ms / p99 {svc['mint_p99_ms']:.0f} ms "
-        f"({svc['mint_only']['per_s']} mints/s); RSS at rest {svc['rss_rest_mb']:.0f} MB; "
-        f"{svc['unexpected_errors']} unexpected errors; {svc['stored_lost']} of {svc['stored_acknowledged']} "
-        "stored adapters lost",
-        "bench_service.json",
-        _machine(svc),
-    ))
+    out.append(
+        (
+            "Service: 8 clients minting (kept on disk), then 32 mixed clients, killed and restarted",
+            f"mint p50 {svc['mint_p50_ms']:.0f} ms / p99 {svc['mint_p99_ms']:.0f} ms "
+            f"({svc['mint_only']['per_s']} mints/s); RSS at rest {svc['rss_rest_mb']:.0f} MB; "
+            f"{svc['unexpected_errors']} unexpected errors; {svc['stored_lost']} of {svc['stored_acknowledged']} "
+            "stored adapters lost",
+            "bench_service.json",
+            _machine(svc),
+        )
+    )
     index = _load("bench_index.json")
     out.append(
         (

@@ -108,6 +108,14 @@ MODEL_HELP = 'An adapter id, "auto" (the library\'s nearest experts to the promp
 SAMPLING_HELP = "Accepted for compatibility; the runtime decodes greedily."
 
 
+def _one_choice(n: int) -> int:
+    if n != 1:
+        raise ValueError(
+            f"n is {n}, it must be 1: decoding is greedy, so every further choice would repeat the first"
+        )
+    return n
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -117,7 +125,12 @@ class _Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description=SAMPLING_HELP)
     top_p: float | None = Field(None, gt=0, le=1, description=SAMPLING_HELP)
-    n: int = Field(1, ge=1, le=1, description="One choice per prompt (greedy decoding would repeat it).")
+    n: Annotated[int, AfterValidator(_one_choice)] = Field(
+        1,
+        ge=1,
+        json_schema_extra={"maximum": 1},
+        description="Must be 1: decoding is greedy, so a second choice would repeat the first.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = Field(None, description="Up to 4 sequences; the text ends before the first one.")

@@ -1274,3 +1274,13 @@ def test_the_runtime_serves_the_modules_in_use(world, tiny):
         }
     finally:
         service.close()
+
+
+def test_n_above_1_says_n_must_be_1(client):
+    for path, body in (
+        ("/v1/completions", {"model": BASE, "prompt": "2 + 2 =", "n": 2}),
+        ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "n": 3}),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 422
+        assert "it must be 1: decoding is greedy" in response.json()["error"]["message"]
