@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from loramint.gen.minter import MAX_DESCRIPTION_CHARS, MAX_EXAMPLES
 
@@ -33,11 +33,13 @@ class MintRequest(BaseModel):
     examples: list[Example] | None = Field(
         None, max_length=MAX_EXAMPLES, description="A few example texts (input and answer) to condition on."
     )
-    seed: int | None = Field(
+    seed: StrictInt | None = Field(
         None, ge=0, le=2**63 - 1, description="Sample the latent (default: the prior's mean)."
     )
-    rank: int | None = Field(None, ge=1, le=256, description="Keep only the strongest `rank` components.")
-    store: bool | None = Field(
+    rank: StrictInt | None = Field(
+        None, ge=1, le=256, description="Keep only the strongest `rank` components."
+    )
+    store: StrictBool | None = Field(
         None,
         description="Where the adapter is kept: by default (null) on disk until it expires, counted to your "
         "key's storage quota; true: in the expert library (retrievable, no expiry); false: in memory only "

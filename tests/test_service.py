@@ -701,6 +701,8 @@ def test_mint_and_upload_rate_limits_per_key(world):
         ({"description": ""}, 422),
         ({"description": "ok", "examples": ["a"] * 5}, 422),  # configured max_examples 4
         ({"description": "ok", "rank": 0}, 422),
+        ({"description": "ok", "rank": True}, 422),  # not coerced to 1
+        ({"description": "ok", "store": 1}, 422),  # not coerced to true
         ({"description": "ok", "seed": -1}, 422),
         ({"description": "ok", "unknown": 1}, 422),
         ({"description": "ok", "id": "../../etc"}, 400),
