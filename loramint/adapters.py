@@ -158,6 +158,14 @@ class AdapterConfig:
             )
         if not isinstance(base, str):
             raise AdapterError(f"{CONFIG_FILE}: 'base_model_name_or_path' must be a string, got {base!r}")
+        targets = cfg.get("target_modules")
+        if targets is not None and not (
+            isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+        ):
+            raise AdapterError(
+                f"{CONFIG_FILE}: 'target_modules' must be a module name, a pattern or a list of names, got {targets!r}"
+            )
         patterns = {
             key: cfg.get(key) if cfg.get(key) is not None else {} for key in ("rank_pattern", "alpha_pattern")
         }
@@ -324,6 +332,12 @@ class LoraAdapter:
                 raise AdapterError(
                     f"adapter targets {module} as [out={b.shape[0]}, in={a.shape[1]}], but base model {base!r} "
                     f"has [out={out_f}, in={in_f}]: was it trained for another base model?"
+                )
+            rank = self.config._pattern_value(self.config.rank_pattern, module, self.config.r)
+            if a.shape[0] != rank:
+                raise AdapterError(
+                    f"{module}: the factors have rank {a.shape[0]} but the config says r={rank}: PEFT would "
+                    "refuse to load it (fix r or rank_pattern)"
                 )
             for name, t in (("lora_A", a), ("lora_B", b)):
                 if not t.is_floating_point():

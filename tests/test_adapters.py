@@ -240,3 +240,21 @@ def test_save_writes_the_serialized_bytes_and_replaces_an_old_file(tmp_path):
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == serialize(adapter.state_dict())
     assert LoraAdapter.load(tmp_path / "ad").content_hash() == adapter.content_hash()
     assert not [p for p in (tmp_path / "ad").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_config_that_misstates_the_rank_or_the_targets_is_refused(tmp_path):
+    """An upload whose adapter_config.json says r=4096 over rank-2 factors, or gives target_modules as a
+    number, was accepted (the fault suite found both): PEFT would refuse to load what was stored."""
+    import json
+
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=1)
+    folder = adapter.save(tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for change, message in (
+        ({"r": 64}, "the factors have rank 2 but the config says r=64"),
+        ({"rank_pattern": {"q_proj": 4}}, "config says r=4"),
+        ({"target_modules": 7}, "'target_modules' must be"),
+    ):
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(AdapterError, match=message):
+            LoraAdapter.load(folder, base_model="tiny-llama").validate()
