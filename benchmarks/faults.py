@@ -407,22 +407,31 @@ class Suite:
         acknowledged: dict[str, str] = {}
         in_flight_dropped = 0
         for r in range(rounds):
+            done = asyncio.Event()
 
-            async def writer(j: int, r: int = r) -> None:
+            async def writer(j: int, r: int = r, done: asyncio.Event = done) -> None:
                 nonlocal in_flight_dropped
-                body = {"description": f"Kill round {r}, writer {j}: label the sentiment.", "id": f"k{r}-{j}"}
-                if j % 2:
-                    body["store"] = True
-                try:
-                    response = await self.http.post("/v1/adapters", json=body, headers=self.key)
-                    if response.status_code == 201:
-                        acknowledged[body["id"]] = response.json()["content_hash"]
-                except Exception:  # noqa: BLE001 (in flight at the kill: not acknowledged)
-                    in_flight_dropped += 1
+                n = 0
+                while not done.is_set():  # writes one after the other until the kill cuts one short
+                    n += 1
+                    body = {
+                        "description": f"Kill round {r}, writer {j}, write {n}: label it.",
+                        "id": f"k{r}-{j}-{n}",
+                    }
+                    if j % 2:
+                        body["store"] = True
+                    try:
+                        response = await self.http.post("/v1/adapters", json=body, headers=self.key)
+                        if response.status_code == 201:
+                            acknowledged[body["id"]] = response.json()["content_hash"]
+                    except Exception:  # noqa: BLE001 (in flight at the kill: not acknowledged)
+                        in_flight_dropped += 1
+                        return
 
             tasks = [asyncio.create_task(writer(j)) for j in range(8)]
-            await asyncio.sleep(self.rng.uniform(0.05, 0.6))
+            await asyncio.sleep(self.rng.uniform(1.0, 3.0))
             await self.server.kill_server(f"kill round {r}")
+            done.set()
             await asyncio.gather(*tasks)
             await self.server.start_server(f"after kill round {r}")
         lost = []
@@ -547,7 +556,7 @@ async def run(args) -> dict:
                 }
             )
             kill = await suite.kill9(args.kill_rounds)
-            soak = await suite.soak(args.soak)
+            soak = await suite.soak(args.soak, warmup=args.warmup)
         finally:
             await server.stop_server()
         cases = suite.cases
@@ -591,6 +600,7 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--kill-rounds", type=int, default=10)
     parser.add_argument("--soak", type=float, default=600.0, help="seconds of 8-client mixed load")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of soak before its RSS is read")
     parser.add_argument("--mutations", type=int, default=150)
     parser.add_argument("--streams", type=int, default=10)
     parser.add_argument("--races", type=int, default=10)

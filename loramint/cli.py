@@ -711,6 +711,26 @@ def train_router(
     )
 
 
+def steady_allocator() -> None:
+    """Keep a long-running server's memory flat under glibc: requests allocate and free ~10 MB tensors
+    (adapters, zips), and glibc's adaptive mmap threshold then moves such blocks onto heaps they fragment, so
+    RSS creeps up for hours. A fixed 1 MiB threshold returns every large block to the OS when freed; two
+    arenas bound the per-thread heaps. A no-op off glibc or when MALLOC_* environment variables are set."""
+    import ctypes
+    import ctypes.util
+
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_arena_max, 2)
+
+
 def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None:
     """Run the HTTP service (FastAPI + uvicorn): mint, retrieve, manage experts, OpenAI-compatible completions.
 
@@ -727,6 +747,7 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
     from loramint.service.schemas import MintRequest
 
     config = (service or ServiceConfig()).with_env()
+    steady_allocator()
     try:
         config.check_auth()
     except ValueError as exc:

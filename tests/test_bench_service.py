@@ -144,3 +144,59 @@ def test_errors_count_unless_the_benchmark_killed_the_server():
     assert [s.status for s in test.samples] == ["500", "429", "200", "exc:ConnectError", "killed:ReadError"]
     assert [u["status"] for u in test.unexpected] == ["500", "exc:ConnectError"]
     assert test.interrupted == 1 and [s.ok for s in test.samples].count(True) == 1
+
+
+def test_the_fault_suite_runs_clean_on_a_tiny_server(tiny_world, tmp_path):
+    """benchmarks/faults.py, small (tiny-llama, 1 kill round, 2 s soak): every class runs, the server
+    answers every attack as documented, with no 5xx, no dropped connection and no lost write."""
+    import json
+    import subprocess
+
+    out = tmp_path / "faults.json"
+    command = [
+        sys.executable,
+        str(Path(bench_service.__file__).with_name("faults.py")),
+        "--library",
+        str(tiny_world / "lib"),
+        "--generator",
+        str(tiny_world / "generator"),
+        "--base-model",
+        "tiny-llama",
+        "--kill-rounds",
+        "1",
+        "--soak",
+        "2",
+        "--warmup",
+        "1",
+        "--mutations",
+        "20",
+        "--streams",
+        "2",
+        "--races",
+        "2",
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["cases"] >= 150 and result["kill9_rounds"] == 1
+    assert set(result["classes"]) >= {
+        "bad_uploads",
+        "hostile_patterns",
+        "requests",
+        "auth",
+        "mutated",
+        "streams",
+        "races",
+    }
+    assert (result["server_errors"], result["dropped_connections"], result["lost_writes"]) == (0, 0, 0), (
+        result["failures"]
+    )
+    assert result["not_as_documented"] == 0, result["failures"]
