@@ -112,6 +112,17 @@ def rows() -> list[tuple[str, str, str, str]]:
             _machine(svc),
         )
     )
+    faults = _load("faults.json")
+    out.append(
+        (
+            "Fault suite against a live server",
+            f"{faults['cases']} attacks: {faults['server_errors']} server errors, {faults['dropped_connections']} dropped "
+            f"connections; {faults['lost_writes']} writes lost over {faults['kill9_rounds']} kill -9 rounds; "
+            f"RSS {faults['rss_start_mb']:.0f} -> {faults['rss_end_mb']:.0f} MB over a {faults['soak_seconds']:.0f} s soak",
+            "faults.json",
+            _machine(faults),
+        )
+    )
     index = _load("bench_index.json")
     out.append(
         (

@@ -186,7 +186,7 @@ def test_the_fault_suite_runs_clean_on_a_tiny_server(tiny_world, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["cases"] >= 150 and result["kill9_rounds"] == 1
+    assert result["cases"] >= 140 and result["kill9_rounds"] == 1
     assert set(result["classes"]) >= {
         "bad_uploads",
         "hostile_patterns",
