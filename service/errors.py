@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 
@@ -90,6 +91,7 @@ WHEN = {
     429: "The work queue is full: retry later (Retry-After).",
     503: "Not configured (no generator) or shutting down.",
     504: "The work did not finish within the timeout.",
+    507: "The server's disk is full: nothing was stored; retry later.",
 }
 
 
@@ -98,7 +100,12 @@ def responses(*codes: int) -> dict[int | str, dict]:
     return {code: {"model": ErrorResponse, "description": WHEN[code]} for code in codes}
 
 
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def status_of(exc: BaseException) -> int:
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return 507
     return next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
 
 
@@ -124,6 +131,13 @@ def _respond(exc: BaseException, code: int) -> JSONResponse:
 
 async def _known(_request: Request, exc: Exception) -> JSONResponse:
     code = status_of(exc)
+    if code == 507:
+        log.error("disk full: %s", exc)
+        return JSONResponse(
+            error_body("the server's disk is full: nothing was stored; retry later", "StorageFullError", 507),
+            status_code=507,
+            headers={"Retry-After": "60"},
+        )
     if code in (500, 502):  # our fault, not the client's or the load's
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     return _respond(exc, code)
@@ -153,5 +167,6 @@ def install(app: FastAPI) -> None:
     """Register the handlers: loramint errors and ValueError by the table, validation, HTTP errors."""
     app.add_exception_handler(LoramintError, _known)
     app.add_exception_handler(ValueError, _known)
+    app.add_exception_handler(OSError, _known)  # a full disk is a documented 507; any other is a 500
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(HTTPException, _http)

@@ -19,7 +19,9 @@ MAX_OFFSET = 2**63 - 1
 """SQLite's largest integer: a larger offset overflowed in the library's query (HTTP 500, found by fuzzing)."""
 
 
-@router.post("", response_model=AdapterInfo, status_code=201, responses=responses(400, 409, 413, 429, 504))
+@router.post(
+    "", response_model=AdapterInfo, status_code=201, responses=responses(400, 409, 413, 429, 504, 507)
+)
 async def upload(
     service: Writer,
     file: Annotated[UploadFile, File(description="A zip of a PEFT LoRA folder (safetensors only).")],

@@ -1286,3 +1286,25 @@ def test_n_above_1_says_n_must_be_1(client):
         response = client.post(path, json=body)
         assert response.status_code == 422
         assert "it must be 1: decoding is greedy" in response.json()["error"]["message"]
+
+
+def test_a_full_disk_is_a_documented_507_and_stores_nothing(world, monkeypatch):
+    """ENOSPC (or a quota, or a file-size limit) while writing answers 507 with Retry-After, naming no path;
+    nothing half-written is left behind and the service goes on answering."""
+    import errno
+
+    with TestClient(make_app(world)) as c:
+        service = c.app.state.service
+        before = library_state(world)
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", "/srv/data/minted/x")
+
+        monkeypatch.setattr(service.kept, "add", full)
+        response = c.post("/v1/adapters", json={"description": "Count the vowels."}, headers=AUTH)
+        assert response.status_code == 507 and response.headers["Retry-After"] == "60"
+        assert error_type(response) == "StorageFullError" and "/srv" not in response.text
+        monkeypatch.setattr(world["library"], "add", full)
+        assert upload(c, adapter_zip(LoraAdapter.random("tiny-llama", r=2, seed=21))).status_code == 507
+        assert library_state(world) == before
+        assert c.get("/healthz").status_code == 200
