@@ -109,7 +109,8 @@ def status_of(exc: BaseException) -> int:
     return next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\",;:)]+)")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?!v1/)(?:[^\s/'\"]+/)+([^\s/'\",;:)]+)")
+"""An absolute file-system path; the API's own URL paths (/v1/...), which messages name on purpose, are not."""
 
 
 def public_message(message: str) -> str:

@@ -1094,6 +1094,11 @@ def test_errors_never_show_the_servers_file_system(client, world):
         message = response.json()["error"]["message"]
         assert response.status_code == 404 and "no-such" in message, message
         assert str(world["root"]) not in message and not re.search(r"(^|\s)/\w", message), message
+    from loramint.service.errors import public_message
+
+    # the API's own URL paths survive (a message that says where to go must keep it); files do not
+    text = "use DELETE /v1/experts/x-1 for it; library /srv/data/lib-a/experts/x-1 failed"
+    assert public_message(text) == "use DELETE /v1/experts/x-1 for it; library x-1 failed"
 
 
 def test_limits_are_one_source_of_truth(client, world):
@@ -1246,6 +1251,7 @@ def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
         refused = c.post("/v1/adapters", json={"description": "Reverse the word order."}, headers=AUTH)
         assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
         assert "quota" in refused.json()["error"]["message"]
+        assert "(DELETE /v1/adapters/{id})" in refused.json()["error"]["message"]  # where to free space
         assert (
             c.post(
                 "/v1/adapters", json={"description": "Reverse the word order.", "store": False}, headers=AUTH
