@@ -275,6 +275,11 @@ _ALIASES = {spec.hf_id.lower(): name for name, spec in REGISTRY.items()}
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def default_device(device: str | None = None) -> str:
+    """`device` as given, else cuda when a CUDA GPU is visible, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def canonical_name(name_or_path: str) -> str:
     """Registry name for a registry name or its HF id (case-insensitive); anything else unchanged."""
     key = name_or_path.strip()

@@ -24,7 +24,7 @@ import torch
 from loramint.adapters import LoraAdapter
 from loramint.errors import NotFoundError
 from loramint.index import ExpertLibrary
-from loramint.models import BaseModel, left_pad, load_base_model
+from loramint.models import BaseModel, default_device, left_pad, load_base_model
 from loramint.runtime.lora import Plan, arrow_router, attach
 from loramint.runtime.router import LearnedRouter
 from loramint.runtime.stack import ExpertStack, linear_shapes
@@ -57,7 +57,7 @@ class Runtime:
     ) -> None:
         """`loader(id)` -> adapter: where experts named in requests come from when they are not resident
         (default: those given to `add`, then the library)."""
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(device)
         self.base = base if isinstance(base, BaseModel) else load_base_model(base, device=device)
         self.library = ExpertLibrary.open(library) if isinstance(library, (str, Path)) else library
         self.top_k = top_k

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-import torch
-
 from loramint import models
 from loramint.adapters import LoraAdapter
 from loramint.errors import AdapterError, AlreadyExistsError, GeneratorError, NotFoundError
@@ -372,7 +370,8 @@ class Service:
             shared = (
                 library.encoder if _model_key(encoder_name) == _model_key(library.embedding_model) else None
             )
-            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            # the base model's device: a given runtime's, else where the runtime below will put it
+            device = str(runtime.base.device) if runtime is not None else models.default_device(config.device)
             minter = Minter.from_pretrained(path, encoder=shared, device=device)
         if runtime is None:
             targets = config.target_modules

@@ -1213,14 +1213,18 @@ def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
     adapters = [LoraAdapter.random("tiny-llama", r=2, seed=s) for s in range(3)]
     size = adapters[0].nbytes()
     now, dropped = [1000.0], []
-    store = MintedStore(
-        tmp_path / "kept",
-        world["library"].encoder,
-        ttl_s=60,
-        quota_bytes=2 * size,
-        on_drop=dropped.append,
-        clock=lambda: now[0],
-    )
+
+    def open_store() -> MintedStore:
+        return MintedStore(
+            tmp_path / "kept",
+            world["library"].encoder,
+            ttl_s=60,
+            quota_bytes=2 * size,
+            on_drop=dropped.append,
+            clock=lambda: now[0],
+        )
+
+    store = open_store()
     vec = world["library"].encoder.encode("Add the numbers.")
     fields = {"name": "m", "description": "Add the numbers.", "family": "minted"}
     store.add(adapters[0], "m0", "alice", vec, **fields)
@@ -1235,14 +1239,7 @@ def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
     store.add(adapters[2], "m2", "alice", vec, **fields)
     assert "m0" in dropped and not (tmp_path / "kept" / "experts" / "m0").exists()
     store.close()
-    reopened = MintedStore(
-        tmp_path / "kept",
-        world["library"].encoder,
-        ttl_s=60,
-        quota_bytes=2 * size,
-        on_drop=dropped.append,
-        clock=lambda: now[0],
-    )  # owners and expiries survive
+    reopened = open_store()  # owners and expiries survive
     assert sorted(e.id for e in reopened.list()) == ["b0", "m1", "m2"] and reopened.used("alice") == 2 * size
     reopened.close()
 
