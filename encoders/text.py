@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ class Encoder:
             raise ModelError(f"cannot load encoder {self.config.name!r} from {source!r}: {exc}") from exc
         self.dim = int(self.model.get_embedding_dimension())
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        # one caller at a time in the model (a fast tokenizer raises "Already borrowed" when two threads use
+        # it at once); the cache has its own lock, so a cached text never waits for another caller's batch
+        self._model_lock, self._cache_lock = threading.Lock(), threading.Lock()
 
     @property
     def name(self) -> str:
@@ -79,15 +83,21 @@ class Encoder:
         """[n, dim] float32, each row L2-normalised. Cached texts are not recomputed."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        known = {t: self._cache[t] for t in texts if t in self._cache}
+        with self._cache_lock:
+            known = {t: self._cache[t] for t in texts if t in self._cache}
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
-            vecs = self.model.encode(
-                missing, batch_size=self.config.batch_size, convert_to_numpy=True, normalize_embeddings=True
-            )
+            with self._model_lock:
+                vecs = self.model.encode(
+                    missing,
+                    batch_size=self.config.batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                )
             known.update(zip(missing, vecs.astype(np.float32), strict=True))
-        for text in dict.fromkeys(texts):
-            self._remember(text, known[text])
+        with self._cache_lock:
+            for text in dict.fromkeys(texts):
+                self._remember(text, known[text])
         out = np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
         return out[0] if single else out
 

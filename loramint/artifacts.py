@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loramint import __version__
-from loramint.adapters import AdapterConfig, LoraAdapter
+from loramint.adapters import FP16_MAX, AdapterConfig, LoraAdapter
 from loramint.errors import LoramintError
 from loramint.paths import file_lock, sha256_file, staged_dir
 
@@ -56,7 +56,6 @@ MARKER = ".loramint-setup.json"
 when the manifest gained or changed another bundle)."""
 MAX_FILE_BYTES = 40_000_000
 """Largest artifact file pack writes (GitHub warns at 50 MB and refuses 100 MB)."""
-FP16_MAX = float(torch.finfo(torch.float16).max)
 KEEP_FP32_NUMEL = 4096
 """Generator tensors this small stay float32 in a pack (the residual mixing rule: per-module gains, the
 adaptive mixer, the own-expert gate: a few thousand numbers whose rounding would move every mixture)."""

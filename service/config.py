@@ -51,6 +51,9 @@ class ServiceConfig:
     """Seconds a request may wait for its work (queue + run) before HTTP 504."""
     mint_batch: int = 16
     """Mint requests decoded together in one `Minter.mint_many` call."""
+    mint_workers: int = 2
+    """Mint batches in flight at once, each on its own thread: one encodes descriptions while another
+    decodes and composes (the text encoder itself serves one batch at a time)."""
     completion_batch: int = 8
     """Completion requests (rows) decoded together in one runtime pass."""
     batch_wait_ms: float = 5.0
@@ -95,7 +98,15 @@ class ServiceConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if any(not isinstance(k, str) or len(k) < 8 for k in self.api_keys):
             raise ValueError("every api_keys entry must be a string of at least 8 characters")
-        positive = ("capacity", "top_k", "mint_batch", "completion_batch", "default_max_tokens", *LIMITS)
+        positive = (
+            "capacity",
+            "top_k",
+            "mint_batch",
+            "mint_workers",
+            "completion_batch",
+            "default_max_tokens",
+            *LIMITS,
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -306,6 +306,7 @@ class Service:
             self._owns.append(self.kept)
         self._pools = {
             "encoder": ThreadPoolExecutor(1, "loramint-encoder"),
+            "mint": ThreadPoolExecutor(config.mint_workers, "loramint-mint"),
             "runtime": ThreadPoolExecutor(1, "loramint-runtime"),
             "files": ThreadPoolExecutor(2, "loramint-files"),
         }
@@ -315,9 +316,10 @@ class Service:
             "mint": Lane(
                 "mint",
                 self.mint_batch,
-                executor=self._pools["encoder"],
+                executor=self._pools["mint"],
                 max_batch=config.mint_batch,
                 max_wait_s=wait,
+                workers=config.mint_workers,
                 **lane,
             ),
             "library": Lane("library", _call_each, executor=self._pools["encoder"], **lane),
@@ -461,7 +463,7 @@ class Service:
     def download(self, adapter_id: str) -> bytes:
         return zip_adapter(self.adapter(adapter_id), adapter_id)
 
-    # ---- minting (the encoder thread) -------------------------------------------------------------------
+    # ---- minting (the mint threads) ---------------------------------------------------------------------
     def mint_batch(self, items: Sequence[MintRequest | MintJob]) -> list[AdapterInfo | Exception]:
         """Mint every request: those without a seed and with the same rank in one `mint_many` call each (a
         seeded sample depends on its batch, so seeded requests run alone and stay reproducible)."""
@@ -503,10 +505,14 @@ class Service:
     ) -> AdapterInfo | Callable[[], AdapterInfo]:
         """Keep the adapter under the request's id or its content's: in the expert library (`store: true`),
         in memory only (`store: false`), or by default on disk with an expiry, counted to `owner`'s quota.
-        `defer`: return the disk write as a call for another thread (the files lane), so that the mint
-        thread goes on decoding while adapters are written."""
-        digest = adapter.content_hash()
+        `defer`: for an adapter kept on disk, return all of that (hashing, the id checks, the write) as a
+        call for another thread (the files lane), so that the mint thread goes on decoding meanwhile. Kept
+        and served with float16 factors (`LoraAdapter.compact`): half the bytes to write, hold and send."""
         keep = "memory" if req.store is False or self.kept is None else "library" if req.store else "kept"
+        if keep == "kept" and defer:
+            return lambda: self._keep(req, adapter, drawn, owner)
+        adapter = adapter.compact()
+        digest = adapter.content_hash()
         if req.id is not None:
             adapter_id = validate_id(req.id, "adapter id")
             if self.exists(adapter_id):
@@ -537,16 +543,11 @@ class Service:
             return expert_info(expert)
         if keep == "kept":
             assert self.kept is not None
-            kept_store = self.kept
             embedding = self.library.encoder.encode(req.description)  # cached: the mint encoded it already
-
-            def write() -> AdapterInfo:
-                kept = kept_store.add(adapter, adapter_id, owner, embedding, **fields)
-                self.minted.pop(adapter_id)
-                self.metrics.minted.labels("kept").inc()
-                return kept_info(kept)
-
-            return write if defer else write()
+            kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
+            self.minted.pop(adapter_id)
+            self.metrics.minted.labels("kept").inc()
+            return kept_info(kept)
         info = adapter_info(adapter_id, adapter, digest, **fields)
         self.minted.put(adapter_id, adapter, info)
         self.metrics.minted.labels("memory").inc()

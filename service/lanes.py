@@ -3,8 +3,9 @@
     lane = Lane("mint", handler, executor=pool, max_batch=16)   # handler(items) -> [result | exception]
     result = await lane.submit(item)     # QueueFullError (429) when full, WorkTimeoutError (504) when late
 
-The worker takes one job, waits `max_wait_s` for more to arrive, hands up to `max_batch` items to
-`handler` in the executor's thread and resolves each job with its own result or exception. A job whose caller
+A worker takes one job, waits `max_wait_s` for more to arrive, hands up to `max_batch` items to
+`handler` in the executor's thread and resolves each job with its own result or exception. `workers` > 1
+runs that many batches at once (the executor needs as many threads; the handler must be thread-safe). A job whose caller
 gave up (timeout) before its batch started is skipped; one already running finishes unobserved.
 """
 
@@ -45,22 +46,30 @@ class Lane:
         max_wait_s: float = 0.0,
         queue_size: int = 64,
         timeout_s: float = 60.0,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"a lane needs at least one worker, got {workers}")
         self.name, self.handler, self.executor, self.metrics = name, handler, executor, metrics
+        self.workers = workers
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.queue_size, self.timeout_s = queue_size, timeout_s
         self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         self._queue = asyncio.Queue(self.queue_size)
-        self._task = asyncio.create_task(self._run(), name=f"lane-{self.name}")
+        self._gathering = asyncio.Lock()
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"lane-{self.name}-{i}") for i in range(self.workers)
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         while self._queue is not None and not self._queue.empty():
             job = self._queue.get_nowait()
             if not job.future.done():
@@ -68,8 +77,8 @@ class Lane:
 
     @property
     def running(self) -> bool:
-        """Whether its worker task is alive (it only ends when the service stops)."""
-        return self._task is not None and not self._task.done()
+        """Whether all its worker tasks are alive (they only end when the service stops)."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
 
     @property
     def depth(self) -> int:
@@ -108,11 +117,12 @@ class Lane:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
-            if self.max_batch > 1 and self.max_wait_s > 0:
-                await asyncio.sleep(self.max_wait_s)
-            while len(jobs) < self.max_batch and not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
+            async with self._gathering:  # one worker gathers a batch at a time; the others run theirs
+                jobs = [await self._queue.get()]
+                if self.max_batch > 1 and self.max_wait_s > 0:
+                    await asyncio.sleep(self.max_wait_s)
+                while len(jobs) < self.max_batch and not self._queue.empty():
+                    jobs.append(self._queue.get_nowait())
             self.metrics.queue_depth.labels(self.name).set(self.depth)
             jobs = [j for j in jobs if not j.future.done()]  # callers that timed out while queued
             if not jobs:

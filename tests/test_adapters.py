@@ -258,3 +258,52 @@ def test_a_config_that_misstates_the_rank_or_the_targets_is_refused(tmp_path):
         (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(AdapterError, match=message):
             LoraAdapter.load(folder, base_model="tiny-llama").validate()
+
+
+def test_compact_halves_the_bytes_and_keeps_outputs_and_identity(tiny, tmp_path):
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=3, std=0.2)
+    small = adapter.compact()
+    assert small.nbytes() * 2 == adapter.nbytes()
+    assert all(t.dtype == torch.float16 for pair in small.weights.values() for t in pair)
+    assert small.compact() is small  # already float16
+    with apply_lora(tiny.model, adapter):
+        exact = _logits(tiny)
+    with apply_lora(tiny.model, small):
+        approx = _logits(tiny)
+    torch.testing.assert_close(approx, exact, atol=2e-3, rtol=1e-3)
+    folder = small.save(tmp_path / "ad")  # stock PEFT loads float16 factors into a float32 model
+    torch.testing.assert_close(_peft_logits(tiny, folder, merged=False), approx, atol=1e-4, rtol=1e-4)
+    assert LoraAdapter.load(folder).content_hash() == small.content_hash()
+    huge = LoraAdapter.random("tiny-llama", r=4, seed=3)
+    first = next(iter(huge.weights))
+    huge.weights[first][0][0, 0] = 1e6  # beyond float16: kept as it is
+    assert huge.compact() is huge
+
+
+def test_content_hash_is_remembered_until_a_tensor_or_the_config_changes():
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=1)
+    first = adapter.content_hash()
+    assert adapter.content_hash() == first
+    module = next(iter(adapter.weights))
+    adapter.weights[module][1].mul_(2)  # in place: torch bumps the tensor's version
+    doubled = adapter.content_hash()
+    assert doubled != first
+    adapter.weights[module][1].div_(2)
+    assert adapter.content_hash() == first
+    a, b = adapter.weights[module]
+    adapter.weights[module] = (a, b.t().contiguous().t())  # same values, another tensor
+    assert adapter.content_hash() == first
+    adapter.config.alpha *= 2
+    assert adapter.content_hash() != first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_validation_finds_a_single_non_finite_value_in_any_dtype(dtype, bad):
+    adapter = LoraAdapter.random("tiny-llama", r=4, seed=2)
+    adapter.weights = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in adapter.weights.items()}
+    adapter.validate()
+    module = list(adapter.weights)[-1]
+    adapter.weights[module][1][-1, -1] = bad
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        adapter.validate()

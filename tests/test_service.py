@@ -230,6 +230,48 @@ def test_concurrent_requests_are_batched_and_equal_to_alone(world):
     assert _sample(metrics, "loramint_batch_size_sum", lane="generate") == 3
 
 
+def test_a_lane_with_two_workers_runs_two_batches_at_once_and_gathers_one_at_a_time():
+    """While one batch runs, the next one gathers whatever arrives (one batch, not one per worker) and runs
+    beside it on the other thread."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loramint.service.lanes import Lane
+    from loramint.service.metrics import Metrics
+
+    both_running = threading.Barrier(2, timeout=5)
+    batches: list[list[int]] = []
+
+    def handler(items):
+        batches.append(list(items))
+        if items[0] in (0, 1):  # the first two batches each wait until the other one runs
+            both_running.wait()
+        return [i * 10 for i in items]
+
+    async def main():
+        lane = Lane(
+            "t",
+            handler,
+            executor=ThreadPoolExecutor(2),
+            metrics=Metrics.create(),
+            max_batch=8,
+            max_wait_s=0.2,
+            workers=2,
+        )
+        lane.start()
+        first = asyncio.ensure_future(lane.submit(0))
+        await asyncio.sleep(0.3)  # batch [0] is running (and blocked until another batch runs)
+        rest = await asyncio.gather(*(lane.submit(i) for i in (1, 2, 3)))
+        out = [await first, *rest]
+        await lane.stop()
+        return out
+
+    assert asyncio.run(main()) == [0, 10, 20, 30]
+    assert batches == [[0], [1, 2, 3]]
+    with pytest.raises(ValueError, match="at least one worker"):
+        Lane("t", handler, executor=ThreadPoolExecutor(1), metrics=None, workers=0)
+
+
 def _sample(metrics: str, name: str, **labels) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     match = re.search(rf"^{name}\{{{wanted}\}} (\S+)$", metrics, re.M)
@@ -401,15 +443,14 @@ def test_healthz_reports_the_runtimes_real_state(world):
         finally:
             stack._free.append(leaked)
         assert c.get("/healthz").status_code == 200
-        lane = c.app.state.service.lanes["files"]
-        lane._task.cancel()
+        lane = c.app.state.service.lanes["mint"]
+        assert lane.workers == 2
+        lane._tasks[-1].cancel()  # one of its two workers dies: the lane is degraded, not half-healthy
         deadline = time.monotonic() + 5
         while lane.running and time.monotonic() < deadline:
             time.sleep(0.01)
         response = c.get("/healthz")
-        assert (
-            response.status_code == 503 and "the files worker is not running" in response.json()["problems"]
-        )
+        assert response.status_code == 503 and "the mint worker is not running" in response.json()["problems"]
 
 
 # ---- the expert library ------------------------------------------------------------------------------------
@@ -750,7 +791,9 @@ def test_a_full_queue_answers_429_and_a_late_job_504(world):
         def provenance(self, *args, **kwargs):
             return world["minter"].provenance(*args, **kwargs)
 
-    app = make_app(world, minter=Blocking(), queue_size=1, mint_batch=1, batch_wait_ms=0, timeout_s=1.5)
+    app = make_app(
+        world, minter=Blocking(), queue_size=1, mint_batch=1, mint_workers=1, batch_wait_ms=0, timeout_s=1.5
+    )
     with TestClient(app) as c:
         answers: dict[str, int] = {}
 
