@@ -1,11 +1,16 @@
-"""Out-of-domain requests: how often a minted adapter is worse than the base model, and what confidence says.
+"""Out-of-domain requests: how often a mint is worse than the base model, without and with the fallback.
 
-For tasks the generator's library does not cover, each task's own description is minted with the default
-generator and scored against the base model on the task's test split in the task's metric (paired 95%
-bootstrap CI of the difference). A result is "worse than base" when that CI lies below 0. Each mint's
-confidence (`Minter.provenance`: the best similarity between the request and a library expert's
-description) is recorded next to it, so a fallback threshold can be read off the table: below it, returning
-no adapter would have been the safe answer.
+For tasks the generator's library does not cover, each task's own description, with `--shots` solved
+examples from the task's training split (as a user would send them), is minted with a generator and scored
+against the base model on the task's test split in the task's metric (paired 95% bootstrap CI of the
+difference). A result is "worse than base" when that CI lies below 0. Two results per task:
+
+- `minted`: the adapter as minted;
+- `served`: what the service answers (`loramint.fallback`, the service's default policy): the adapter, or the
+  base model when its check on the solved examples (answer loss against the base model's) fails or nothing
+  in the library is near. `worse_than_base` counts the served results.
+
+Each mint's confidence (`Minter.provenance`) and check are recorded next to it.
 
     python benchmarks/ood.py [--generator data/generator/ni-family] [--n-tasks 24] [--max-examples 60]
 
@@ -16,16 +21,21 @@ adapter shows), smallest prompts first, one per family before a second. Writes b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 from common import machine, markdown_table, write_result
 
+from loramint.adapters import apply_lora
 from loramint.corpus import Corpus
+from loramint.fallback import FallbackPolicy, check_examples, decide
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
 from loramint.paths import cache_dir
+from loramint.service.config import ServiceConfig
 from loramint.training.build import interleave_families, prompt_chars
+from loramint.training.data import answer_logprob_sums
 from loramint.training.evaluate import ScoringConfig, cached_score
 from loramint.training.methods import Intervention
 from loramint.training.metrics import bootstrap_ci
@@ -41,6 +51,40 @@ def pick_tasks(corpus: Corpus, n: int, min_test: int) -> list:
     return interleave_families(tasks)[:n]
 
 
+def solved_pairs(task, n: int) -> list[tuple[str, str]]:
+    """The first `n` training examples as a user would send them: what the model reads, and the answer."""
+    return [(task.prompt(ex), ex.output) for ex in task.part("train")[:n]]
+
+
+def compare(before: np.ndarray, after: np.ndarray) -> dict:
+    diff = bootstrap_ci(after - before)
+    return {
+        "accuracy": round(float(np.mean(after)), 4),
+        "diff": [round(diff["mean"], 4), round(diff["ci_low"], 4), round(diff["ci_high"], 4)],
+        "worse_than_base": diff["ci_high"] < 0,
+        "better_than_base": diff["ci_low"] > 0,
+    }
+
+
+def scorer(base, adapter):
+    """The check's scorer on a plain model: each row's mean answer NLL, with the adapter applied or not
+    (what the service's runtime computes in one mixed pass)."""
+
+    def score(items, minted):
+        pad = base.tokenizer.pad_token_id
+        pad = base.tokenizer.eos_token_id if pad is None else pad
+        out = np.zeros(len(items))
+        for flag in (False, True):
+            rows = [i for i, m in enumerate(minted) if m == flag]
+            if rows:
+                with apply_lora(base.model, adapter) if flag else contextlib.nullcontext():
+                    sums, counts = answer_logprob_sums(base.model, [items[i] for i in rows], pad)
+                out[rows] = -sums / np.maximum(counts, 1)
+        return out
+
+    return score
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,9 +93,12 @@ def main() -> None:
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--n-tasks", type=int, default=24)
     parser.add_argument("--max-examples", type=int, default=60, help="test examples scored per task")
+    parser.add_argument("--shots", type=int, default=5, help="solved examples sent with each description")
     parser.add_argument("--out", default="ood")
     args = parser.parse_args()
 
+    defaults = ServiceConfig()
+    policy = FallbackPolicy(defaults.fallback_min_confidence, defaults.fallback_min_gain)
     base = load_base_model(args.base_model)
     minter = Minter.from_pretrained(args.generator)
     scoring = ScoringConfig(
@@ -61,45 +108,66 @@ def main() -> None:
     rows, hashes = [], {}
     for task in tasks:
         started = time.perf_counter()
-        adapter = minter.mint(task.description)
-        (drawn,) = minter.provenance([task.description])
-        before = cached_score(base, task, Intervention(), scoring, hashes)
+        pairs = solved_pairs(task, args.shots)
+        texts = [f"{i}\n{o}" for i, o in pairs]
+        adapter = minter.mint(task.description, texts).compact()  # as the service serves it
+        (drawn,) = minter.provenance([task.description], [texts])
+
+        check = check_examples(base.tokenizer, scorer(base, adapter), task.description, pairs)
+        decision = decide(policy, drawn["confidence"], check)
+        before = cached_score(base, task, Intervention(), scoring, hashes).values["accuracy"]
         after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
-        diff = bootstrap_ci(after.values["accuracy"] - before.values["accuracy"])
+        minted = compare(before, after.values["accuracy"])
+        served = compare(before, before if decision.fell_back else after.values["accuracy"])
         rows.append({
             "task": task.name,
             "family": task.family,
-            "n": int(len(before.values["accuracy"])),
+            "n": int(len(before)),
             "confidence": drawn["confidence"],
             "nearest": drawn["experts"][0]["id"],
-            "base": round(float(np.mean(before.values["accuracy"])), 4),
-            "minted": round(float(np.mean(after.values["accuracy"])), 4),
-            "diff": [round(diff["mean"], 4), round(diff["ci_low"], 4), round(diff["ci_high"], 4)],
-            "worse_than_base": diff["ci_high"] < 0,
-            "better_than_base": diff["ci_low"] > 0,
+            "check": check.as_dict(),
+            "fell_back": decision.fell_back,
+            "base": round(float(np.mean(before)), 4),
+            "minted": minted,
+            "served": served,
             "seconds": round(time.perf_counter() - started, 1),
         })  # fmt: skip
         print(rows[-1], flush=True)
-    worse = [r for r in rows if r["worse_than_base"]]
     result = {
         "n": len(rows),
-        "worse_than_base": len(worse),
-        "better_than_base": sum(r["better_than_base"] for r in rows),
-        "max_confidence_of_a_worse_result": max((r["confidence"] for r in worse), default=None),
-        "definition": "minted from the task's own description vs base on the task's test split (accuracy); "
-        "worse/better: the paired 95% bootstrap CI of the difference lies below/above 0",
+        "worse_than_base": sum(r["served"]["worse_than_base"] for r in rows),
+        "better_than_base": sum(r["served"]["better_than_base"] for r in rows),
+        "fell_back": sum(r["fell_back"] for r in rows),
+        "minted_worse_than_base": sum(r["minted"]["worse_than_base"] for r in rows),
+        "minted_better_than_base": sum(r["minted"]["better_than_base"] for r in rows),
+        "policy": {"min_confidence": policy.min_confidence, "min_gain": policy.min_gain},
+        "definition": "each task's description with its solved examples minted and scored against the base "
+        "model on the task's test split (accuracy); worse/better: the paired 95% bootstrap CI of the "
+        "difference lies below/above 0; `served` is the service's answer with the fallback, `minted` the "
+        "adapter as minted",
         "generator": args.generator,
-        "scoring": {"max_examples": args.max_examples},
+        "scoring": {"max_examples": args.max_examples, "shots": args.shots},
         "tasks": rows,
         "machine": machine(),
     }
     path = write_result(args.out, result)
+    table = [
+        {
+            "task": r["task"],
+            "confidence": r["confidence"],
+            "check gain": r["check"]["gain"],
+            "base": r["base"],
+            "minted": r["minted"]["accuracy"],
+            "served": r["served"]["accuracy"],
+            "fell back": r["fell_back"],
+        }
+        for r in rows
+    ]
+    print(markdown_table(table))
     print(
-        markdown_table(
-            [{k: r[k] for k in ("task", "confidence", "base", "minted", "worse_than_base")} for r in rows]
-        )
+        f"served: {result['worse_than_base']} of {len(rows)} worse than base ({result['fell_back']} fell back); "
+        f"as minted: {result['minted_worse_than_base']} worse -> {path}"
     )
-    print(f"{len(worse)} of {len(rows)} worse than base, {result['better_than_base']} better -> {path}")
 
 
 if __name__ == "__main__":

@@ -358,17 +358,35 @@ class Minter:
 def provenance(
     minter, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
 ) -> list[dict]:
-    """Per description, what a mint draws on: the library experts the generator retrieves for it (name and
-    cosine similarity of their descriptions, best first) and `confidence`, the best of those similarities
+    """Per description, what a mint draws on: the library experts the generator retrieves for it (name,
+    cosine similarity of their descriptions and, for a residual generator, their share `weight` of the
+    mixture; best first) and `confidence`, the best of those similarities
     (near 1: the library holds this very task; low: nothing in it fits). Works for a Minter or an ensemble."""
+    from loramint.gen.residual import coefficients
+
     cond = minter.condition(descriptions, examples)  # [B, C]
     k = min(max(minter.model.config.residual_k, 1), len(minter.bank))
     top = (cond @ minter.bank.keys.T).topk(k, dim=-1)
+    shares = None  # each retrieved expert's share of the mixture (before the per-module gains), per row
+    if minter.model.config.residual_k:
+        members = getattr(minter, "members", [minter])
+        member_weights = getattr(minter, "weights", None) or [1.0 / len(members)] * len(members)
+        shares = [
+            sum(
+                w * (weights + direct).float().cpu()
+                for member, w in zip(members, member_weights, strict=True)
+                for weights, direct, _ in [coefficients(member.model, row.to(member.model.mix_gain))]
+            ).tolist()
+            for row in top.values
+        ]
     out = []
-    for idx, sims in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+    for row, (idx, sims) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
         experts = [
             {"id": minter.bank.names[i], "similarity": round(s, 4)} for i, s in zip(idx, sims, strict=True)
         ]
+        if shares is not None:
+            for expert, share in zip(experts, shares[row], strict=True):
+                expert["weight"] = round(float(share), 4)
         out.append({"experts": experts, "confidence": experts[0]["similarity"]})
     return out
 

@@ -475,7 +475,7 @@ def evaluate(
             its best sample by their loss).
         n_samples: seeded samples minted-sampled chooses among (plus the mean).
         router: learned per-token router (`loramint train-router`) for route-token.
-        top_k_tokens: experts per token for route-arrow.
+        top_k_tokens: experts per token for arrow.
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness

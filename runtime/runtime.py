@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import numpy as np
 import torch
 
 from loramint.adapters import LoraAdapter
@@ -267,6 +268,30 @@ class Runtime:
                 return self.base.model(input_ids=input_ids.to(self.base.device)).logits
             finally:
                 self.holder.plan = None
+
+    @torch.no_grad()
+    def answer_nll(self, items: Sequence, routes: Sequence[Route]) -> np.ndarray:
+        """[n] mean negative log-likelihood per answer token of each encoded example (`input_ids`, `labels`
+        with -100 on prompt tokens: `training.data.encode_example`), row i under routes[i]; one pass."""
+        from loramint.training.data import answer_logits, answer_targets, collate, per_row
+
+        if len(items) != len(routes):
+            raise ValueError(f"{len(items)} examples but {len(routes)} routes")
+        if not items:
+            return np.zeros(0)
+        tok = self.base.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        batch = {k: v.to(self.base.device) for k, v in collate(items, pad).items()}
+        resolved = [self.resolve(r, "") for r in routes]
+        with self._lock:
+            self.holder.plan = self.plan(resolved)
+            try:
+                logits, targets = answer_logits(self.base.model, batch)
+            finally:
+                self.holder.plan = None
+        logp = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        sums, counts = per_row(logp, answer_targets(batch["labels"])[0])
+        return -sums / np.maximum(counts, 1)
 
     def _auto_of(self, ids: torch.Tensor) -> dict[str, float]:
         return self.resolve("auto", self.base.tokenizer.decode(ids, skip_special_tokens=True))

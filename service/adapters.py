@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 
 from loramint.paths import validate_id
-from loramint.service.core import MintJob, Service
+from loramint.service.core import MintJob, PendingCheck, Service
 from loramint.service.deps import Reader, Writer
 from loramint.service.errors import responses
 from loramint.service.guard import bearer_key, client_of
@@ -29,23 +29,31 @@ def check_text(service: Service, what: str, text: str) -> None:
     status_code=201,
     responses=responses(400, 409, 413, 422, 429, 503, 504, 507),
 )
-async def mint(req: MintRequest, request: Request, service: Writer) -> AdapterInfo:
+async def mint(req: MintRequest, request: Request, response: Response, service: Writer) -> AdapterInfo:
     """Mint a LoRA adapter from a task description (one generator pass; concurrent requests are batched).
     By default it is kept on disk until it expires (`expires_at`), counted to the key's storage quota;
     `store: true` adds it to the expert library, `store: false` keeps it in memory only."""
     cfg = service.config
     check_text(service, "description", req.description)
-    examples = req.examples or []
+    examples = req.example_texts()
     if len(examples) > cfg.max_examples:
         raise ValueError(f"{len(examples)} examples, the limit is {cfg.max_examples}")
     if any(len(e) > cfg.max_example_chars for e in examples):
-        raise ValueError(f"an example is over the limit of {cfg.max_example_chars} characters")
+        raise ValueError(
+            f"an example is over the limit of {cfg.max_example_chars} characters (a solved example: its "
+            "input and output together)"
+        )
     if req.id is not None:
         validate_id(req.id, "adapter id")
     owner = client_of(request.scope, bearer_key(request.scope))
     result = await service.lanes["mint"].submit(MintJob(req, owner, defer=True))
+    if isinstance(result, PendingCheck):  # solved examples: scored on the runtime thread, beside completions
+        pending = result
+        result = await service.lanes["check"].submit(lambda: service.check(pending))
     if callable(result):  # a kept adapter: written on the files lane while the mint lane decodes the next
         result = await service.lanes["files"].submit(result)
+    if result.fell_back:
+        response.status_code = 200  # nothing was created: the base model is the answer
     return result
 
 

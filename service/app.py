@@ -103,5 +103,7 @@ def document_limits(schema: dict, config: ServiceConfig) -> dict:
                 target = branch
                 for part in path:
                     target = target[part]
-                target[key] = limits[limit]
+                # a union (texts or solved examples): the length limit is the string branch's
+                for leaf in [b for b in target.get("anyOf", []) if b.get("type") == "string"] or [target]:
+                    leaf[key] = limits[limit]
     return schema

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_type_hints
 
+from loramint.fallback import FallbackPolicy
+
 Auth = Literal["writes", "all", "none"]
 ENV_PREFIX = "LORAMINT_"
 
@@ -51,6 +53,12 @@ class ServiceConfig:
     """Seconds a request may wait for its work (queue + run) before HTTP 504."""
     mint_batch: int = 16
     """Mint requests decoded together in one `Minter.mint_many` call."""
+    fallback_min_confidence: float = 0.0
+    """Serve the base model instead of a minted adapter when the request's best similarity to a library
+    expert is below this (`loramint.fallback`; 0: never on this ground)."""
+    fallback_min_gain: float = 0.0
+    """With solved examples in a mint request: serve the base model unless the minted adapter lowers their
+    mean answer loss by more than this many nats per token."""
     mint_workers: int = 2
     """Mint batches in flight at once, each on its own thread: one encodes descriptions while another
     decodes and composes (the text encoder itself serves one batch at a time)."""
@@ -87,6 +95,9 @@ class ServiceConfig:
     upload_per_minute: int = 60
     """Expert uploads a minute per API key, likewise."""
 
+    def fallback_policy(self) -> FallbackPolicy:
+        return FallbackPolicy(self.fallback_min_confidence, self.fallback_min_gain)
+
     def limits(self) -> dict[str, int]:
         """Every limit a request meets, by name: what `GET /v1/limits` answers and the OpenAPI document shows."""
         return {name: getattr(self, name) for name in LIMITS}
@@ -112,6 +123,7 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("timeout_s must be > 0 and batch_wait_ms >= 0")
+        self.fallback_policy()  # its own checks of the two fallback settings
         if self.top_k > self.capacity:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed capacity ({self.capacity})")
 

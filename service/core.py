@@ -15,6 +15,7 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from loramint import models
 from loramint.adapters import LoraAdapter
 from loramint.errors import AdapterError, AlreadyExistsError, GeneratorError, NotFoundError
+from loramint.fallback import check_examples, decide
 from loramint.index import Expert, ExpertLibrary
 from loramint.paths import validate_id
 from loramint.runtime.runtime import Runtime, Usage, similarity_weights
@@ -82,6 +84,16 @@ class MintJob:
     owner: str = ""
     defer: bool = False
     """Hand a kept adapter's disk write back as a call (see `Service._keep`) instead of doing it here."""
+
+
+@dataclass
+class PendingCheck:
+    """A minted adapter to check on its request's solved examples (`Service.check`, on the runtime thread)
+    before it is kept or the base model is served instead."""
+
+    job: MintJob
+    adapter: LoraAdapter
+    drawn: dict
 
 
 @dataclass
@@ -332,6 +344,8 @@ class Service:
                 **lane,
             ),
             "files": Lane("files", _call_each, executor=self._pools["files"], **lane),
+            # the runtime's one thread: checks of minted adapters on solved examples run between passes
+            "check": Lane("check", _call_each, executor=self._pools["runtime"], **lane),
         }
 
     @classmethod
@@ -479,7 +493,7 @@ class Service:
         results: list[AdapterInfo | Exception | None] = [None] * len(requests)
         for (rank, _), members in groups.items():
             batch = [requests[i] for i in members]
-            texts, shots = [r.description for r in batch], [r.examples for r in batch]
+            texts, shots = [r.description for r in batch], [r.example_texts() or None for r in batch]
             try:
                 adapters = self.minter.mint_many(texts, shots, batch[0].seed, rank)
                 reports = self.minter.provenance(texts, shots)  # what each draws on, for the whole batch
@@ -494,11 +508,66 @@ class Service:
                         adapter = self.minter.mint(
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
-                        (drawn,) = self.minter.provenance([requests[i].description], [requests[i].examples])
-                    results[i] = self._keep(requests[i], adapter, drawn, jobs[i].owner, jobs[i].defer)
+                        (drawn,) = self.minter.provenance([texts[members.index(i)]], [shots[members.index(i)]])
+                    results[i] = self._decide(jobs[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc
         return results  # type: ignore[return-value]
+
+    def _decide(self, job: MintJob, adapter: LoraAdapter, drawn: dict):
+        """Fall back at once when nothing in the library is near; check a request with solved examples
+        first (a `PendingCheck` for the runtime thread); keep the rest."""
+        decision = decide(self.config.fallback_policy(), drawn["confidence"])
+        if decision.fell_back:
+            return self._fallback(job.request, drawn, decision.reason, "confidence")
+        if job.request.solved():
+            return PendingCheck(job, adapter, drawn)
+        return self._keep(job.request, adapter, {**drawn, "fell_back": False}, job.owner, job.defer)
+
+    def check(self, pending: PendingCheck) -> AdapterInfo | Callable[[], AdapterInfo]:
+        """(The runtime thread.) Score the minted adapter against the base model on the request's solved
+        examples; serve the base model when it does not do better, else keep it (returned as a call for the
+        files lane)."""
+        req, adapter = pending.job.request, pending.adapter.compact()  # checked as it would be served
+        probe = f"check-{uuid.uuid4().hex}"
+        self.runtime.add(probe, adapter)
+        try:
+            check = check_examples(
+                self.base.tokenizer,
+                lambda items, minted: self.runtime.answer_nll(items, [probe if m else None for m in minted]),
+                req.description,
+                req.solved(),
+            )
+        finally:
+            self.runtime.remove(probe)
+        drawn = {**pending.drawn, "check": check.as_dict()}
+        decision = decide(self.config.fallback_policy(), drawn["confidence"], check)
+        if decision.fell_back:
+            return self._fallback(req, drawn, decision.reason, "examples")
+        return lambda: self._keep(req, adapter, {**drawn, "fell_back": False}, pending.job.owner)
+
+    def _fallback(self, req: MintRequest, drawn: dict, reason: str | None, ground: str) -> AdapterInfo:
+        """What a mint that fell back answers: the base model, with why."""
+        self.metrics.fell_back.labels(ground).inc()
+        base = self.base.hf_id
+        return AdapterInfo(
+            id=base,
+            stored=False,
+            name=base,
+            description=req.description,
+            family=req.family,
+            base_model=self.base.hf_id,
+            rank=0,
+            alpha=0.0,
+            target_modules=[],
+            num_modules=0,
+            nbytes=0,
+            content_hash="",
+            created=int(time.time()),
+            metrics={"minted": {**drawn, "fell_back": True, "fallback_reason": reason}},
+            download_url=None,
+            fell_back=True,
+        )
 
     def _keep(
         self, req: MintRequest, adapter: LoraAdapter, drawn: dict, owner: str = "", defer: bool = False

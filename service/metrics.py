@@ -27,6 +27,7 @@ class Metrics:
     work_seconds: Histogram
     wait_seconds: Histogram
     minted: Counter
+    fell_back: Counter
     completion_tokens: Counter
     cancelled: Counter
 
@@ -70,6 +71,12 @@ class Metrics:
                 "loramint_minted_adapters",
                 "Adapters minted, by where they are kept",
                 ["kept_in"],
+                registry=reg,
+            ),
+            fell_back=Counter(
+                "loramint_mint_fallbacks",
+                "Mints that served the base model instead of an adapter, by why (confidence, examples)",
+                ["reason"],
                 registry=reg,
             ),
             completion_tokens=Counter(

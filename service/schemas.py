@@ -27,11 +27,24 @@ Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 # ---- adapters and experts ---------------------------------------------------------------------------------
+class SolvedExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: Example = Field(description="What the model reads.")
+    output: Example = Field(description="The answer it should give.")
+
+    def text(self) -> str:
+        return f"{self.input}\n{self.output}"
+
+
 class MintRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: Text = Field(description="What the task asks for, in a sentence or a paragraph.")
-    examples: list[Example] | None = Field(
-        None, max_length=MAX_EXAMPLES, description="A few example texts (input and answer) to condition on."
+    examples: list[Example | SolvedExample] | None = Field(
+        None,
+        max_length=MAX_EXAMPLES,
+        description="A few examples to condition on: texts, or solved examples {input, output}. With solved "
+        "examples the minted adapter is also checked on them against the base model, and the base model is "
+        "served instead when the adapter does not do better (`fell_back`).",
     )
     seed: StrictInt | None = Field(
         None, ge=0, le=2**63 - 1, description="Sample the latent (default: the prior's mean)."
@@ -48,6 +61,14 @@ class MintRequest(BaseModel):
     id: Id | None = Field(None, description="The adapter's id (default: minted-<content hash>).")
     name: str | None = Field(None, max_length=200, description="Library name (default: the id).")
     family: str = Field("minted", max_length=128, description="Library family of a stored adapter.")
+
+    def example_texts(self) -> list[str]:
+        """Every example as the text the generator conditions on."""
+        return [e if isinstance(e, str) else e.text() for e in self.examples or []]
+
+    def solved(self) -> list[tuple[str, str]]:
+        """The solved examples as (input, output) pairs: what the minted adapter is checked on."""
+        return [(e.input, e.output) for e in self.examples or [] if isinstance(e, SolvedExample)]
 
 
 class AdapterInfo(BaseModel):
@@ -68,7 +89,12 @@ class AdapterInfo(BaseModel):
     content_hash: str
     created: int
     metrics: dict[str, Any] = Field(default_factory=dict)
-    download_url: str
+    download_url: str | None = Field(description="Where to download it; null when the mint fell back.")
+    fell_back: bool = Field(
+        False,
+        description="True when no adapter fits the task: `id` is then the base model's (use it as the "
+        "completion `model`) and `metrics.minted.fallback_reason` says why.",
+    )
 
 
 class RetrieveRequest(BaseModel):

@@ -240,6 +240,28 @@ def test_runtime_rows_with_different_routes_equal_each_row_alone(tiny, runtime):
     assert (runtime.stack.misses, runtime.stack.hits) == (2, 1) and runtime.holder.plan is None
 
 
+def test_runtime_answer_nll_of_mixed_rows_equals_each_example_scored_alone(tiny, runtime):
+    """What the service's check on solved examples computes: each encoded example's answer loss under its
+    own route in one pass, equal to scoring it alone with the adapter applied."""
+    from loramint.fallback import solved_task
+    from loramint.training.data import answer_nll_per_example, encode_example
+
+    task = solved_task("add", [("3 plus 4", "7"), ("10 plus 1", "eleven, I think"), ("1 plus 1", "2")])
+    items = [encode_example(tiny.tokenizer, task, ex, 64) for ex in task.examples]
+    routes = [None, "adder", {"adder": 0.5, "poet": 0.5}]
+    got = runtime.answer_nll(items + items, routes + ["poet", None, "adder"])
+    for row, route in enumerate(routes + ["poet", None, "adder"]):
+        route = {} if route is None else {route: 1.0} if isinstance(route, str) else route
+        mixture = [(runtime._load(e), w) for e, w in route.items()]
+        with apply_mixture(tiny.model, mixture):
+            (alone,) = answer_nll_per_example(
+                tiny.model, tiny.tokenizer, task, [task.examples[row % 3]], max_length=64
+            )
+        assert got[row] == pytest.approx(alone, abs=1e-4)
+    with pytest.raises(ValueError, match="3 examples but 2 routes"):
+        runtime.answer_nll(items, routes[:2])
+
+
 def test_runtime_auto_routes_by_retrieval_and_generates_a_mixed_batch(runtime):
     route = runtime.resolve("auto", "What is 2 plus 3? Add them.")
     assert list(route)[0] == "adder" and sum(route.values()) == pytest.approx(1.0)
@@ -371,7 +393,7 @@ def test_learned_router_trains_balances_and_round_trips(tiny, model, tmp_path):
 
 
 def test_per_token_routing_methods_in_the_harness(tiny, tmp_path):
-    """route-arrow and route-token score through a runtime stack attached for the task only; the learned
+    """arrow and route-token score through a runtime stack attached for the task only; the learned
     router, trained on the seen tasks, lowers their loss below the base model's."""
     from dataclasses import replace
 
@@ -411,7 +433,7 @@ def test_per_token_routing_methods_in_the_harness(tiny, tmp_path):
         result = evaluate(
             tiny,
             unseen,
-            ["base", "route-arrow", "route-token"],
+            ["base", "arrow", "route-token"],
             library=library,
             seen=seen,
             scoring=scoring,
@@ -429,7 +451,7 @@ def test_per_token_routing_methods_in_the_harness(tiny, tmp_path):
         )
     assert torch.equal(logits(tiny.model, ids()), plain), "the harness detaches the runtime after each task"
     assert not any(isinstance(m, RoutedLinear) for m in tiny.model.modules())
-    arrow = result["methods"]["route-arrow"]
+    arrow = result["methods"]["arrow"]
     assert (
         set(arrow["per_task"]) == {t.name for t in unseen}
         and arrow["mean"] != result["methods"]["base"]["mean"]

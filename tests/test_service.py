@@ -412,7 +412,7 @@ def test_models_list_vllm_shape(client):
 def test_healthz_and_metrics(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["base_model"] == BASE and health["generator"] is True
-    assert set(health["queues"]) == {"mint", "library", "generate", "files"}
+    assert set(health["queues"]) == {"mint", "library", "generate", "files", "check"}
     client.get("/v1/adapters/arith_0")
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
@@ -1158,7 +1158,7 @@ def test_limits_are_one_source_of_truth(client, world):
     examples = schemas["MintRequest"]["properties"]["examples"]["anyOf"][0]
     assert (
         examples["maxItems"] == config.max_examples
-        and examples["items"]["maxLength"] == config.max_example_chars
+        and examples["items"]["anyOf"][0]["maxLength"] == config.max_example_chars  # the text branch
     )
     assert (
         schemas["CompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == config.max_tokens
@@ -1354,3 +1354,66 @@ def test_a_full_disk_is_a_documented_507_and_stores_nothing(world, monkeypatch):
         assert upload(c, adapter_zip(LoraAdapter.random("tiny-llama", r=2, seed=21))).status_code == 507
         assert library_state(world) == before
         assert c.get("/healthz").status_code == 200
+
+
+# ---- fallback: the base model when nothing fits ------------------------------------------------------------
+def test_a_mint_far_from_every_expert_falls_back_to_the_base_model(world):
+    with TestClient(make_app(world, fallback_min_confidence=0.999)) as c:
+        before = {m["id"] for m in c.get("/v1/models").json()["data"]}
+        r = c.post("/v1/adapters", json={"description": "Answer like a pirate."}, headers=AUTH)
+        assert r.status_code == 200, r.text  # nothing created
+        body = r.json()
+        assert body["fell_back"] is True and body["id"] == BASE and body["download_url"] is None
+        minted = body["metrics"]["minted"]
+        assert minted["fell_back"] is True and "best similarity" in minted["fallback_reason"]
+        assert minted["confidence"] < 0.999 and minted["experts"]
+        assert {m["id"] for m in c.get("/v1/models").json()["data"]} == before  # nothing kept
+        done = c.post("/v1/completions", json={"model": body["id"], "prompt": "hello", "max_tokens": 3})
+        assert done.status_code == 200
+        metrics = c.get("/metrics").text
+    assert _sample(metrics, "loramint_mint_fallbacks_total", reason="confidence") == 1
+
+
+def test_solved_examples_check_the_minted_adapter_against_the_base_model(world, tiny):
+    """The check's numbers are the base model's and the adapter's answer loss on the examples, the same as
+    scoring them one by one with the adapter applied; the decision follows `fallback_min_gain`."""
+    from loramint.fallback import solved_task
+    from loramint.training.data import answer_nll_per_example
+
+    solved = [{"input": "3 plus 4", "output": "7"}, {"input": "10 plus 1", "output": "11"}]
+    body = {"description": "Add one to the number.", "examples": solved, "store": False}
+    with TestClient(make_app(world, fallback_min_gain=-1e9)) as c:
+        kept = c.post("/v1/adapters", json=body, headers=AUTH)
+        assert kept.status_code == 201, kept.text
+        info = kept.json()
+        assert info["fell_back"] is False and info["metrics"]["minted"]["fell_back"] is False
+        check = info["metrics"]["minted"]["check"]
+        adapter = c.app.state.service.adapter(info["id"])
+    task = solved_task(body["description"], [(e["input"], e["output"]) for e in solved])
+    plain = tiny  # the unwrapped model: scored the plain way, one example at a time
+    want_base = answer_nll_per_example(plain.model, plain.tokenizer, task, task.examples).mean()
+    with apply_lora(plain.model, adapter):
+        want_minted = answer_nll_per_example(plain.model, plain.tokenizer, task, task.examples).mean()
+    assert check["examples"] == 2
+    assert check["base_nll"] == pytest.approx(want_base, abs=1e-3)
+    assert check["minted_nll"] == pytest.approx(want_minted, abs=1e-3)
+
+    with TestClient(make_app(world, fallback_min_gain=1e9)) as c:
+        r = c.post("/v1/adapters", json=body, headers=AUTH)
+        assert r.status_code == 200 and r.json()["fell_back"] is True and r.json()["id"] == BASE
+        assert "did not beat the base model" in r.json()["metrics"]["minted"]["fallback_reason"]
+        assert r.json()["metrics"]["minted"]["check"]["examples"] == 2
+        assert not any(i.startswith("check-") for i in c.app.state.service.runtime.stack.ids)  # probe gone
+        metrics = c.get("/metrics").text
+    assert _sample(metrics, "loramint_mint_fallbacks_total", reason="examples") == 1
+
+
+def test_bad_solved_examples_are_refused_clearly(client):
+    for examples, fragment in [
+        ([{"input": "x"}], "output"),
+        ([{"input": "x", "output": ""}], "output"),
+        ([{"input": "x", "output": "y", "extra": 1}], "extra"),
+        ([{"input": "x" * 3000, "output": "y" * 3000}], "input and output together"),
+    ]:
+        r = client.post("/v1/adapters", json={"description": "d", "examples": examples}, headers=AUTH)
+        assert r.status_code == 422 and fragment in r.text, (examples, r.text[:300])

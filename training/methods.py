@@ -71,7 +71,7 @@ class MethodConfig:
     router: Path | None = None
     """Learned per-token router (`loramint train-router`) for `route-token`."""
     top_k_tokens: int = 2
-    """Experts per token for `route-arrow`."""
+    """Experts per token for `arrow`."""
 
     def __post_init__(self) -> None:
         self.multitask_dir, self.oracle_library = Path(self.multitask_dir), Path(self.oracle_library)
@@ -104,7 +104,7 @@ class Intervention:
     info: dict[str, Any] = field(default_factory=dict)
     """What was chosen (expert ids, similarities, weights, cache hits), recorded in the results."""
     routing: TokenRouting | None = None
-    """Per-token routing through the runtime instead of a merged mixture (route-arrow, route-token)."""
+    """Per-token routing through the runtime instead of a merged mixture (arrow, route-token)."""
 
     def shown(self, task: Task) -> Task:
         """The task as the model sees it: the instruction, if any, goes in front of the task's own prefix."""
@@ -562,8 +562,8 @@ def minted_topk_method(ctx: MethodContext) -> Method:
 # ---- routed per token by the runtime -------------------------------------------------------------------------
 
 
-@register("route-arrow")
-def route_arrow_method(ctx: MethodContext) -> Method:
+@register("arrow")
+def arrow_method(ctx: MethodContext) -> Method:
     """Every seen expert resident; each token of each layer routed to its top-k by Arrow (no training)."""
 
     def method(task: Task) -> Intervention:
