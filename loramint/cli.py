@@ -324,6 +324,25 @@ def library_search(
     console.print(table)
 
 
+def library_summary(library: Path = DEFAULT_LIBRARY, out: Path | None = None) -> None:
+    """What a library holds: experts, families, how many converged and beat the base model, build rate.
+
+    Args:
+        library: library folder.
+        out: also write it as JSON here (e.g. benchmarks/results/library.json).
+    """
+    import json
+
+    from loramint.paths import atomic_write_bytes
+    from loramint.training.build import library_summary as summarize
+
+    with _open(library.expanduser()) as lib:
+        summary = summarize(lib)
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps(summary, indent=2) + "\n").encode())
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k != "definitions"}))
+
+
 def library_remove(id: str, library: Path = DEFAULT_LIBRARY) -> None:
     """Remove an expert (its row, its vector and its adapter folder).
 
@@ -440,6 +459,7 @@ def evaluate(
     n_samples: int = 8,
     router: Path | None = None,
     top_k_tokens: int = 2,
+    min_test: int = 0,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
 
@@ -476,14 +496,21 @@ def evaluate(
         n_samples: seeded samples minted-sampled chooses among (plus the mean).
         router: learned per-token router (`loramint train-router`) for route-token.
         top_k_tokens: experts per token for arrow.
+        min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
+            confidence interval as wide as the effects it should show).
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
     from loramint.training.methods import MethodConfig, train_config_from_yaml
 
     by_name, names = harness.select_tasks(suite, tasks, seen, unseen)
+    if min_test:
+        for split in ("seen", "unseen"):  # the seen split stays whole for the methods (the library's tasks)
+            names[f"{split}_scored"] = [
+                n for n in names[split] if len(harness.eval_split(by_name[n])[1]) >= min_test
+            ]
     splits = splits or ["unseen"]
-    if bad := [s for s in splits if s not in names]:
+    if bad := [s for s in splits if s not in ("seen", "unseen")]:
         raise LoramintError(f"splits must be 'seen' and/or 'unseen', got {bad}")
     scoring = harness.ScoringConfig(
         max_length=max_length,
@@ -514,7 +541,7 @@ def evaluate(
         for split in splits:
             result = harness.evaluate(
                 base,
-                [by_name[n] for n in names[split]],
+                [by_name[n] for n in names.get(f"{split}_scored", names[split])],
                 methods or harness.ALL_METHODS,
                 library=lib,
                 seen=[by_name[n] for n in names["seen"]],
@@ -845,7 +872,13 @@ COMMANDS = {
         "build": data_build,
     },
     "suite": {"prepare": suite_prepare},
-    "library": {"add": library_add, "list": library_list, "search": library_search, "remove": library_remove},
+    "library": {
+        "add": library_add,
+        "list": library_list,
+        "search": library_search,
+        "summary": library_summary,
+        "remove": library_remove,
+    },
     "train-experts": train_experts,
     "eval": evaluate,
     "eval-assemble": eval_assemble,

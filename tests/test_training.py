@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -321,3 +322,58 @@ def test_interleave_families_is_round_robin_and_keeps_each_familys_order(suite):
     assert sorted(order) == sorted(t.name for t in suite)
     families = [next(t.family for t in suite if t.name == n) for n in order]
     assert families[:3] == ["copy", "arith", "classify"] and families[3:] == families[:3]
+
+
+def test_library_summary_counts_what_the_experts_recorded(tmp_path):
+    from loramint.adapters import LoraAdapter
+    from loramint.cli import main
+    from loramint.index import ExpertLibrary
+    from loramint.training.build import library_summary
+
+    def card(metric, beats):
+        return {
+            "metric": metric,
+            "base": 0.1,
+            "expert": 0.5 if beats else 0.1,
+            "beats_base": beats,
+            "seconds": 10,
+        }
+
+    rows = [  # family, converged, quality card, seconds of training
+        ("a", True, card("accuracy", True), 50.0),
+        ("a", True, card("exact_match", False), 70.0),
+        ("b", False, card("exact_match", True), 110.0),
+        ("c", True, None, 20.0),
+    ]
+    with ExpertLibrary.open(tmp_path / "lib") as lib:
+        for i, (family, converged, quality, seconds) in enumerate(rows):
+            metrics = {"converged": converged, "steps_run": 10 * (i + 1), "wall_seconds": seconds}
+            if quality:
+                metrics |= {"quality": quality, "retrievable": quality["beats_base"]}
+            adapter = LoraAdapter.random("tiny-llama", r=2, seed=i)
+            lib.add(
+                adapter, id=f"e{i}", name=f"e{i}", description=f"task {i}", family=family, metrics=metrics
+            )
+        summary = library_summary(lib)
+    assert {k: summary[k] for k in ("experts", "families", "converged", "with_quality_card")} == {
+        "experts": 4,
+        "families": 3,
+        "converged": 3,
+        "with_quality_card": 3,
+    }
+    assert summary["beat_base"] == 2 and summary["retrievable"] == 3  # no card: not flagged, retrievable
+    assert summary["converged_fraction"] == 0.75
+    spent = 50 + 70 + 110 + 20 + 3 * 10
+    assert summary["experts_per_hour"] == round(3600 * 4 / spent, 2)
+    assert summary["experts_per_hour_typical"] == round(3600 / 70, 2)  # median of 60, 80, 120, 20 = 70
+    assert summary["by_metric"] == {
+        "accuracy": {"experts": 1, "beat_base": 1},
+        "exact_match": {"experts": 2, "beat_base": 1},
+    }
+    assert summary["per_family"] == {"a": 2, "b": 1, "c": 1} and summary["steps"] == {
+        "median": 25.0,
+        "max": 40,
+    }
+    out = tmp_path / "library.json"
+    assert main(["library", "summary", "--library", str(tmp_path / "lib"), "--out", str(out)]) in (0, None)
+    assert json.loads(out.read_text())["experts"] == 4

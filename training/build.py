@@ -197,3 +197,50 @@ def write_report(
     }
     atomic_write_bytes(Path(path), (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def library_summary(library: ExpertLibrary) -> dict:
+    """What a built library holds, from what each expert recorded when it was trained: how many experts and
+    families, how many stopped by early stopping (`converged`), how many beat the base model on their task
+    (`retrievable`, from the quality cards), and the build rate over the recorded training and card times
+    (across resumed runs)."""
+    experts = library.list()
+    metrics = [e.metrics for e in experts]
+    each = [m.get("wall_seconds", 0.0) + m.get("quality", {}).get("seconds", 0.0) for m in metrics]
+    spent = sum(each)
+    families: dict[str, int] = {}
+    for e in experts:
+        families[e.family] = families.get(e.family, 0) + 1
+    steps = [m["steps_run"] for m in metrics if "steps_run" in m]
+    carded = [m["quality"] for m in metrics if "quality" in m]
+    by_metric: dict[str, dict[str, int]] = {}
+    for q in carded:
+        row = by_metric.setdefault(q["metric"], {"experts": 0, "beat_base": 0})
+        row["experts"] += 1
+        row["beat_base"] += bool(q["beats_base"])
+    n = len(experts)
+    converged = sum(bool(m.get("converged")) for m in metrics)
+    return {
+        "experts": n,
+        "families": len(families),
+        "converged": converged,
+        "converged_fraction": round(converged / n, 4) if n else None,
+        "with_quality_card": len(carded),
+        "beat_base": sum(bool(q["beats_base"]) for q in carded),
+        "retrievable": sum(m.get("retrievable", True) is not False for m in metrics),
+        "experts_per_hour": round(3600 * n / spent, 2) if spent else None,
+        "experts_per_hour_typical": round(3600 / statistics.median(each), 2) if spent else None,
+        "hours": round(spent / 3600, 2),
+        "steps": {"median": statistics.median(steps), "max": max(steps)} if steps else None,
+        "by_metric": by_metric,
+        "per_family": dict(sorted(families.items())),
+        "definitions": {
+            "converged": "training stopped because the validation answer loss stopped improving (early "
+            "stopping), not at the step limit",
+            "beat_base": "the quality card's paired 95% bootstrap CI of expert minus base on the task's test "
+            "split, in the task's metric, lies above 0; only those experts are retrieved",
+            "experts_per_hour": "experts over the sum of their recorded training and quality-card seconds "
+            "(wall time: it includes whatever else the machine ran meanwhile)",
+            "experts_per_hour_typical": "3600 over the median expert's training and quality-card seconds",
+        },
+    }
