@@ -365,6 +365,7 @@ def train_experts(
     suite: Path | None = None,
     report: Path | None = None,
     cards: bool = False,
+    shard: str | None = None,
 ) -> None:
     """Train one LoRA expert per task and add each to the library (skips experts already built identically).
 
@@ -381,6 +382,8 @@ def train_experts(
             machine), e.g. benchmarks/results/experts_build.json.
         cards: give every expert a quality card (base vs expert on the task's test split, in the task's
             metric and NLL); experts that do not beat the base model are kept out of retrieval.
+        shard: "i/n": train only every n-th task of the build order, from the i-th (0-based), so that n
+            processes (e.g. one CPU thread each: OMP_NUM_THREADS=1) build one library together.
     """
     from loramint.models import load_base_model
     from loramint.tasks import load_tasks
@@ -396,6 +399,11 @@ def train_experts(
     # cheapest first within each family (fewest prompt characters), families round-robin
     chosen = sorted((t for t in load_tasks(tasks) if only is None or t.name in only), key=prompt_chars)
     task_list = interleave_families(chosen)
+    if shard is not None:
+        index, _, count = shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise LoramintError(f"shard must be 'i/n' with 0 <= i < n, got {shard!r}")
+        task_list = task_list[int(index) :: int(count)]
     library = library.expanduser()
     config = train or ExpertTrainConfig()
     base = load_base_model(base_model)

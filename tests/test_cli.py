@@ -75,6 +75,10 @@ def test_library_round_trip_and_resume(tmp_path, capsys):
     assert report["machine"]["cores"] >= 1
     assert main(args) == 0
     assert "trained 0, skipped 6" in capsys.readouterr().out, "an unchanged rerun must skip every expert"
+    assert main([*args, "--shard", "1/4"]) == 0  # every 4th task from the 2nd: 2 of the 6
+    assert "trained 0, skipped 2" in capsys.readouterr().out
+    assert main([*args, "--shard", "4/4"]) == 2
+    assert "shard must be 'i/n'" in capsys.readouterr().out
 
     assert main(["library", "search", "Add two numbers together", "--library", str(library), "--k", "2"]) == 0
     hits = [line for line in capsys.readouterr().out.splitlines() if "expert-" in line]
