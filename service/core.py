@@ -508,7 +508,9 @@ class Service:
                         adapter = self.minter.mint(
                             requests[i].description, requests[i].examples, requests[i].seed, rank
                         )
-                        (drawn,) = self.minter.provenance([texts[members.index(i)]], [shots[members.index(i)]])
+                        (drawn,) = self.minter.provenance(
+                            [texts[members.index(i)]], [shots[members.index(i)]]
+                        )
                     results[i] = self._decide(jobs[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc
