@@ -139,11 +139,11 @@ class EnsembleMinter:
 
     @property
     def fast(self) -> bool:
-        """Residual members with one K and no correction cap: one compose for the whole ensemble (the
-        retrieved experts once, with the mean of the members' coefficients, + the members' corrections),
-        rank K r + M r instead of M (K + 1) r, the same update."""
+        """Residual members with one K: one compose for the whole ensemble (the retrieved experts once,
+        with the mean of the members' coefficients, + the members' corrections), rank K r + M r instead of
+        M (K + 1) r, the same update."""
         ks = {m.model.config.residual_k for m in self.members}
-        return len(ks) == 1 and 0 not in ks and not any(m.model.config.max_correction for m in self.members)
+        return len(ks) == 1 and 0 not in ks
 
     # ---- the stages of minting (benchmarks/bench_mint.py times them; mint_many chains them) ----------------
     def condition(self, descriptions, examples=None) -> torch.Tensor:
@@ -163,22 +163,19 @@ class EnsembleMinter:
     @torch.no_grad()
     def adapter(self, tokens: list[dict[str, torch.Tensor]], retrieved) -> LoraAdapter:
         """One row's adapter from its members' tokens (`row`) and its retrieval (`retrieve`, row i)."""
-        from loramint.gen.residual import coefficients, compose
+        from loramint.gen.residual import compose
 
         experts, sims = retrieved
-        coef, corrections, shares = 0.0, [], []
+        coef, corrections = 0.0, []
         for m, w, toks in zip(self.members, self.weights, tokens, strict=True):
             mix_gain = m.model.mix_gain.detach().float().cpu()  # [L, T]
-            weights, direct, corr_gain = (
-                x.detach().float().cpu() for x in coefficients(m.model, sims.to(m.model.mix_gain))
-            )
-            coef = coef + w * (weights[:, None, None] * mix_gain[None] + direct[:, None, None])  # [K, L, T]
+            weights = m.model.mix(sims.float()).cpu()  # [K]
+            coef = coef + w * (weights[:, None, None] * mix_gain[None])  # [K, L, T]
             scale = m.normalizer.scale
             corrections.append(m.layout.from_tokens({g: t.float().cpu() * scale[g] for g, t in toks.items()}))
-            shares.append(w * float(corr_gain))
-        correction = average(corrections, shares)
+        correction = average(corrections, self.weights)
         ones = torch.ones(len(experts))
-        return compose(self.layout, experts, ones, correction, None, 1.0, None, coef=coef)
+        return compose(self.layout, experts, ones, correction, None, 1.0, coef=coef)
 
     def _autocast(self, device_type: str):
         if self.decode_dtype == "bfloat16":

@@ -28,7 +28,7 @@ from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
 from loramint.gen.protocol import MintingModel
-from loramint.gen.residual import assemble, bounded_gain, coefficients, compose
+from loramint.gen.residual import assemble, compose
 from loramint.paths import staged_dir
 
 FORMAT = "loramint-generator"
@@ -158,7 +158,7 @@ class Minter:
                 f"{meta_file}: expected format {FORMAT!r} version {VERSION}, "
                 f"got {meta.get('format')!r} version {meta.get('version')!r}"
             )
-        model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig(**meta["model"]))
+        model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig.from_dict(meta["model"]))
         try:
             missing, unexpected = model.load_state_dict(
                 load_file(str(path / "model.safetensors")), strict=False
@@ -303,18 +303,18 @@ class Minter:
         mu, _ = self.model.prior(cond, *self.prior_inputs(cond))  # [D, Z]
         mixed = torch.nn.functional.normalize((w * cond).sum(0, keepdim=True), dim=-1)  # [1, C]
         tokens = self.model.decode((w * mu).sum(0, keepdim=True), mixed)
-        experts, sims, gain, direct = [], None, 1.0, None
+        experts, mixture = [], None
         if self.model.config.residual_k:  # each description's retrieved mixture, weighted by its share
             per = self.retrieve(cond)
             experts = [e for es, _ in per for e in es]
-            mixes = [coefficients(self.model, s.to(self.model.mix_gain)) for _, s in per]
             shares = w[:, 0].to(self.model.mix_gain)
-            sims = torch.cat([wd * m for wd, (m, _, _) in zip(shares, mixes, strict=True)]).cpu()
-            direct = torch.cat([wd * d for wd, (_, d, _) in zip(shares, mixes, strict=True)]).cpu()
-            gain = float(sum(wd * g for wd, (_, _, g) in zip(shares, mixes, strict=True)))
-        return self._adapter(
-            {g: t[0] for g, t in tokens.items()}, rank, experts, sims, fused=True, gain=gain, direct=direct
-        )
+            mixture = torch.cat(
+                [
+                    wd * self.model.mix(s.to(self.model.mix_gain))
+                    for wd, (_, s) in zip(shares, per, strict=True)
+                ]
+            ).cpu()
+        return self._adapter({g: t[0] for g, t in tokens.items()}, rank, experts, mixture, fused=True)
 
     def adapter(
         self,
@@ -333,23 +333,17 @@ class Minter:
         experts: Sequence[LoraAdapter] = (),
         sims: torch.Tensor | None = None,
         fused: bool = False,
-        gain: float = 1.0,
-        direct: torch.Tensor | None = None,
     ) -> LoraAdapter:
         """Normalised tokens of one adapter (+ a residual generator's retrieved experts) -> a `LoraAdapter`
-        (canonical factors when not residual; optionally truncated to `rank` by SVD)."""
+        (canonical factors when not residual; optionally truncated to `rank` by SVD). `fused`: `sims` are
+        the mixture's final weights already (`fuse`)."""
         check_rank(rank, self.max_rank)
         tokens = {g: t.float().cpu() for g, t in tokens.items()}
         if fused and self.model.config.residual_k:  # weights already final: compose, not assemble
             correction = self.layout.from_tokens(
                 {g: t * self.normalizer.scale[g].to(t) for g, t in tokens.items()}
             )
-            mix_gain = self.model.mix_gain.detach().cpu()
-            if self.model.config.max_correction:
-                gain = bounded_gain(
-                    self.layout, experts, sims, correction, mix_gain, gain, self.model.config.max_correction
-                )
-            adapter = compose(self.layout, experts, sims, correction, mix_gain, gain, direct)
+            adapter = compose(self.layout, experts, sims, correction, self.model.mix_gain.detach().cpu())
         else:
             adapter = assemble(self.model, self.normalizer, tokens, experts, sims)
         return adapter if rank is None else truncate(adapter, rank)
@@ -362,8 +356,6 @@ def provenance(
     cosine similarity of their descriptions and, for a residual generator, their share `weight` of the
     mixture; best first) and `confidence`, the best of those similarities
     (near 1: the library holds this very task; low: nothing in it fits). Works for a Minter or an ensemble."""
-    from loramint.gen.residual import coefficients
-
     cond = minter.condition(descriptions, examples)  # [B, C]
     k = min(max(minter.model.config.residual_k, 1), len(minter.bank))
     top = (cond @ minter.bank.keys.T).topk(k, dim=-1)
@@ -373,9 +365,8 @@ def provenance(
         member_weights = getattr(minter, "weights", None) or [1.0 / len(members)] * len(members)
         shares = [
             sum(
-                w * (weights + direct).float().cpu()
+                w * member.model.mix(row.to(member.model.mix_gain)).float().cpu()
                 for member, w in zip(members, member_weights, strict=True)
-                for weights, direct, _ in [coefficients(member.model, row.to(member.model.mix_gain))]
             ).tolist()
             for row in top.values
         ]

@@ -24,12 +24,9 @@ from torch import nn
 
 from loramint.gen.config import GeneratorConfig
 from loramint.gen.layout import Layout
-from loramint.gen.residual import OWN_MIN_COSINE, closeness, mixture_weights
+from loramint.gen.residual import mixture_weights
 
 HEAD_INIT_SCALE = 0.01
-MIXER_HIDDEN = 32  # width of the adaptive mixer (K cosines in, K + 1 numbers out)
-GATE_HIDDEN = 16  # width of the own-expert gate (K closenesses in, 1 logit out)
-GATE_INIT = -6.0  # the gate's starting logit: alpha = sigmoid(-6) ~ 0.0025, i.e. closed
 LOGVAR_BOUND = 10.0
 """Every log-variance the networks emit is squashed into (-LOGVAR_BOUND, LOGVAR_BOUND): e^10 ~ 2.2e4. The
 functional objective never constrains the encoder's log-variance (no KL term); past e^88 exp() overflows to
@@ -98,46 +95,22 @@ class LoraCVAE(nn.Module):
         self.heads = nn.ModuleDict({key(g): nn.Linear(cfg.hidden, self.dims[g]) for g in self.groups})
         if cfg.residual_k:  # gain on the retrieved mixture per (layer, module type), see gen.residual
             self.mix_gain = nn.Parameter(torch.ones(n_layers, len(layout.module_types)))
-        if cfg.adaptive_mix:  # K cosines -> K weight logits (added to log cos) + the correction's gain logit
-            self.mixer = mlp(cfg.residual_k, MIXER_HIDDEN, cfg.residual_k + 1, 0.0)
-        if cfg.own_gate:  # K closenesses to cosine 1 -> the share of the top-1 expert's own update
-            self.gate = mlp(cfg.residual_k, GATE_HIDDEN, 1, 0.0)
         with (
             torch.no_grad()
         ):  # start near 0: the library's mean adapter (residual: the retrieved mixture), never a random one
             for head in self.heads.values():
                 head.weight.mul_(HEAD_INIT_SCALE)
                 head.bias.zero_()
-            if cfg.adaptive_mix:  # exactly the fixed rule at init: weights cos_k / Σ cos_j, correction gain 1
-                last = self.mixer[-1]
-                last.weight.zero_()
-                last.bias.zero_()
-            if cfg.own_gate:  # closed whatever the input: alpha = sigmoid(GATE_INIT)
-                self.gate[-1].weight.zero_()
-                self.gate[-1].bias.fill_(GATE_INIT)
 
-    def mix(self, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[..., K] cosines of the retrieved experts (best first) -> (mixture weights [..., K], the
-        correction's gain [...]). Fixed rule: cos_k / Σ_j cos_j and 1; `adaptive_mix` learns both."""
-        weights = mixture_weights(sims)
-        if not self.config.adaptive_mix:
-            return weights, torch.ones(sims.shape[:-1], dtype=sims.dtype, device=sims.device)
-        out = self.mixer(sims)
-        logits = weights.clamp_min(1e-6).log() + out[..., :-1]
-        return logits.softmax(dim=-1), 2 * torch.sigmoid(out[..., -1])
-
-    def own_share(self, sims: torch.Tensor) -> torch.Tensor:
-        """[..., K] cosines (best first) -> alpha [...] in [0, 1): how much of the minted update is the top-1
-        expert's own (`own_gate`; 0 without it, and exactly 0 when the top-1 cosine is below
-        `gen.residual.OWN_MIN_COSINE`: the description is not that expert's)."""
-        if not self.config.own_gate:
-            return torch.zeros(sims.shape[:-1], dtype=sims.dtype, device=sims.device)
-        alpha = torch.sigmoid(self.gate(closeness(sims))[..., 0])
-        return alpha * (sims[..., 0] >= OWN_MIN_COSINE).to(alpha)
+    @staticmethod
+    def mix(sims: torch.Tensor) -> torch.Tensor:
+        """[..., K] cosines of the retrieved experts (best first) -> their mixture weights [..., K]: the fixed
+        rule cos_k / Σ_j cos_j (a learned mixer lost to it: docs/history.md)."""
+        return mixture_weights(sims)
 
     def decoding_linears(self) -> list[tuple[str, nn.Linear]]:
         """(name, layer) of every linear layer minting runs (`generate`: the learned prior, the decoder's
-        input, trunk and heads); the encoder, mixer and gate are not among them."""
+        input, trunk and heads); the encoder is not among them."""
         parts = ("prior_net", "dec_in", "trunk", "heads")
         return [
             (name, m)

@@ -57,8 +57,8 @@ when the manifest gained or changed another bundle)."""
 MAX_FILE_BYTES = 40_000_000
 """Largest artifact file pack writes (GitHub warns at 50 MB and refuses 100 MB)."""
 KEEP_FP32_NUMEL = 4096
-"""Generator tensors this small stay float32 in a pack (the residual mixing rule: per-module gains, the
-adaptive mixer, the own-expert gate: a few thousand numbers whose rounding would move every mixture)."""
+"""Generator tensors this small stay float32 in a pack (the residual mixing rule's per-module gains: a few
+hundred numbers whose rounding would move every mixture)."""
 HEADER_BASE = 4096
 HEADER_PER_TENSOR = 160
 """A shard's budget for its safetensors JSON header: HEADER_BASE + HEADER_PER_TENSOR + len(key) per tensor
@@ -279,7 +279,7 @@ def _bf16_decoding_keys(checkpoint: Path) -> set[str]:
     from loramint.gen.model import GeneratorConfig, LoraCVAE
 
     meta = json.loads((checkpoint / "generator.json").read_text())
-    model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig(**meta["model"]))
+    model = LoraCVAE(Layout.from_json(meta["layout"]), GeneratorConfig.from_dict(meta["model"]))
     return {f"{name}.{p}" for name, layer in model.decoding_linears() for p, _ in layer.named_parameters()}
 
 

@@ -40,7 +40,7 @@ class HashEncoder:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """An untrained residual generator (adaptive mixing, own-expert gate) over 6 random tiny-llama experts,
+    """An untrained residual generator over 6 random tiny-llama experts,
     its weights nudged off their initial values so every part contributes."""
     experts = [
         canonicalize(LoraAdapter.random("tiny-llama", r=2, target_modules=TARGETS, seed=s)) for s in range(6)
@@ -48,9 +48,7 @@ def checkpoint(tmp_path_factory):
     layout = Layout.of(experts[0])
     samples = [layout.to_tokens(e) for e in experts]
     normalizer = Normalizer.fit(samples)
-    config = GeneratorConfig(
-        cond_dim=COND, d_model=32, hidden=64, d_latent=8, residual_k=2, adaptive_mix=True, own_gate=True
-    )
+    config = GeneratorConfig(cond_dim=COND, d_model=32, hidden=64, d_latent=8, residual_k=2)
     torch.manual_seed(0)
     model = LoraCVAE(layout, config)
     with torch.no_grad():
@@ -168,7 +166,7 @@ def test_expert_and_generator_training_run_on_the_gpu(tiny, tmp_path):
     config = GeneratorTrainConfig(
         library=str(tmp_path / "lib"),
         out=str(tmp_path / "generator"),
-        model=GeneratorConfig(d_model=32, hidden=64, d_latent=8, residual_k=2, adaptive_mix=True),
+        model=GeneratorConfig(d_model=32, hidden=64, d_latent=8, residual_k=2),
         objective="functional",
         steps=8,
         lr=3e-3,

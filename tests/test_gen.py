@@ -263,18 +263,6 @@ def test_compose_is_the_exact_weighted_sum_and_differentiable():
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for _, b in correction.weights.values())
     with pytest.raises(ValueError, match="3 experts but 2 weights"):
         compose(layout, experts, weights[:2], correction)
-    # direct coefficients bypass the gain (the own-expert gate's share of the top-1)
-    direct = torch.tensor([0.7, 0.0, 0.0])
-    out = compose(layout, experts, weights, correction, gain, 0.3, direct)
-    for li, layer in enumerate(layout.layers):
-        for ti, t in enumerate(layout.module_types):
-            m = layout.path(layer, t)
-            want = sum(
-                (gain[li, ti] * w + d) * e.delta(m) for e, w, d in zip(experts, weights, direct, strict=True)
-            ) + 0.3 * correction.delta(m)
-            torch.testing.assert_close(out.delta(m), want, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="direct coefficients"):
-        compose(layout, experts, weights, correction, gain, 1.0, direct[:2])
     # experts of other ranks and scalings (alpha != r), gradients to the weights and the gain
     mixed = [experts[0], LoraAdapter.random("tiny-llama", r=3, alpha=12.0, seed=5)]
     w2 = torch.tensor([0.4, 0.6], requires_grad=True)
@@ -288,14 +276,6 @@ def test_compose_is_the_exact_weighted_sum_and_differentiable():
             torch.testing.assert_close(out.delta(m), want, atol=1e-5, rtol=1e-4)
     delta_error(out, experts[1]).backward()
     assert w2.grad.abs().sum() > 0 and g2.grad.abs().sum() > 0
-
-
-def test_closeness_separates_an_identical_description_from_a_near_sibling():
-    from loramint.gen.residual import closeness
-
-    got = closeness(torch.tensor([1.0, 0.99995, 0.999, 0.976, 0.9, 0.0, -0.5]))
-    torch.testing.assert_close(got[:5], torch.tensor([1.0, 1.0, 0.75, 0.405, 0.25]), atol=2e-3, rtol=0)
-    assert float(got[5]) == 0.0 and float(got[6]) == 0.0 and bool((got[:-1].diff() <= 0).all())
 
 
 def test_log_variances_are_bounded_so_exp_never_overflows():

@@ -207,17 +207,16 @@ def test_config_validation_names_the_setting():
     with pytest.raises(ValueError, match="monitor"):
         GeneratorTrainConfig(monitor="val/nll", val_examples=0)
     assert GeneratorTrainConfig(model={"d_latent": 4}).model.d_latent == 4
-    with pytest.raises(ValueError, match="own_prob"):
-        GeneratorTrainConfig(own_prob=1.5)
     with pytest.raises(ValueError, match="mix_lr"):
         GeneratorTrainConfig(mix_lr=0.0)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        GeneratorTrainConfig(lr_schedule="linear")  # type: ignore[arg-type]
-    from loramint.training.generator import cosine_decay
-
-    assert [round(cosine_decay(s, 100), 6) for s in (0, 50, 100, 150)] == [1.0, 0.5, 0.0, 0.0]
-    with pytest.raises(ValueError, match="adaptive_mix"):
-        GeneratorConfig(adaptive_mix=True)  # a mixing rule needs a retrieved mixture (residual_k > 0)
+    # settings of removed variants: a checkpoint recording them switched off still loads, on is refused
+    old = {"d_latent": 4, "adaptive_mix": False, "own_gate": False, "max_correction": 0.0}
+    assert GeneratorConfig.from_dict(old) == GeneratorConfig(d_latent=4)
+    for key, on in (("adaptive_mix", True), ("own_gate", True), ("max_correction", 2.0)):
+        with pytest.raises(ValueError, match=f"\\['{key}'\\] belong to variants that were removed"):
+            GeneratorTrainConfig(model={**old, key: on})
+    with pytest.raises(TypeError):
+        GeneratorConfig(adaptive_mix=False)  # type: ignore[call-arg]  (no longer a setting)
 
 
 def test_training_needs_an_explicit_out(tmp_path):
@@ -230,25 +229,13 @@ def test_training_needs_an_explicit_out(tmp_path):
     assert not (tmp_path / "lib").exists()
 
 
-def test_validation_holds_out_whole_small_families_then_single_tasks():
+def test_validation_experts_are_chosen_by_hash():
     from loramint.training.generator import select_val
 
-    families = ["big"] * 6 + ["pair"] * 2 + ["trio"] * 3 + ["solo", ""]
-    names = [f"task{i}" for i in range(len(families))]
+    names = [f"task{i}" for i in range(13)]
     by_hash = sorted(range(len(names)), key=lambda i: hashlib.sha256(f"0:{names[i]}".encode()).hexdigest())
-    assert select_val(names, 3, 0, families, 0) == sorted(by_hash[:3])  # the split every run so far used
-    for seed in range(5):
-        val = select_val(names, 2, seed, families, 2)
-        whole = [
-            f for f in ("pair", "trio", "solo") if all(i in val for i, g in enumerate(families) if g == f)
-        ]
-        assert len(whole) == 2, (seed, val)  # two small families held out whole, never "big"
-        assert len(val) == 2 + sum(families.count(f) for f in whole)  # + 2 single tasks of the others
-        assert val == select_val(names, 2, seed, families, 2)  # reproducible
-    with pytest.raises(ValueError, match="val_families=4 but the library has 3 families"):
-        select_val(names, 2, 0, families, 4)
-    with pytest.raises(ValueError, match="val_families"):
-        GeneratorTrainConfig(val_families=-1)
+    assert select_val(names, 3, 0) == sorted(by_hash[:3])  # the split every run so far used
+    assert select_val(names, 3, 1) == select_val(names, 3, 1) != select_val(names, 3, 0)
 
 
 def test_too_small_a_library_is_refused(tmp_path):
@@ -596,7 +583,7 @@ def test_a_step_with_a_non_finite_gradient_is_dropped():
     assert all(p.grad is None for p in net.parameters())  # AdamW skips parameters without a gradient
 
 
-def _module_stub(net, global_step: int = 1, ema_decay: float = 0.0):
+def _module_stub(net, global_step: int = 1):
     """What GeneratorModule's end-of-step and validation hooks read, around `net`."""
     from types import SimpleNamespace
 
@@ -605,9 +592,6 @@ def _module_stub(net, global_step: int = 1, ema_decay: float = 0.0):
         nonfinite_weights=None,
         global_step=global_step,
         trainer=SimpleNamespace(should_stop=False),
-        cfg=SimpleNamespace(ema_decay=ema_decay),
-        ema=None,
-        _swapped=False,
     )
 
 
@@ -623,177 +607,6 @@ def test_a_step_that_leaves_a_non_finite_weight_stops_training():
         net[0].bias[1] = float("inf")
     GeneratorModule.on_train_batch_end(module, None, None, 0)
     assert module.nonfinite_weights == {"step": 7, "params": ["0.bias"]} and module.trainer.should_stop
-
-
-def test_the_weight_average_is_validated_and_the_trained_weights_come_back():
-
-    from loramint.training.generator import GeneratorModule
-
-    net = torch.nn.Linear(2, 1)
-    frozen = net.bias.requires_grad_(False)  # only trained parameters are averaged
-    module = _module_stub(net, ema_decay=0.75)
-    for name in ("update_average", "swap_average"):
-        setattr(module, name, getattr(GeneratorModule, name).__get__(module))
-    w0 = net.weight.detach().clone()
-    GeneratorModule.on_train_batch_end(module, None, None, 0)  # first step: the average is a copy
-    with torch.no_grad():
-        net.weight.add_(4.0)
-    GeneratorModule.on_train_batch_end(module, None, None, 0)
-    want = 0.75 * w0 + 0.25 * (w0 + 4.0)
-    assert set(module.ema) == {"weight"}
-    GeneratorModule.on_validation_start(module)
-    torch.testing.assert_close(net.weight.detach(), want)  # validation sees (and would keep) the average
-    GeneratorModule.on_validation_end(module)
-    torch.testing.assert_close(net.weight.detach(), w0 + 4.0)  # training resumes from its own weights
-    torch.testing.assert_close(module.ema["weight"], want)
-    assert frozen is net.bias and not module._swapped
-    with pytest.raises(ValueError, match="ema_decay"):
-        GeneratorTrainConfig(library="x", out="y", ema_decay=1.0)
-
-
-def test_the_adaptive_mixer_starts_as_the_fixed_rule():
-    """Untrained, `adaptive_mix` mints exactly what the fixed rule does (weights cos_k / sum cos_j, correction
-    gain 1); once its output layer moves, the weights stay a distribution and the gain stays in (0, 2)."""
-    from loramint.gen.layout import Layout
-    from loramint.gen.model import LoraCVAE
-    from loramint.gen.residual import mixture_weights
-
-    template = {"q_proj": "model.layers.{layer}.self_attn.q_proj"}
-    layout = Layout("tiny", 2, 4.0, (0, 1), ("q_proj",), template, {"q_proj": (4, 4)})
-    net = LoraCVAE(layout, replace(SMALL, residual_k=3, adaptive_mix=True))
-    sims = torch.tensor([[0.9, 0.5, 0.2], [0.3, -0.1, -0.2]])
-    weights, gain = net.mix(sims)
-    torch.testing.assert_close(weights, mixture_weights(sims), atol=1e-5, rtol=0)
-    torch.testing.assert_close(gain, torch.ones(2))
-    with torch.no_grad():
-        net.mixer[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0, -4.0]))
-        weights, gain = net.mix(sims)
-    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
-    assert float(weights[0, 0]) > 0.95 and 0 < float(gain[0]) < 0.05
-    fixed = LoraCVAE(layout, replace(SMALL, residual_k=3))
-    assert not hasattr(fixed, "mixer") and fixed.mix(sims)[1].tolist() == [1.0, 1.0]
-
-
-def test_training_with_own_experts_teaches_the_mixer_to_mint_a_seen_tasks_expert(functional, tiny):
-    """With `own_prob` the rows may retrieve their own expert; the functional loss then pushes the adaptive
-    mixer towards that expert when its cosine is ~1 (a seen task's own description), and minting a seen task
-    from its description gets closer to its expert's loss than the fixed rule's mixture + correction does."""
-    root = functional["root"]
-    model = replace(RESIDUAL, adaptive_mix=True)
-    train_pair(functional, tiny, "own", model, mix_lr=0.05, own_prob=1.0, lr_schedule="cosine")
-    before, after = Minter.from_pretrained(root / "own0"), Minter.from_pretrained(root / "own")
-    own_cos = torch.tensor([1.0, 0.6])
-    with torch.no_grad():
-        (w0, _), (w1, _) = before.model.mix(own_cos), after.model.mix(own_cos)
-    assert float(w1[0]) > float(w0[0]) + 0.05, (w0, w1)
-
-    def gap(minter) -> float:  # minted NLL above the task's own expert's, over the seen tasks
-        total = 0.0
-        with ExpertLibrary.open(root / "lib") as library:
-            ids = {e.name: e.id for e in library.list()}
-            for task in functional["seen"]:
-                items = eval_split(task)[0][:16]
-                with apply_lora(tiny.model, minter.mint(task.description)):
-                    minted = answer_nll(tiny.model, tiny.tokenizer, task, items, 64)
-                with apply_lora(tiny.model, library.get(ids[task.name]).load_adapter()):
-                    own = answer_nll(tiny.model, tiny.tokenizer, task, items, 64)
-                total += minted - own
-        return total / len(functional["seen"])
-
-    assert gap(after) < gap(before) - 0.05
-
-
-def test_the_own_gate_starts_closed_and_needs_a_residual_generator():
-    from loramint.gen.layout import Layout
-    from loramint.gen.model import GATE_INIT, LoraCVAE
-
-    with pytest.raises(ValueError, match="own_gate"):
-        GeneratorConfig(own_gate=True)  # the gate blends towards a retrieved expert: residual_k > 0
-    template = {"q_proj": "model.layers.{layer}.self_attn.q_proj"}
-    layout = Layout("tiny", 2, 4.0, (0, 1), ("q_proj",), template, {"q_proj": (4, 4)})
-    net = LoraCVAE(layout, replace(SMALL, residual_k=3, own_gate=True))
-    from loramint.gen.residual import OWN_MIN_COSINE
-
-    sims = torch.tensor([[1.0, 0.9, 0.8], [OWN_MIN_COSINE, 0.4, 0.1], [0.998, 0.99, 0.5], [0.5, 0.4, 0.1]])
-    share = net.own_share(sims)
-    closed = float(torch.sigmoid(torch.tensor(GATE_INIT)))
-    torch.testing.assert_close(share[:2], torch.full((2,), closed))
-    # not a stored description's cosine: exactly closed, whatever the gate's weights say
-    assert share[2:].tolist() == [0.0, 0.0]
-    with torch.no_grad():
-        net.gate[-1].bias.fill_(10.0)
-    assert net.own_share(sims)[2:].tolist() == [0.0, 0.0] and float(net.own_share(sims)[0]) > 0.99
-    plain = LoraCVAE(layout, replace(SMALL, residual_k=3))
-    assert not hasattr(plain, "gate") and plain.own_share(sims).tolist() == [0.0] * 4
-
-
-def test_fitting_the_own_gate_mints_a_seen_experts_own_update_and_changes_nothing_else(residual):
-    """`objective: own` + `init_from` + `train_only: [gate.]`: only the gate moves; a seen task's stored
-    description then mints (nearly) its own expert, and a description far from every library expert mints
-    what the generator minted before."""
-    from loramint.gen.model import GATE_INIT
-    from loramint.gen.residual import delta_error
-
-    root = residual["root"]
-    start = Minter.from_pretrained(root / "residual")
-    config = GeneratorTrainConfig(
-        library=str(root / "lib"),
-        out=str(root / "gated"),
-        model=replace(RESIDUAL, own_gate=True),
-        objective="own",
-        init_from=str(root / "residual"),
-        train_only=["gate."],
-        own_prob=0.5,
-        steps=120,
-        batch_size=8,
-        mix_lr=0.05,
-        weight_decay=0.0,
-        top_k=3,
-        val_tasks=0,
-    )
-    report = train_generator(config, progress=False)
-    assert 0 < report["trained_params"] < report["generator_params"] and report["init_from"] == str(
-        root / "residual"
-    )
-    gated = Minter.from_pretrained(root / "gated")
-    before, after = start.model.state_dict(), gated.model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # everything but the new gate is as it was
-    last = gated.model.gate[-1]
-    assert float(last.weight.abs().sum()) > 0 and float(last.bias) != GATE_INIT  # the gate itself moved
-    with ExpertLibrary.open(root / "lib") as library:
-        entries = library.list()
-        errors = {
-            name: [float(delta_error(m.mint(e.description), e.load_adapter())) for e in entries]
-            for name, m in (("before", start), ("after", gated))
-        }
-    mean = {k: sum(v) / len(v) for k, v in errors.items()}
-    assert mean["after"] < 0.1 and mean["after"] < 0.5 * mean["before"], mean
-    far = "Write a sonnet in French about the sea at night."
-    old, new = start.mint(far), gated.mint(far)
-    assert float(delta_error(new, old)) < 0.01
-
-
-def test_init_from_refuses_another_architecture_and_train_only_must_name_parameters(residual, tmp_path):
-    root = residual["root"]
-    config = GeneratorTrainConfig(
-        library=str(root / "lib"),
-        out=str(tmp_path / "g"),
-        model=replace(RESIDUAL, d_model=48, own_gate=True),
-        objective="own",
-        init_from=str(root / "residual"),
-        steps=1,
-        top_k=3,
-        val_tasks=0,
-    )
-    with pytest.raises(ValueError, match="another architecture"):
-        train_generator(config, progress=False)
-    with pytest.raises(FileNotFoundError, match="no generator checkpoint"):
-        train_generator(replace(config, model=RESIDUAL, init_from=str(tmp_path / "nothing")), progress=False)
-    with pytest.raises(ValueError, match="names no parameter"):
-        train_generator(replace(config, model=RESIDUAL, init_from=None, train_only=["gate."]), progress=False)
-    with pytest.raises(ValueError, match="objective"):
-        GeneratorTrainConfig(objective="own")  # needs a residual generator
-    assert not (tmp_path / "g").exists()
 
 
 def test_family_out_rows_retrieve_no_sibling_unless_too_few_experts_would_be_left():
@@ -816,7 +629,7 @@ def test_family_out_rows_retrieve_no_sibling_unless_too_few_experts_would_be_lef
     )
 
     def retrieved(own: int, k: int, family_out: bool) -> set[int]:
-        idx, sims = GeneratorModule.retrieve(stub, keys[[own]], [own], k, [False], [family_out])
+        idx, sims = GeneratorModule.retrieve(stub, keys[[own]], [own], k, [family_out])
         assert torch.isfinite(sims).all()
         return set(idx[0].tolist())
 
@@ -827,45 +640,6 @@ def test_family_out_rows_retrieve_no_sibling_unless_too_few_experts_would_be_lef
     assert 5 not in retrieved(5, 3, True) and {0, 3} & retrieved(5, 3, True)  # no family: only itself out
     with pytest.raises(ValueError, match="family_out_prob"):
         GeneratorTrainConfig(family_out_prob=2.0)
-
-
-def test_max_correction_caps_the_correction_relative_to_the_mixture(residual):
-    """`max_correction`: the decoded correction's ΔW norm is at most that multiple of the retrieved mixture's,
-    exactly at the bound when it was larger, untouched when within it; minting applies it."""
-    from loramint.gen.residual import bounded_gain, coefficients, compose, delta_inner
-
-    with pytest.raises(ValueError, match="max_correction"):
-        GeneratorConfig(max_correction=1.0)  # a cap relative to the mixture needs a residual generator
-    with pytest.raises(ValueError, match="max_correction"):
-        replace(RESIDUAL, max_correction=-1.0)
-    minter = Minter.from_pretrained(residual["root"] / "residual")
-    text = "Add up the numbers and report the total."
-    cond = minter.condition([text])
-    tokens = minter.model.generate(cond, *minter.prior_inputs(cond))
-    [(experts, sims)] = minter.retrieve(cond)
-    layout, scale = minter.layout, minter.normalizer.scale
-    correction = layout.from_tokens({g: t[0] * scale[g] for g, t in tokens.items()})
-    with torch.no_grad():
-        weights, _, gain = coefficients(minter.model, sims)
-        mix_gain = minter.model.mix_gain
-        mixture = compose(layout, experts, weights, correction, mix_gain, 0.0)
-        mix_norm = float(delta_inner(mixture, mixture).sqrt())
-        corr_norm = float(gain * delta_inner(correction, correction).sqrt())
-        ratio = 0.5 * corr_norm / mix_norm  # half of what it is: the cap binds
-        capped = bounded_gain(layout, experts, weights, correction, mix_gain, gain, ratio)
-        assert float(capped) * corr_norm / float(gain) == pytest.approx(ratio * mix_norm, rel=1e-4)
-        loose = bounded_gain(layout, experts, weights, correction, mix_gain, gain, 2 * corr_norm / mix_norm)
-        assert float(loose) == pytest.approx(float(gain), rel=1e-6)
-        uncapped = minter.mint(text)
-        minter.model.config.max_correction = ratio
-        minted = minter.mint(text)
-        minter.model.config.max_correction = 0.0
-
-    def distance(a, b) -> float:
-        return float((delta_inner(a, a) - 2 * delta_inner(a, b) + delta_inner(b, b)).clamp_min(0).sqrt())
-
-    assert distance(minted, mixture) == pytest.approx(ratio * mix_norm, rel=1e-3)
-    assert distance(uncapped, mixture) == pytest.approx(corr_norm, rel=1e-3)
 
 
 def test_average_is_the_exact_weighted_mean_of_the_updates():

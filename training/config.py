@@ -8,7 +8,7 @@ from typing import Literal
 
 from loramint.gen.config import GeneratorConfig
 
-Objective = Literal["recon", "functional", "both", "own"]
+Objective = Literal["recon", "functional", "both"]
 
 
 @dataclass
@@ -97,28 +97,15 @@ class GeneratorTrainConfig:
     run must not silently replace a generator that a service is using."""
     model: GeneratorConfig = field(default_factory=GeneratorConfig)
     objective: Objective = "recon"
-    """`own`: the ΔW error of the minting path, against the row's own expert where it is retrievable (the
-    task's stored description; a phrasing with probability `own_prob`) and against the gate-closed mint
-    elsewhere: what the own-expert gate (`model.own_gate`) learns from; cheap, no base model forward."""
-    init_from: str | None = None
-    """A generator checkpoint to start from (same architecture; parameters it lacks, e.g. a new
-    `own_gate`, keep their initial values)."""
-    train_only: list[str] | None = None
-    """Train only the parameters whose names start with one of these prefixes (e.g. [gate.]); None: all."""
+    """`recon`, `functional` or `both` (`training.generator`)."""
     steps: int = 3000
     """Optimiser steps (at most; early stopping may end sooner)."""
     batch_size: int = 16
     """Experts per reconstruction step."""
     lr: float = 1e-3
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """`cosine`: every learning rate decays to 0 over `steps` (half a cosine, per step)."""
     mix_lr: float | None = None
-    """Learning rate of the residual mixing parameters (`mix_gain`, the adaptive mixer); None: `lr`."""
+    """Learning rate of the residual mixture's per-module gains (`mix_gain`); None: `lr`."""
     weight_decay: float = 1e-2
-    ema_decay: float = 0.0
-    """0: off. Else validation, early stopping and the checkpoint use an exponential moving average of the
-    trained weights (this decay per step, started at the first step): with 8 functional examples a step the
-    weights of any one step are noisy (the default's validation NLL moved by 0.18 between checks)."""
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0: no clipping); steps with a non-finite loss are skipped."""
     beta: float = 1e-3
@@ -137,9 +124,6 @@ class GeneratorTrainConfig:
     functional_batch: int = 4
     """Examples per task per functional step."""
     functional_weight: float = 1.0
-    own_prob: float = 0.0
-    """Fraction of functional rows whose retrieval may return the task's own expert (as minting from a seen
-    task's description does); > 0 also validates that case (`val/own_nll`, `val/own_recovered`)."""
     family_out_prob: float = 0.0
     """Fraction of the other functional rows (own expert not retrievable) whose retrieval also excludes every
     expert of the task's family: the situation of an unseen task from a family held out whole (the ni-family
@@ -149,18 +133,12 @@ class GeneratorTrainConfig:
     """Tokens per example for the functional loss (as the experts trained)."""
     val_tasks: int = 6
     """Seen experts held out for validation (0: none, no early stopping)."""
-    val_families: int = 0
-    """Small families (fewer than `training.generator.SMALL_FAMILY` experts) held out whole for validation,
-    chosen by hash, on top of the `val_tasks` single experts from the other families. A held-out single task
-    keeps siblings among the training experts; a whole family has none, like the unseen families of the
-    suite's split (quoref, ropes): the single held-out tasks ranked generators backwards on the unseen tasks
-    (README "Generator", 2026-12-04)."""
     val_every: int = 100
     val_examples: int = 0
     """Evaluation examples per validation task for the functional validation NLL (0: reconstruction only)."""
-    monitor: Literal["val/mse", "val/nll", "val/own_nll", "val/both_nll"] = "val/mse"
-    """`val/both_nll`: the mean of `val/nll` (own expert not retrievable: transfer) and `val/own_nll`
-    (retrievable: reconstruction); the last two need `own_prob` > 0 or `objective: own`."""
+    monitor: Literal["val/mse", "val/nll"] = "val/mse"
+    """What early stopping watches: the held-out experts' reconstruction error, or (`val_examples` > 0) the
+    base model's answer NLL with their minted adapters."""
     patience: int = 10
     """Validations without improvement before stopping."""
     max_minted_cos: float = 0.9
@@ -170,31 +148,24 @@ class GeneratorTrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
-            self.model = GeneratorConfig(**self.model)
+            self.model = GeneratorConfig.from_dict(self.model)
         checks = {
-            "objective": self.objective in ("recon", "functional", "both", "own")
-            and (self.objective != "own" or self.model.residual_k > 0),
-            "train_only": self.train_only is None or (isinstance(self.train_only, list) and self.train_only),
+            "objective": self.objective in ("recon", "functional", "both"),
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "mix_lr": self.mix_lr is None or self.mix_lr > 0,
-            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
             "grad_clip": self.grad_clip >= 0,
-            "ema_decay": 0 <= self.ema_decay < 1,
             "beta": self.beta >= 0,
             "top_k": self.top_k >= 1,
             "tau": self.tau > 0,
             "examples_prob": 0 <= self.examples_prob <= 1,
-            "own_prob": 0 <= self.own_prob <= 1,
             "family_out_prob": 0 <= self.family_out_prob <= 1,
             "val_tasks": self.val_tasks >= 0,
-            "val_families": self.val_families >= 0,
             "val_every": self.val_every >= 1,
             "val_examples": self.val_examples >= 0,
-            "monitor": self.monitor in ("val/mse", "val/nll", "val/own_nll", "val/both_nll")
-            and (self.monitor == "val/mse" or self.val_examples > 0)
-            and (self.monitor in ("val/mse", "val/nll") or self.validates_own),
+            "monitor": self.monitor in ("val/mse", "val/nll")
+            and (self.monitor == "val/mse" or self.val_examples > 0),
             "functional_tasks": self.functional_tasks >= 1,
             "functional_batch": self.functional_batch >= 1,
             "max_minted_cos": -1 <= self.max_minted_cos <= 1,
@@ -206,11 +177,6 @@ class GeneratorTrainConfig:
     def needs_base(self) -> bool:
         """The base model (and the tasks' data) is needed: the functional loss or the validation NLL."""
         return self.objective in ("functional", "both") or self.val_examples > 0
-
-    @property
-    def validates_own(self) -> bool:
-        """Validation also mints the held-out tasks with their own expert retrievable (`val/own_*`)."""
-        return self.own_prob > 0 or self.objective == "own"
 
 
 @dataclass

@@ -6,11 +6,6 @@ Objectives (`objective`):
 - `functional`: the base model's answer loss on the expert's task examples with the adapter decoded from the
   prior mean applied (T2L's "SFT" mode). Costs a base-model forward and backward per step.
 - `both`: the sum.
-- `own`: the ΔW error of the minting path, against the row's own expert where it is retrievable (each stored
-  description; a phrasing with probability `own_prob`) and against the gate-closed mint elsewhere (the stored
-  description without its own expert, other phrasings): teaches the own-expert gate
-  (`GeneratorConfig.own_gate`) to open only when a description is a library expert's. Cheap. With `init_from` + `train_only: [gate.]` it fits the gate of a
-  trained generator and leaves the rest as it was.
 
 Every step conditions on a random phrasing of each task (`gen.phrasings`; some rows also pulled towards a
 few of the task's examples), and the semantic prior comes from the K nearest *other* training experts
@@ -26,10 +21,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,40 +75,13 @@ class TrainingData:
     """Per expert its family as the library records it ('' for none): validation and family-out rows."""
 
 
-SMALL_FAMILY = 4
-"""Families with fewer experts can be held out whole for validation (`val_families`); the suite's split rule
-holds out whole families of that size too (`large_family_min: 4` in configs/suites/ni-family.yaml)."""
-
-
 def _rank(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def select_val(
-    names: Sequence[str],
-    n: int,
-    seed: int,
-    families: Sequence[str] = (),
-    n_families: int = 0,
-) -> list[int]:
-    """Validation expert indices, chosen by hash (reproducible, nobody picks them by hand): every expert of
-    `n_families` whole small families (`families[i]` is expert i's; '' has none), then `n` single experts of
-    the other families."""
-    held: list[int] = []
-    if n_families:
-        if len(families) != len(names):
-            raise ValueError(f"{len(families)} families for {len(names)} experts")
-        sizes = Counter(families)
-        small = sorted({f for f in families if f and sizes[f] < SMALL_FAMILY}, key=lambda f: _rank(seed, f))
-        if len(small) < n_families:
-            raise ValueError(
-                f"val_families={n_families} but the library has {len(small)} families of fewer than "
-                f"{SMALL_FAMILY} experts ({small}): lower val_families"
-            )
-        chosen = set(small[:n_families])
-        held = [i for i, f in enumerate(families) if f in chosen]
-    rest = sorted((i for i in range(len(names)) if i not in held), key=lambda i: _rank(seed, names[i]))
-    return sorted(held + rest[:n])
+def select_val(names: Sequence[str], n: int, seed: int) -> list[int]:
+    """Validation expert indices: `n` experts chosen by hash (reproducible, nobody picks them by hand)."""
+    return sorted(sorted(range(len(names)), key=lambda i: _rank(seed, names[i]))[:n])
 
 
 def example_conditions(
@@ -138,13 +104,12 @@ def load_training_data(
     by_name = {t.name: t for t in tasks}
     experts = [e for e in library.list() if not by_name or e.name in by_name]
     families = [e.family or "" for e in experts]
-    val = select_val([e.name for e in experts], config.val_tasks, config.seed, families, config.val_families)
+    val = select_val([e.name for e in experts], config.val_tasks, config.seed)
     train = [i for i in range(len(experts)) if i not in val]
     if len(train) < config.top_k + 1:  # checked before the experts are loaded and their phrasings encoded
         raise ValueError(
             f"{len(experts)} experts cannot train a generator with top_k={config.top_k} after holding out "
-            f"{len(val)} for validation (val_tasks={config.val_tasks}, val_families={config.val_families}): "
-            "build more experts or lower those settings"
+            f"{len(val)} for validation (val_tasks={config.val_tasks}): build more experts or lower it"
         )
     variants = {
         e.name: phrasings(e.description, by_name[e.name].descriptions if e.name in by_name else ())
@@ -230,16 +195,6 @@ class GeneratorModule(L.LightningModule):
         self.curve: list[dict[str, float]] = []
         self._encoded: dict[str, list] = {}
         self._val_reference: dict[str, float] | None = None
-        self.ema: dict[str, torch.Tensor] | None = None  # moving average of the trained weights (ema_decay)
-        self._swapped = False  # the average is in the net (validation) and self.ema holds the trained weights
-        if config.init_from:
-            load_initial_state(self.net, config.init_from)
-        if config.train_only is not None:
-            trained = [n for n, _ in self.net.named_parameters() if n.startswith(tuple(config.train_only))]
-            if not trained:
-                raise ValueError(f"train_only {config.train_only} names no parameter of the generator")
-            for n, p in self.net.named_parameters():
-                p.requires_grad_(n in trained)
         if config.needs_base:
             if base is None:
                 raise ValueError("the functional objective and validation NLL need the base model")
@@ -255,14 +210,12 @@ class GeneratorModule(L.LightningModule):
         cond: torch.Tensor,
         own: Sequence[int | None],
         k: int,
-        with_own: Sequence[bool] = (),
         family_out: Sequence[bool] = (),
     ):
         """The top-k of the training experts by cosine with each row of `cond` -> (indices into the whole
-        expert set [B, K], cosines [B, K]). Row b never retrieves its own expert `own[b]` unless
-        `with_own[b]` (a seen task minting from its own description: its expert is then retrievable even
-        if it is a held-out validation expert); with `family_out[b]` it retrieves no expert of that task's
-        family either (unless fewer than k training experts would be left)."""
+        expert set [B, K], cosines [B, K]). Row b never retrieves its own expert `own[b]` (leave-one-out:
+        what an unseen task's description retrieves); with `family_out[b]` it retrieves no expert of that
+        task's family either (unless fewer than k training experts would be left)."""
         sims = cond @ self.keys.T  # [B, N]
         allowed = torch.zeros(len(self.keys), dtype=torch.bool)
         allowed[self.train_idx] = True
@@ -270,7 +223,7 @@ class GeneratorModule(L.LightningModule):
         for row, i in enumerate(own):
             if i is None:
                 continue
-            mask[row, i] = bool(with_own[row]) if with_own else False
+            mask[row, i] = False
             if family_out and family_out[row] and self.families[i]:
                 kept = mask[row] & ~self.family_members[self.families[i]]
                 if int(kept.sum()) >= k:
@@ -279,14 +232,10 @@ class GeneratorModule(L.LightningModule):
         return top.indices, top.values
 
     def semantic(
-        self,
-        cond: torch.Tensor,
-        own: Sequence[int | None],
-        with_own: Sequence[bool] = (),
-        family_out: Sequence[bool] = (),
+        self, cond: torch.Tensor, own: Sequence[int | None], family_out: Sequence[bool] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The semantic prior [B, Z] x 2 from the top-k training experts (see `retrieve`)."""
-        nbr, sims = self.retrieve(cond, own, self.cfg.top_k, with_own, family_out)
+        nbr, sims = self.retrieve(cond, own, self.cfg.top_k, family_out)
         flat = nbr.reshape(-1)
         mu, logvar = self.net.encode(self._tok(flat), self.keys[flat])  # [B*K, Z]
         shape = (*nbr.shape, -1)
@@ -296,14 +245,10 @@ class GeneratorModule(L.LightningModule):
         return torch.stack([self.conds[i][r] for i, r in zip(idx.tolist(), rows.tolist(), strict=True)])
 
     def mint_tokens(
-        self,
-        cond: torch.Tensor,
-        own: Sequence[int | None],
-        with_own: Sequence[bool] = (),
-        family_out: Sequence[bool] = (),
+        self, cond: torch.Tensor, own: Sequence[int | None], family_out: Sequence[bool] = ()
     ) -> dict[str, torch.Tensor]:
         """Normalised tokens decoded from the learned prior's mean (the minting path), differentiable."""
-        sem_mu, sem_logvar = self.semantic(cond, own, with_own, family_out)
+        sem_mu, sem_logvar = self.semantic(cond, own, family_out)
         mu_p, _ = self.net.prior(cond, sem_mu, sem_logvar)
         return self.net.decode(mu_p, cond)
 
@@ -312,23 +257,20 @@ class GeneratorModule(L.LightningModule):
         tokens: dict[str, torch.Tensor],
         cond: torch.Tensor,
         own: Sequence[int | None],
-        with_own: Sequence[bool] = (),
-        own_gate: bool = True,
         family_out: Sequence[bool] = (),
     ) -> list[LoraAdapter]:
         """Each row's adapter from decoded tokens {group: [B, L, dim]}: with a residual generator composed
-        with the K training experts nearest its condition (its own only where `with_own`), as `Minter` does
-        (`own_gate=False`: with the own-expert gate closed)."""
+        with the K training experts nearest its condition (never its own), as `Minter` does."""
         k = self.net.config.residual_k
         if k:
-            nbrs, sims = self.retrieve(cond, own, k, with_own, family_out)
+            nbrs, sims = self.retrieve(cond, own, k, family_out)
         normalizer = self.data.experts.normalizer
         out = []
         for b in range(cond.shape[0]):
             row = {g: t[b] for g, t in tokens.items()}
             if k:
                 experts = [self.raw_experts[i] for i in nbrs[b].tolist()]
-                out.append(assemble(self.net, normalizer, row, experts, sims[b], own_gate))
+                out.append(assemble(self.net, normalizer, row, experts, sims[b]))
             else:
                 out.append(assemble(self.net, normalizer, row))
         return out
@@ -358,10 +300,6 @@ class GeneratorModule(L.LightningModule):
             kl = out["kl"].mean() / self.cfg.model.d_latent
             loss = recon + self.cfg.prior_weight * prior + self.cfg.beta * kl
             logs |= {"train/recon": recon, "train/prior_mse": prior, "train/kl": kl}
-        if self.cfg.objective == "own":
-            own = self.own_error(idx, cond)
-            loss = loss + own
-            logs["train/own_error"] = own
         if self.cfg.objective in ("functional", "both"):
             fn = self.functional(idx[: self.cfg.functional_tasks], cond[: self.cfg.functional_tasks])
             loss = loss + self.cfg.functional_weight * fn
@@ -385,37 +323,14 @@ class GeneratorModule(L.LightningModule):
             [delta_error(a, self.raw_experts[i]) for a, i in zip(adapters, idx.tolist(), strict=True)]
         ).mean()
 
-    def own_error(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Mean relative ΔW error of the adapters minted (prior mean) from each task's stored description,
-        with its own expert retrievable and without (leave-one-out: what an unseen task's description
-        retrieves), and from the row's phrasing (own expert retrievable with probability `own_prob`). A row
-        whose own expert is retrievable is scored against that expert; any other row against what the
-        generator mints with its own-expert gate closed, so the gate learns to open for the task's own
-        expert and to leave every other minting as it was (scored against the own expert instead, a
-        sibling's ΔW is nearer than the mixture's and the gate opened for siblings: val/nll 2.83 where the
-        gate-less generator has 2.22)."""
-        own = idx.tolist()
-        pick = random.Random(self.global_step * 7919 + 2)
-        with_own = [True] * len(own) + [False] * len(own) + [pick.random() < self.cfg.own_prob for _ in own]
-        keys = self.keys[idx]
-        conds, rows = torch.cat([keys, keys, cond]), own * 3
-        tokens = self.mint_tokens(conds, rows, with_own)
-        adapters = self.assemble(tokens, conds, rows, with_own)
-        with torch.no_grad():  # the targets of the rows without their own expert
-            closed = self.assemble(tokens, conds, rows, with_own, own_gate=False)
-        targets = [self.raw_experts[i] if w else c for i, w, c in zip(rows, with_own, closed, strict=True)]
-        return torch.stack([delta_error(a, t) for a, t in zip(adapters, targets, strict=True)]).mean()
-
     def functional(self, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Mean answer loss of the base model with each expert's minted adapter on its own training examples."""
         base = self.base[0]
         own = idx.tolist()
-        pick = random.Random(self.global_step * 7919 + 1)  # which rows may retrieve their own expert
-        with_own = [pick.random() < self.cfg.own_prob for _ in own]
-        other = random.Random(self.global_step * 7919 + 3)  # its own stream: 0 leaves the others as they were
-        family_out = [not w and other.random() < self.cfg.family_out_prob for w in with_own]
-        tokens = self.mint_tokens(cond, own, with_own, family_out)
-        adapters = self.assemble(tokens, cond, own, with_own, family_out=family_out)
+        other = random.Random(self.global_step * 7919 + 3)  # which rows also lose their family
+        family_out = [other.random() < self.cfg.family_out_prob for _ in own]
+        tokens = self.mint_tokens(cond, own, family_out)
+        adapters = self.assemble(tokens, cond, own, family_out)
         losses = []
         for b, i in enumerate(own):
             name = self.data.experts.names[i]
@@ -446,16 +361,6 @@ class GeneratorModule(L.LightningModule):
                 )
             if self.cfg.val_examples:
                 metrics |= self.val_nll(val, minted)
-                if self.cfg.validates_own:  # own expert retrievable
-                    own, every = val.tolist(), [True] * len(val)
-                    rebuilt = self.assemble(self.mint_tokens(cond, own, every), cond, own, every)
-                    metrics |= {
-                        k.replace("val/", "val/own_"): v
-                        for k, v in self.val_nll(val, rebuilt).items()
-                        if k in ("val/nll", "val/recovered")
-                    }
-                    # transfer and reconstruction at once (what the own-expert gate trades)
-                    metrics["val/both_nll"] = (metrics["val/nll"] + metrics["val/own_nll"]) / 2
         self.log_dict(metrics, prog_bar=True, batch_size=1)
         score = float(metrics[self.cfg.monitor])
         if not np.isfinite(score) and self.nonfinite_validation is None:
@@ -503,37 +408,6 @@ class GeneratorModule(L.LightningModule):
         if bad and self.nonfinite_weights is None:
             self.nonfinite_weights = {"step": int(self.global_step), "params": bad}
             self.trainer.should_stop = True
-        if self.cfg.ema_decay and not bad:
-            self.update_average()
-
-    @torch.no_grad()
-    def update_average(self) -> None:
-        """ema <- decay * ema + (1 - decay) * weights, for the trained parameters (the first call copies)."""
-        live = {n: p.detach() for n, p in self.net.named_parameters() if p.requires_grad}
-        if self.ema is None:
-            self.ema = {n: p.clone() for n, p in live.items()}
-            return
-        for n, p in live.items():
-            self.ema[n].mul_(self.cfg.ema_decay).add_(p, alpha=1 - self.cfg.ema_decay)
-
-    @torch.no_grad()
-    def swap_average(self) -> None:
-        """Exchange the trained weights and their average (validation scores, and keeps, the average)."""
-        params = dict(self.net.named_parameters())
-        for n, avg in self.ema.items():
-            current = params[n].detach().clone()
-            params[n].copy_(avg)
-            self.ema[n] = current
-
-    def on_validation_start(self) -> None:
-        if self.ema is not None:
-            self.swap_average()
-            self._swapped = True
-
-    def on_validation_end(self) -> None:
-        if self._swapped:
-            self.swap_average()
-            self._swapped = False
 
     def nonfinite_stage(self, cond: torch.Tensor) -> str | None:
         """The first stage of the minting path whose output is not finite for `cond`, or None."""
@@ -557,20 +431,14 @@ class GeneratorModule(L.LightningModule):
                 p.grad = None
 
     def configure_optimizers(self):
-        """AdamW; the residual mixing (gain per module, adaptive mixer: a few hundred numbers that few steps
-        inform) at `mix_lr`; with `lr_schedule: cosine` every rate decays to 0 over `steps`."""
+        """AdamW; the residual mixture's per-module gains (a few hundred numbers that few steps inform) at
+        `mix_lr`."""
         params = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
-        mixing = [p for n, p in params if n == "mix_gain" or n.startswith(("mixer.", "gate."))]
-        ids = {id(p) for p in mixing}
-        groups = [{"params": rest}] if (rest := [p for _, p in params if id(p) not in ids]) else []
+        mixing = [p for n, p in params if n == "mix_gain"]
+        groups = [{"params": [p for n, p in params if n != "mix_gain"]}]
         if mixing:
             groups.append({"params": mixing, "lr": self.cfg.mix_lr or self.cfg.lr})
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if self.cfg.lr_schedule == "constant":
-            return optimizer
-        steps = self.cfg.steps
-        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_decay(step, steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
         batches = StepBatches(
@@ -585,11 +453,6 @@ class GeneratorModule(L.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader([0], batch_size=None)
-
-
-def cosine_decay(step: int, steps: int) -> float:
-    """Learning-rate factor at `step` of `steps`: 1 -> 0 along half a cosine (0 from the last step on)."""
-    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def collapsed(metrics: dict[str, Any], limit: float) -> bool:
@@ -614,26 +477,6 @@ def batch_nll(model, batch: dict[str, torch.Tensor]) -> float:
 
 
 # ---- the job -------------------------------------------------------------------------------------------------
-
-
-def load_initial_state(net: LoraCVAE, checkpoint: str | Path) -> None:
-    """Copy a checkpoint's weights into `net` (same architecture; only parameters of modules the checkpoint
-    lacks, e.g. a new own-expert gate, keep their initial values)."""
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint, "model.safetensors")
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from: no generator checkpoint at {checkpoint} (missing {path.name})")
-    state = load_file(str(path))
-    own = net.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-    if unexpected or shapes:
-        raise ValueError(
-            f"init_from {checkpoint}: another architecture (unexpected {unexpected[:3]}, shapes differ for "
-            f"{shapes[:3]}): set train.model like the checkpoint's generator.json"
-        )
-    net.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
 
 
 def posterior_bank(net: LoraCVAE, experts: ExpertSet) -> Bank:
@@ -692,8 +535,6 @@ def train_generator(
     trainer.fit(module)
     if module.best["state"] is not None:
         module.net.load_state_dict(module.best["state"])
-    elif module.ema is not None:  # no validation: the average of the last steps
-        module.swap_average()
     net = module.net.eval()
     report = {
         "steps": int(trainer.global_step),
@@ -708,7 +549,6 @@ def train_generator(
         "n_experts": len(data.experts),
         "train": [data.experts.names[i] for i in data.train],
         "val": [data.experts.names[i] for i in data.val],
-        "init_from": config.init_from,
         "trained_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "generator_params": sum(p.numel() for p in net.parameters()),
         "generator_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
