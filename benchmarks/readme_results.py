@@ -74,8 +74,11 @@ def rows() -> list[tuple[str, str, str, str]]:
     ood = _load("ood_ni_family.json")
     out.append(
         (
-            f"Minted from {ood['n']} corpus tasks' own descriptions (task metric vs base)",
-            f"{ood['better_than_base']} better, {ood['worse_than_base']} worse beyond noise, the rest level",
+            f"Out-of-domain: {ood['n']} corpus tasks minted from their description + "
+            f"{ood['scoring']['shots']} solved examples (task metric vs base)",
+            f"served with the fallback: {ood['worse_than_base']} worse beyond noise, {ood['better_than_base']} "
+            f"better, {ood['fell_back']} fell back to the base model; as minted: "
+            f"{ood['minted_worse_than_base']} worse, {ood['minted_better_than_base']} better",
             "ood_ni_family.json",
             _machine(ood),
         )

@@ -543,3 +543,33 @@ def test_cli_assembles_a_table(cached_runs, tmp_path, capsys):
     assert list(out["methods"]) == ["base", "topk", "oracle"]
     assert "fraction of oracle gain" in capsys.readouterr().out
     assert main(["eval-assemble", "--out", str(tmp_path)]) != 0  # no results named: a clear error
+
+
+def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
+    """Early-stopped experts record their steps: the multi-task LoRA gets their sum, not n x the step cap,
+    and with early stopping it keeps the experts' data per task and a validation set of one task's size."""
+    from types import SimpleNamespace
+
+    from loramint.training.methods import library_budget, multitask_adapter
+
+    seen = [SimpleNamespace(name=n) for n in ("a", "b", "c")]
+    experts = [SimpleNamespace(name="a", metrics={"steps_run": 40}), SimpleNamespace(name="b", metrics={})]
+    library = SimpleNamespace(list=lambda: experts)
+    assert library_budget(SimpleNamespace(library=library, seen=seen), replace(FAST, steps=100)) == 240
+    assert library_budget(SimpleNamespace(library=None, seen=seen), replace(FAST, steps=7)) == 21  # no record
+
+    def fake_train(base, tasks, config):
+        raise RuntimeError(f"would train {config.steps} {config.train_examples} {config.n_val}")
+
+    monkeypatch.setattr(methods, "train_lora", fake_train)
+    monkeypatch.setattr(methods, "_tasks_key", lambda *a: "key")
+    config = replace(FAST, steps=100, val_every=10, n_val=50, train_examples=300)
+    ctx = SimpleNamespace(
+        library=library,
+        seen=seen,
+        base=SimpleNamespace(name="tiny-llama"),
+        config=SimpleNamespace(multitask_steps=None, multitask_dir=Path("/nonexistent/multitask")),
+        train_config=lambda: config,
+    )
+    with pytest.raises(RuntimeError, match="would train 240 900 16"):
+        multitask_adapter(ctx)

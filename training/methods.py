@@ -53,8 +53,9 @@ class MethodConfig:
     """Training config of `oracle` and `multitask` (rank, steps, ...). None: the one the library's seen
     experts recorded, so the oracle is trained exactly like a library expert."""
     multitask_steps: int | None = None
-    """Optimizer steps of the multi-task LoRA. None: the same budget as the library, i.e. the steps of all
-    seen experts together (n_seen * train.steps at the same batch size: the same examples seen in total)."""
+    """Optimizer steps of the multi-task LoRA (at most, with early stopping). None: the same budget as the
+    library, i.e. the steps its seen experts took together (`library_budget`: the same examples seen in
+    total at the same batch size)."""
     multitask_dir: Path = Path("data/eval/multitask")
     """PEFT folder caching the multi-task LoRA (reused while its tasks, base model and config are unchanged)."""
     oracle_library: Path = Path("data/eval/oracle-library")
@@ -380,8 +381,17 @@ def _tasks_key(tasks: Sequence[Task], base: BaseModel, config: ExpertTrainConfig
 def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     """One LoRA trained on all seen tasks' training splits; cached in `multitask_dir` under a content key."""
     base_config = ctx.train_config()
-    steps = ctx.config.multitask_steps or len(ctx.seen) * base_config.steps
+    steps = ctx.config.multitask_steps or library_budget(ctx, base_config)
     config = replace(base_config, steps=steps)
+    if (
+        base_config.val_every
+    ):  # early stopping on the union of the tasks: the same data per task as an expert,
+        # and a validation set of about one task's size drawn from all of them
+        config = replace(
+            config,
+            train_examples=base_config.train_examples * len(ctx.seen) if base_config.train_examples else 0,
+            n_val=max(1, base_config.n_val // len(ctx.seen)) if len(ctx.seen) > 1 else base_config.n_val,
+        )
     seen = sorted(ctx.seen, key=lambda t: t.name)
     key = _tasks_key(seen, ctx.base, config)
     folder, record = ctx.config.multitask_dir, ctx.config.multitask_dir / TRAIN_RECORD
@@ -395,6 +405,13 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     body = {"key": key, "base_model": ctx.base.name, "tasks": info["tasks"], "metrics": metrics}
     atomic_write_bytes(record, (json.dumps(body, indent=2) + "\n").encode())
     return adapter, {**info, "cached": False}
+
+
+def library_budget(ctx: MethodContext, config: ExpertTrainConfig) -> int:
+    """The multi-task LoRA's steps: as many as the library's seen experts took together (each expert's
+    recorded `steps_run` where early stopping ended it sooner; `config.steps` otherwise)."""
+    ran = {e.name: e.metrics.get("steps_run") for e in ctx.library.list()} if ctx.library is not None else {}
+    return sum(ran.get(t.name) or config.steps for t in ctx.seen)
 
 
 @register("multitask")
