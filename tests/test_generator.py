@@ -247,6 +247,23 @@ def test_too_small_a_library_is_refused(tmp_path):
         )
 
 
+def test_experts_that_do_not_beat_the_base_model_are_not_learned_from(tmp_path):
+    """An expert whose quality card shows no gain (`retrievable: false`) is neither in the generator's bank
+    nor among its training experts: minting never retrieves it."""
+    from loramint.training.generator import load_training_data
+
+    library = _clustered_library(tmp_path / "lib")
+    unfit = LoraAdapter.random("tiny-llama", r=2, seed=77)
+    library.add(
+        unfit, id="unfit", name="unfit", description="Add two numbers.", metrics={"retrievable": False}
+    )
+    fit = LoraAdapter.random("tiny-llama", r=2, seed=78)
+    library.add(fit, id="fit", name="fit", description="Sum the numbers.", metrics={"retrievable": True})
+    data = load_training_data(library, [], GeneratorTrainConfig(val_tasks=2, examples_prob=0.0))
+    library.close()
+    assert "unfit" not in data.experts.names and "fit" in data.experts.names and len(data.experts) == 15
+
+
 UNSEEN = ["copy_repeat", "classify_parity"]  # one free-text, one multiple-choice task
 
 

@@ -100,9 +100,15 @@ def example_conditions(
 def load_training_data(
     library: ExpertLibrary, tasks: Sequence[Task], config: GeneratorTrainConfig
 ) -> TrainingData:
-    """Experts of `tasks` (all experts when `tasks` is empty), phrasings encoded, val experts chosen."""
+    """Experts of `tasks` (all experts when `tasks` is empty), phrasings encoded, val experts chosen.
+    Experts whose quality card shows no gain over the base model (`retrievable: false`) are left out: the
+    generator retrieves and mixes only experts that help their own task."""
     by_name = {t.name: t for t in tasks}
-    experts = [e for e in library.list() if not by_name or e.name in by_name]
+    experts = [
+        e
+        for e in library.list()
+        if (not by_name or e.name in by_name) and e.metrics.get("retrievable", True) is not False
+    ]
     families = [e.family or "" for e in experts]
     val = select_val([e.name for e in experts], config.val_tasks, config.seed)
     train = [i for i in range(len(experts)) if i not in val]
