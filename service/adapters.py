@@ -27,7 +27,14 @@ def check_text(service: Service, what: str, text: str) -> None:
     "/adapters",
     response_model=AdapterInfo,
     status_code=201,
-    responses=responses(400, 409, 413, 422, 429, 503, 504, 507),
+    responses={
+        200: {
+            "model": AdapterInfo,
+            "description": "No adapter fits the task (`fell_back`): the base model is the answer, nothing "
+            "was stored",
+        },
+        **responses(400, 409, 413, 422, 429, 503, 504, 507),
+    },
 )
 async def mint(req: MintRequest, request: Request, response: Response, service: Writer) -> AdapterInfo:
     """Mint a LoRA adapter from a task description (one generator pass; concurrent requests are batched).
