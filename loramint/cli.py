@@ -468,6 +468,7 @@ def evaluate(
     router: Path | None = None,
     top_k_tokens: int = 2,
     min_test: int = 0,
+    user_phrasings: Path | None = None,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
 
@@ -506,6 +507,7 @@ def evaluate(
         top_k_tokens: experts per token for arrow.
         min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
             confidence interval as wide as the effects it should show).
+        user_phrasings: JSON {task name: what a user would type} for minted-user.
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
@@ -543,6 +545,7 @@ def evaluate(
         n_samples=n_samples,
         router=router,
         top_k_tokens=top_k_tokens,
+        user_phrasings=user_phrasings,
     )
     base = load_base_model(base_model)
     with _open(library) as lib:

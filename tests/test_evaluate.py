@@ -573,3 +573,35 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="would train 240 900 16"):
         multitask_adapter(ctx)
+
+
+def test_minted_user_mints_from_the_hand_written_phrasing(tmp_path):
+    from types import SimpleNamespace
+
+    phrasings = tmp_path / "phrasings.json"
+    phrasings.write_text(json.dumps({"_about": "test", "known": "Add the numbers."}))
+    minted: list[str] = []
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=0)
+    minter = SimpleNamespace(mint=lambda text: minted.append(text) or adapter)
+    ctx = SimpleNamespace(config=MethodConfig(user_phrasings=phrasings), minter=lambda: minter)
+    method = methods.METHODS["minted-user"](ctx)
+    got = method(SimpleNamespace(name="known"))
+    assert minted == ["Add the numbers."] and got.info == {"description": "Add the numbers."}
+    with pytest.raises(ValueError, match="no user phrasing for task 'other'"):
+        method(SimpleNamespace(name="other"))
+
+
+def test_the_corpus_eval_has_a_user_phrasing_for_every_task_it_scores():
+    import yaml
+
+    from loramint.training.evaluate import select_tasks
+
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs/eval/corpus.yaml").read_text())
+    by_name, names = select_tasks(root / config["suite"], None, None, None)
+    scored = {n for n in names["unseen"] if len(data.eval_split(by_name[n])[1]) >= config["min_test"]}
+    phrasings = json.loads((root / config["user_phrasings"]).read_text())
+    assert len(scored) >= 30 and set(phrasings) - {"_about"} == scored
+    families = {by_name[n].family for n in scored}
+    assert len(families & {"chinese", "knowledge", "law_finance", "rhyme"}) >= 3  # whole held-out families
+    assert all(p != by_name[n].description and len(p) < 100 for n, p in phrasings.items() if n != "_about")

@@ -62,6 +62,9 @@ class MethodConfig:
     """Expert library caching oracle LoRAs (kept apart from the main library, which must not hold unseen tasks)."""
     generator: Path | None = None
     """Generator checkpoint (`loramint train-generator`) for the `minted*` and `reconstructed` methods."""
+    user_phrasings: Path | None = None
+    """JSON {task name: what a user would type} for `minted-user` (every scored task must be in it); None:
+    the task's shortest one-sentence phrasing."""
     n_shots: int = 5
     """Training examples a user is assumed to show: `minted+examples` conditions on them and
     `minted-sampled` picks its best sample by their answer loss (never by evaluation examples)."""
@@ -86,6 +89,8 @@ class MethodConfig:
             raise ValueError(f"multitask_steps must be >= 1 or null, got {self.multitask_steps}")
         if self.generator is not None:
             self.generator = Path(self.generator)
+        if self.user_phrasings is not None:
+            self.user_phrasings = Path(self.user_phrasings)
         if self.router is not None:
             self.router = Path(self.router)
         if self.n_shots < 1 or self.n_samples < 1 or self.n_demos < 1:
@@ -485,10 +490,19 @@ def minted_method(ctx: MethodContext) -> Method:
 
 @register("minted-user")
 def minted_user_method(ctx: MethodContext) -> Method:
-    """Minted from what a user would type: the task's shortest one-sentence phrasing."""
+    """Minted from what a user would type: the task's phrasing in `user_phrasings`, else its shortest
+    one-sentence phrasing."""
+    phrasings = None
+    if ctx.config.user_phrasings is not None:
+        phrasings = json.loads(Path(ctx.config.user_phrasings).read_text(encoding="utf-8"))
 
     def method(task: Task) -> Intervention:
-        text = short_description(task)
+        if phrasings is None:
+            text = short_description(task)
+        elif task.name in phrasings:
+            text = phrasings[task.name]
+        else:
+            raise ValueError(f"{ctx.config.user_phrasings} has no user phrasing for task {task.name!r}")
         return _minted(ctx.minter().mint(text), description=text)
 
     return method
