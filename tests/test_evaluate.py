@@ -168,6 +168,27 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny, suite):
     assert batched == single
 
 
+def test_answers_stop_a_margin_past_the_longest_training_answer(tiny, monkeypatch):
+    from loramint.training import evaluate as harness
+
+    tok = tiny.tokenizer
+    train = [Example(f"q{i}", targets=[t]) for i, t in enumerate(["a b", "a b c d e f", "x"] * 4)]
+    test = [Example(f"t{i}", target="a very very very very very very long answer here") for i in range(4)]
+    task = Task("budget", "f", "Answer.", train + test, splits={"train": 12, "val": 0, "test": 4})
+    longest = max(len(tok(t, add_special_tokens=False).input_ids) for t in ["a b", "a b c d e f", "x"])
+    assert harness.answer_budget(tok, task, cap=64) == longest + harness.ANSWER_MARGIN  # test answers unread
+    assert harness.answer_budget(tok, task, cap=3) == 3
+    seen = {}
+
+    def fake_generate(base, task, examples, max_new_tokens, *rest):
+        seen["max_new_tokens"] = max_new_tokens
+        return ["x"] * len(examples)
+
+    monkeypatch.setattr(harness, "generate_answers", fake_generate)
+    score_task(tiny, task, Intervention(), replace(SCORING, max_new_tokens=64))
+    assert seen["max_new_tokens"] == longest + harness.ANSWER_MARGIN
+
+
 def test_score_cache_is_reused_and_keyed_by_the_intervention(tiny, suite, tmp_path, monkeypatch):
     from loramint.training import evaluate as harness
 

@@ -153,6 +153,22 @@ def answer_logprobs(
     return answer_logprob_sums(base.model, encoded, base.tokenizer.pad_token_id, batch_size)
 
 
+ANSWER_MARGIN = 8
+"""Greedy answers stop this many tokens past the task's longest training answer (or at `max_new_tokens`):
+a longer answer cannot be an exact match, and ROUGE-L only loses precision on text past the references'
+length. A model that does not stop costs those tokens instead of the full `max_new_tokens`."""
+
+
+def answer_budget(tokenizer, task: Task, cap: int) -> int:
+    """New tokens a greedy answer of `task` may take: its longest training answer + ANSWER_MARGIN, at most
+    `cap` (the training split only: nothing is read from the examples being scored)."""
+    answers = {t for ex in eval_split(task)[0] for t in (ex.targets or [ex.output])}
+    if not answers:
+        return cap
+    longest = max(len(ids) for ids in tokenizer(sorted(answers), add_special_tokens=False).input_ids)
+    return min(cap, longest + ANSWER_MARGIN)
+
+
 @torch.no_grad()
 def generate_answers(
     base: BaseModel,
@@ -227,9 +243,8 @@ def _score_free_text(
     )
     values = {"answer_nll": -sums / counts}
     generated = examples[: config.n_generate]
-    answers = generate_answers(
-        base, task, generated, config.max_new_tokens, config.batch_size, config.max_length
-    )
+    budget = answer_budget(base.tokenizer, task, config.max_new_tokens)
+    answers = generate_answers(base, task, generated, budget, config.batch_size, config.max_length)
     pairs = list(zip(answers, generated, strict=True))
     if pairs:
         values["exact_match"] = np.array([exact_match(a, ex.targets) for a, ex in pairs])
@@ -367,6 +382,8 @@ def cached_score(
             k: settings[k]
             for k in ("max_length", "batch_size", "n_generate", "max_new_tokens", "max_examples")
         },
+        # free text: answers stop at the task's answer budget (multiple-choice scores are unaffected)
+        **({} if task.is_multiple_choice else {"answer_margin": ANSWER_MARGIN}),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = scoring.cache_dir / f"{task.name}-{digest}.json"
