@@ -39,10 +39,17 @@ demo: setup
 
 # An expert library over the seen tasks of the default suite (the shipped corpus, configs/suites/corpus.yaml).
 # Resumable: run it again after an interruption and only the missing experts are trained.
+# The corpus library (resumable): SHARDS processes of one CPU thread each build it together (docs/experts.md),
+# then its summary is written to benchmarks/results/library.json.
+SHARDS ?= $(shell nproc 2>/dev/null || echo 1)
 library: setup
 	$(BIN)/loramint models prepare --name smollm2-135m
 	$(BIN)/loramint suite prepare configs/suites/corpus.yaml
-	$(BIN)/loramint train-experts --config configs/experts/corpus.yaml
+	pids=""; for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
+	  OMP_NUM_THREADS=1 $(BIN)/loramint train-experts --config configs/experts/corpus.yaml --report null \
+	    --shard $$i/$(SHARDS) & pids="$$pids $$!"; \
+	done; status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
+	$(BIN)/loramint library summary --library data/library-corpus --out benchmarks/results/library.json
 
 test: setup
 	$(BIN)/ruff check .
