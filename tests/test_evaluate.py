@@ -263,9 +263,9 @@ def run(tiny, suite, tmp_path_factory):
     calls = []
     original = methods.train_lora
 
-    def spy(base, tasks, cfg):
+    def spy(base, tasks, cfg, **kwargs):
         calls.append((tasks, cfg))
-        return original(base, tasks, cfg)
+        return original(base, tasks, cfg, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(methods, "train_lora", spy)
@@ -579,8 +579,10 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
     assert library_budget(SimpleNamespace(library=library, seen=seen), replace(FAST, steps=100)) == 240
     assert library_budget(SimpleNamespace(library=None, seen=seen), replace(FAST, steps=7)) == 21  # no record
 
-    def fake_train(base, tasks, config):
-        raise RuntimeError(f"would train {config.steps} {config.train_examples} {config.n_val}")
+    def fake_train(base, tasks, config, examples_per_task=None):
+        raise RuntimeError(
+            f"would train {config.steps} {config.train_examples} {config.n_val} {examples_per_task}"
+        )
 
     monkeypatch.setattr(methods, "train_lora", fake_train)
     monkeypatch.setattr(methods, "_tasks_key", lambda *a: "key")
@@ -592,7 +594,7 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
         config=SimpleNamespace(multitask_steps=None, multitask_dir=Path("/nonexistent/multitask")),
         train_config=lambda: config,
     )
-    with pytest.raises(RuntimeError, match="would train 240 900 16"):
+    with pytest.raises(RuntimeError, match="would train 240 384 16 128"):  # 128 a task: MULTITASK_EXAMPLES
         multitask_adapter(ctx)
 
 

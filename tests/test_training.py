@@ -238,6 +238,24 @@ def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, su
         assert not held_out & {inp for name, inp in seen_inputs if name == task.name}
 
 
+def test_a_multitask_pool_takes_at_most_n_examples_from_every_task(tiny, suite, monkeypatch):
+    from loramint.training import experts
+
+    drawn = []
+    original = experts.encode_example
+
+    def spy(tok, task, ex, max_length, answer=None):
+        drawn.append(task.name)
+        return original(tok, task, ex, max_length, answer)
+
+    monkeypatch.setattr(experts, "encode_example", spy)
+    tasks = suite[:3]
+    _, metrics = experts.train_lora(tiny, tasks, replace(FAST, steps=2, n_metric_eval=1), examples_per_task=4)
+    pool = drawn[: metrics["train_examples"]]  # the pool is encoded first, the metric examples after
+    assert metrics["train_examples"] == 12 and sorted(set(pool)) == sorted(t.name for t in tasks)
+    assert all(pool.count(t.name) == 4 for t in tasks)
+
+
 def test_trainers_run_where_the_base_model_is():
     """Lightning gets the base model's device, never "auto" (which would move a CPU model to a GPU)."""
     import torch

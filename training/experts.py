@@ -88,12 +88,17 @@ def train_expert(
 
 
 def train_lora(
-    base: BaseModel, tasks: Sequence[Task], config: ExpertTrainConfig | None = None
+    base: BaseModel,
+    tasks: Sequence[Task],
+    config: ExpertTrainConfig | None = None,
+    examples_per_task: int | None = None,
 ) -> tuple[LoraAdapter, dict]:
     """Fit one LoRA on the training splits of `tasks` (several tasks: a multi-task LoRA).
 
     Metrics hold the answer NLL per token before/after on the first `n_metric_eval` evaluation examples of
     each task (per example, and their mean); evaluation examples are never trained on.
+    `examples_per_task`: draw at most this many training examples from each task (seeded), so that every
+    task is in the pool and the pool's cached states fit in memory.
     """
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
@@ -111,6 +116,15 @@ def train_lora(
             raise ValueError(
                 f"tasks {[t.name for t in tasks]} have no validation examples for early stopping"
             )
+    if examples_per_task is not None:
+        splits = [
+            (
+                task,
+                random.Random(f"{config.seed}:{task.name}").sample(train, min(examples_per_task, len(train))),
+                ev,
+            )
+            for task, train, ev in splits
+        ]
     pool = [(task, ex) for task, train, _ in splits for ex in train]
     if not pool:
         raise ValueError(

@@ -388,15 +388,11 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     base_config = ctx.train_config()
     steps = ctx.config.multitask_steps or library_budget(ctx, base_config)
     config = replace(base_config, steps=steps)
-    if (
-        base_config.val_every
-    ):  # early stopping on the union of the tasks: the same data per task as an expert,
-        # and a validation set of about one task's size drawn from all of them
-        config = replace(
-            config,
-            train_examples=base_config.train_examples * len(ctx.seen) if base_config.train_examples else 0,
-            n_val=max(1, base_config.n_val // len(ctx.seen)) if len(ctx.seen) > 1 else base_config.n_val,
-        )
+    per_task = min(base_config.train_examples or MULTITASK_EXAMPLES, MULTITASK_EXAMPLES)
+    config = replace(config, train_examples=per_task * len(ctx.seen))
+    if base_config.val_every:  # early stopping on a validation set of about one task's size from all tasks
+        n_val = max(1, base_config.n_val // len(ctx.seen)) if len(ctx.seen) > 1 else base_config.n_val
+        config = replace(config, n_val=n_val)
     seen = sorted(ctx.seen, key=lambda t: t.name)
     key = _tasks_key(seen, ctx.base, config)
     folder, record = ctx.config.multitask_dir, ctx.config.multitask_dir / TRAIN_RECORD
@@ -404,12 +400,18 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     if record.is_file() and json.loads(record.read_text()).get("key") == key:
         return LoraAdapter.load(folder, ctx.base.name), {**info, "cached": True}
     log.info("training the multi-task LoRA on %d seen tasks for %d steps", len(seen), steps)
-    adapter, metrics = train_lora(ctx.base, seen, config)
+    adapter, metrics = train_lora(ctx.base, seen, config, examples_per_task=per_task)
     record.unlink(missing_ok=True)  # a crash while saving must not leave an old record over new weights
     adapter.save(folder)
     body = {"key": key, "base_model": ctx.base.name, "tasks": info["tasks"], "metrics": metrics}
     atomic_write_bytes(record, (json.dumps(body, indent=2) + "\n").encode())
     return adapter, {**info, "cached": False}
+
+
+MULTITASK_EXAMPLES = 128
+"""Training examples per task in the multi-task LoRA's pool (at most; an expert draws up to 300): every
+task is represented, and the pool's cached lower-layer states (~2.3 KB per token) stay in memory: 322
+corpus tasks x 128 examples is about 9 GB."""
 
 
 def library_budget(ctx: MethodContext, config: ExpertTrainConfig) -> int:
