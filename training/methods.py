@@ -389,7 +389,9 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     steps = ctx.config.multitask_steps or library_budget(ctx, base_config)
     config = replace(base_config, steps=steps)
     per_task = min(base_config.train_examples or MULTITASK_EXAMPLES, MULTITASK_EXAMPLES)
-    config = replace(config, train_examples=per_task * len(ctx.seen))
+    # its own before/after answer NLL (the training record) on about one task's worth of examples in all
+    n_metric = max(1, base_config.n_metric_eval // len(ctx.seen)) if ctx.seen else base_config.n_metric_eval
+    config = replace(config, train_examples=per_task * len(ctx.seen), n_metric_eval=n_metric)
     if base_config.val_every:  # early stopping on a validation set of about one task's size from all tasks
         n_val = max(1, base_config.n_val // len(ctx.seen)) if len(ctx.seen) > 1 else base_config.n_val
         config = replace(config, n_val=n_val)
