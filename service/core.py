@@ -502,15 +502,11 @@ class Service:
                     results[members[0]] = exc
                     continue
                 adapters = reports = [None] * len(members)  # one bad request must not fail the others
-            for i, adapter, drawn in zip(members, adapters, reports, strict=True):
+            for at, (i, adapter, drawn) in enumerate(zip(members, adapters, reports, strict=True)):
                 try:
                     if adapter is None:  # retried alone
-                        adapter = self.minter.mint(
-                            requests[i].description, requests[i].examples, requests[i].seed, rank
-                        )
-                        (drawn,) = self.minter.provenance(
-                            [texts[members.index(i)]], [shots[members.index(i)]]
-                        )
+                        adapter = self.minter.mint(texts[at], shots[at], requests[i].seed, rank)
+                        (drawn,) = self.minter.provenance([texts[at]], [shots[at]])
                     results[i] = self._decide(jobs[i], adapter, drawn)
                 except Exception as exc:
                     results[i] = exc

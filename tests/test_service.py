@@ -1417,3 +1417,39 @@ def test_bad_solved_examples_are_refused_clearly(client):
     ]:
         r = client.post("/v1/adapters", json={"description": "d", "examples": examples}, headers=AUTH)
         assert r.status_code == 422 and fragment in r.text, (examples, r.text[:300])
+
+
+def test_a_request_retried_alone_after_its_batch_failed_mints_from_its_example_texts(world):
+    """When a batch's one decoder pass fails, each request is minted alone: a request with solved examples
+    conditions on their texts there too (the generator takes texts, not example objects)."""
+
+    class FailsInBatches:
+        layout = world["minter"].layout
+
+        def mint_many(self, texts, shots=None, *args, **kwargs):
+            if len(texts) > 1:
+                raise GeneratorError("this batch cannot be decoded")
+            return world["minter"].mint_many(texts, shots, *args, **kwargs)
+
+        def mint(self, description, examples=None, *args, **kwargs):
+            return world["minter"].mint(description, examples, *args, **kwargs)
+
+        def provenance(self, *args, **kwargs):
+            return world["minter"].provenance(*args, **kwargs)
+
+    from loramint.service.core import PendingCheck
+    from loramint.service.schemas import MintRequest
+
+    solved = [{"input": "3 plus 4", "output": "7"}, {"input": "1 plus 1", "output": "2"}]
+    with TestClient(make_app(world, minter=FailsInBatches())) as c:
+        service = c.app.state.service
+        results = service.mint_batch(
+            [
+                MintRequest(description="Add one to the number.", examples=solved, store=False),
+                MintRequest(description="Tell a bedtime story about the moon.", store=False),
+            ]
+        )
+    assert isinstance(results[0], PendingCheck), results[0]
+    want = world["minter"].mint("Add one to the number.", ["3 plus 4\n7", "1 plus 1\n2"])
+    assert results[0].adapter.content_hash() == want.content_hash()
+    assert results[1].id.startswith("minted-")
