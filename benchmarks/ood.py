@@ -71,14 +71,12 @@ def scorer(base, adapter):
     (what the service's runtime computes in one mixed pass)."""
 
     def score(items, minted):
-        pad = base.tokenizer.pad_token_id
-        pad = base.tokenizer.eos_token_id if pad is None else pad
         out = np.zeros(len(items))
         for flag in (False, True):
             rows = [i for i, m in enumerate(minted) if m == flag]
             if rows:
                 with apply_lora(base.model, adapter) if flag else contextlib.nullcontext():
-                    sums, counts = answer_logprob_sums(base.model, [items[i] for i in rows], pad)
+                    sums, counts = answer_logprob_sums(base.model, [items[i] for i in rows], base.pad_id)
                 out[rows] = -sums / np.maximum(counts, 1)
         return out
 

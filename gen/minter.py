@@ -359,17 +359,9 @@ def provenance(
     cond = minter.condition(descriptions, examples)  # [B, C]
     k = min(max(minter.model.config.residual_k, 1), len(minter.bank))
     top = (cond @ minter.bank.keys.T).topk(k, dim=-1)
-    shares = None  # each retrieved expert's share of the mixture (before the per-module gains), per row
-    if minter.model.config.residual_k:
-        members = getattr(minter, "members", [minter])
-        member_weights = getattr(minter, "weights", None) or [1.0 / len(members)] * len(members)
-        shares = [
-            sum(
-                w * member.model.mix(row.to(member.model.mix_gain)).float().cpu()
-                for member, w in zip(members, member_weights, strict=True)
-            ).tolist()
-            for row in top.values
-        ]
+    # each retrieved expert's share of the mixture, before the per-module gains: the fixed rule, the same
+    # for every member of an ensemble
+    shares = minter.model.mix(top.values).float().cpu().tolist() if minter.model.config.residual_k else None
     out = []
     for row, (idx, sims) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
         experts = [

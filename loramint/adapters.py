@@ -208,7 +208,7 @@ def _all_layers(base_model: str, targets: list[str]) -> list[int] | None:
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _within(t: torch.Tensor, bound: float) -> bool:
+def values_within(t: torch.Tensor, bound: float) -> bool:
     """Every value of `t` is a number of magnitude <= bound (math.inf: finite). One min/max pass, which
     carries NaN through: several times faster than isfinite(t).all() on a CPU."""
     if not t.numel():
@@ -330,7 +330,9 @@ class LoraAdapter:
         2^-11 of itself, the precision the library's experts are packed at): itself when its factors are
         float16 already or a value lies outside float16's finite range."""
         tensors = [t for pair in self.weights.values() for t in pair]
-        if all(t.dtype == torch.float16 for t in tensors) or not all(_within(t, FP16_MAX) for t in tensors):
+        if all(t.dtype == torch.float16 for t in tensors) or not all(
+            values_within(t, FP16_MAX) for t in tensors
+        ):
             return self
         return LoraAdapter(
             self.config, {m: (a.to(torch.float16), b.to(torch.float16)) for m, (a, b) in self.weights.items()}
@@ -382,7 +384,7 @@ class LoraAdapter:
                     raise AdapterError(
                         f"{module}.{name} has dtype {t.dtype}; LoRA factors must be floating point"
                     )
-                if not _within(t, math.inf):
+                if not values_within(t, math.inf):
                     raise AdapterError(f"{module}.{name} contains NaN or infinite values")
 
     # ---- PEFT folder IO -----------------------------------------------------------------------------------

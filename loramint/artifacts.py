@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import sqlite3
 import time
@@ -42,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from loramint import __version__
-from loramint.adapters import FP16_MAX, AdapterConfig, LoraAdapter
+from loramint.adapters import FP16_MAX, AdapterConfig, LoraAdapter, values_within
 from loramint.errors import LoramintError
 from loramint.paths import file_lock, sha256_file, staged_dir
 
@@ -162,9 +163,9 @@ def read_shards(paths: list[Path]) -> dict[str, torch.Tensor]:
 
 def _to_fp16(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """fp16 copy of a float32 tensor; refuses values fp16 cannot hold."""
-    if not torch.isfinite(tensor).all():
-        raise ArtifactError(f"{name} holds NaN or infinite values")
-    if tensor.numel() and float(tensor.abs().max()) > FP16_MAX:
+    if not values_within(tensor, FP16_MAX):
+        if not values_within(tensor, math.inf):
+            raise ArtifactError(f"{name} holds NaN or infinite values")
         raise ArtifactError(
             f"{name} holds values above fp16's range ({FP16_MAX}); it cannot be packed in fp16"
         )

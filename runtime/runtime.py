@@ -153,8 +153,7 @@ class Runtime:
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter routes")
         routes = [self.resolve(a, p) for a, p in zip(adapters, prompts, strict=True)]
-        tok = self.base.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = self.base.pad_id
         input_ids, mask = left_pad(self._prompts(prompts, chat), pad)
         return input_ids.to(self.base.device), mask.to(self.base.device), self.plan(routes, routing), pad
 
@@ -279,9 +278,7 @@ class Runtime:
             raise ValueError(f"{len(items)} examples but {len(routes)} routes")
         if not items:
             return np.zeros(0)
-        tok = self.base.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        batch = {k: v.to(self.base.device) for k, v in collate(items, pad).items()}
+        batch = {k: v.to(self.base.device) for k, v in collate(items, self.base.pad_id).items()}
         resolved = [self.resolve(r, "") for r in routes]
         with self._lock:
             self.holder.plan = self.plan(resolved)

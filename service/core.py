@@ -554,7 +554,7 @@ class Service:
             name=base,
             description=req.description,
             family=req.family,
-            base_model=self.base.hf_id,
+            base_model=base,
             rank=0,
             alpha=0.0,
             target_modules=[],

@@ -217,17 +217,25 @@ def test_bad_training_config_names_the_field(fields, named):
         ExpertTrainConfig(**fields)
 
 
-def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, suite, monkeypatch):
-    from loramint.training import data, experts
+def spy_encoded(monkeypatch) -> list[tuple[str, str]]:
+    """(task name, input) of every example the trainer encodes, in order."""
+    from loramint.training import experts
 
-    seen_inputs = []
+    encoded = []
     original = experts.encode_example
 
     def spy(tok, task, ex, max_length, answer=None):
-        seen_inputs.append((task.name, ex.input))
+        encoded.append((task.name, ex.input))
         return original(tok, task, ex, max_length, answer)
 
     monkeypatch.setattr(experts, "encode_example", spy)
+    return encoded
+
+
+def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, suite, monkeypatch):
+    from loramint.training import data, experts
+
+    seen_inputs = spy_encoded(monkeypatch)
     tasks = suite[2:4]
     adapter, metrics = experts.train_lora(tiny, tasks, FAST)
     assert metrics["tasks"] == [t.name for t in tasks]
@@ -241,17 +249,10 @@ def test_multitask_lora_trains_on_every_task_but_never_on_eval_examples(tiny, su
 def test_a_multitask_pool_takes_at_most_n_examples_from_every_task(tiny, suite, monkeypatch):
     from loramint.training import experts
 
-    drawn = []
-    original = experts.encode_example
-
-    def spy(tok, task, ex, max_length, answer=None):
-        drawn.append(task.name)
-        return original(tok, task, ex, max_length, answer)
-
-    monkeypatch.setattr(experts, "encode_example", spy)
+    encoded = spy_encoded(monkeypatch)
     tasks = suite[:3]
     _, metrics = experts.train_lora(tiny, tasks, replace(FAST, steps=2, n_metric_eval=1), examples_per_task=4)
-    pool = drawn[: metrics["train_examples"]]  # the pool is encoded first, the metric examples after
+    pool = [name for name, _ in encoded[: metrics["train_examples"]]]  # the pool first, metric examples after
     assert metrics["train_examples"] == 12 and sorted(set(pool)) == sorted(t.name for t in tasks)
     assert all(pool.count(t.name) == 4 for t in tasks)
 
@@ -272,14 +273,7 @@ def test_early_stopping_keeps_the_best_state_and_never_trains_on_validation(tiny
     from loramint.training import experts
 
     task = finalize(suite[4])  # fixed train / val / test splits, as corpus tasks have
-    seen_inputs = []
-    original = experts.encode_example
-
-    def spy(tok, t, ex, max_length, answer=None):
-        seen_inputs.append(ex.input)
-        return original(tok, t, ex, max_length, answer)
-
-    monkeypatch.setattr(experts, "encode_example", spy)
+    encoded = spy_encoded(monkeypatch)
     config = replace(FAST, steps=200, val_every=5, patience=2, min_delta=0.0, train_examples=0)
     adapter, metrics = experts.train_expert(tiny, task, config)
     curve = metrics["val_curve"]
@@ -290,7 +284,7 @@ def test_early_stopping_keeps_the_best_state_and_never_trains_on_validation(tiny
         assert metrics["steps_run"] < 200 and curve[-1][0] == best_step + 2 * 5
     assert best < curve[0][1] - 0.1  # it learned
     val = {ex.input for ex in task.part("val")}
-    assert not val & set(seen_inputs[: len(task.part("train"))])  # training examples only
+    assert not val & {inp for _, inp in encoded[: len(task.part("train"))]}  # training examples only
     # the returned adapter is the best state, not the last: its validation NLL is the best one
     from loramint.adapters import apply_lora
     from loramint.training.data import answer_nll

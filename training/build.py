@@ -167,8 +167,7 @@ def write_report(
             experts[eid]["gain_ci"] = {k: round(v, 4) for k, v in bootstrap_ci(gain).items()}
     gains = [e["answer_nll_before"] - e["answer_nll_after"] for e in experts.values()]
     with_ci = [e for e in experts.values() if "gain_ci" in e]
-    # across resumed runs: each expert's own recorded training and card time
-    spent = sum(e["wall_seconds"] + e.get("quality", {}).get("seconds", 0.0) for e in experts.values())
+    summary = library_summary(library, ids)  # across resumed runs, from what each expert recorded
     trained = list(report.seconds.values())
     result = {
         "n_experts": len(ids),
@@ -187,11 +186,8 @@ def write_report(
         "n_improved_significantly": sum(e["gain_ci"]["ci_low"] > 0 for e in with_ci),
         "n_worse_significantly": sum(e["gain_ci"]["ci_high"] < 0 for e in with_ci),
         "significance": "paired 95% bootstrap CI of the per-example NLL gain over the metric examples excludes 0",
-        "experts_per_hour": round(3600 * len(ids) / spent, 2) if spent else None,
-        "families": len({e["family"] for e in experts.values()}),
-        "converged": sum(bool(e.get("converged")) for e in experts.values()),
-        "with_quality_card": sum("quality" in e for e in experts.values()),
-        "beats_base": sum(bool(e.get("quality", {}).get("beats_base")) for e in experts.values()),
+        **{k: summary[k] for k in ("experts_per_hour", "families", "converged", "with_quality_card")},
+        "beats_base": summary["beat_base"],
         "experts": experts,
         "machine": machine(),
     }
@@ -199,12 +195,12 @@ def write_report(
     return result
 
 
-def library_summary(library: ExpertLibrary) -> dict:
-    """What a built library holds, from what each expert recorded when it was trained: how many experts and
-    families, how many stopped by early stopping (`converged`), how many beat the base model on their task
-    (`retrievable`, from the quality cards), and the build rate over the recorded training and card times
-    (across resumed runs)."""
-    experts = library.list()
+def library_summary(library: ExpertLibrary, ids: Sequence[str] | None = None) -> dict:
+    """What a built library holds (or its experts `ids`), from what each expert recorded when it was
+    trained: how many experts and families, how many stopped by early stopping (`converged`), how many beat
+    the base model on their task (`retrievable`, from the quality cards), and the build rate over the
+    recorded training and card times (across resumed runs)."""
+    experts = library.list() if ids is None else [library.get(i) for i in ids]
     metrics = [e.metrics for e in experts]
     each = [m.get("wall_seconds", 0.0) + m.get("quality", {}).get("seconds", 0.0) for m in metrics]
     spent = sum(each)
