@@ -8,8 +8,9 @@ during the load and restarted, then every adapter it acknowledged as stored is c
 
 What it does:
 - copies `--library` into a temporary folder (the real library is never written; the copy is deleted at the
-  end) and starts `python -m loramint.cli serve` on a random free loopback port with a fresh API key, every
-  path and the key passed as LORAMINT_* environment variables (which override the config file and flags);
+  end) and starts `python -m loramint.cli serve` on a random free loopback port, every
+  path and one fresh API key per client (concurrent users: each its own rate limit and storage quota) passed
+  as LORAMINT_* environment variables (which override the config file and flags);
 - runs `--clients` closed-loop asyncio + httpx clients for `--duration` seconds of load: a mix of
   POST /v1/adapters (mint; `--store-fraction` of them with `store: true` and an explicit id),
   POST /v1/retrieve and POST /v1/completions (`--max-tokens` new tokens; `model` a minted id, "auto" or the
@@ -135,7 +136,10 @@ class LoadTest:
         self.cfg, self.workdir = cfg, workdir
         self.library = workdir / "library"
         self.log_path = workdir / "server.log"
-        self.key = "bench-" + secrets.token_hex(16)
+        # one API key per client, as concurrent users would have (each with its own rate limit and quota)
+        token = secrets.token_hex(16)
+        self.keys = [f"bench{i}-{token}" for i in range(max(cfg.clients, cfg.mint_clients, 1))]
+        self.key = self.keys[0]
         self.run_id = secrets.token_hex(4)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -173,7 +177,7 @@ class LoadTest:
         env.update(
             LORAMINT_HOST="127.0.0.1",
             LORAMINT_PORT=str(self.port),
-            LORAMINT_API_KEYS=self.key,
+            LORAMINT_API_KEYS=",".join(self.keys),
             LORAMINT_AUTH="writes",
             LORAMINT_LIBRARY=str(self.library),
             LORAMINT_GENERATOR=self.cfg.generator or "",
@@ -305,7 +309,7 @@ class LoadTest:
 
     async def client(self, index: int) -> None:
         rng = random.Random(self.cfg.seed * 100_003 + index)
-        headers = {"Authorization": f"Bearer {self.key}"}
+        headers = {"Authorization": f"Bearer {self.keys[index % len(self.keys)]}"}
         while True:
             await self.up.wait()
             if self.stopping:
@@ -371,14 +375,32 @@ class LoadTest:
         self.unexpected.append({"endpoint": endpoint, "tag": tag, "status": status, "detail": detail})
 
     # ---- the run -------------------------------------------------------------------------------------------
+    async def lane_totals(self) -> dict[str, dict[str, float]]:
+        """Per work lane of the server (its /metrics): batches, jobs, worker seconds, queue-wait seconds."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = await self.http.get("/metrics", headers={"Authorization": f"Bearer {self.key}"})
+        names = {
+            "loramint_batch_size_count": "batches",
+            "loramint_batch_size_sum": "jobs",
+            "loramint_work_seconds_sum": "work_s",
+            "loramint_queue_wait_seconds_sum": "wait_s",
+        }
+        totals: dict[str, dict[str, float]] = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if sample.name in names and "lane" in sample.labels:
+                    totals.setdefault(sample.labels["lane"], {})[names[sample.name]] = sample.value
+        return totals
+
     async def mint_phase(self) -> dict:
         """`mint_clients` closed-loop clients minting new descriptions (kept, the default) and nothing else."""
         samples: list[tuple[float, int]] = []
         rng = random.Random(self.cfg.seed)
-        headers = {"Authorization": f"Bearer {self.key}"}
         deadline = time.perf_counter() + self.cfg.mint_duration_s
 
-        async def client() -> None:
+        async def client(index: int) -> None:
+            headers = {"Authorization": f"Bearer {self.keys[index % len(self.keys)]}"}
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 try:
@@ -393,9 +415,22 @@ class LoadTest:
                 if status != 201:
                     self._unexpected("mint-phase", "kept", str(status), response.text[:300])
 
-        await asyncio.gather(*(client() for _ in range(self.cfg.mint_clients)))
+        before = await self.lane_totals()
+        await asyncio.gather(*(client(i) for i in range(self.cfg.mint_clients)))
         ok = [ms for ms, status in samples if status == 201]
+        after = await self.lane_totals()
+        lanes = {}
+        for lane in sorted(after):
+            d = {k: v - before.get(lane, {}).get(k, 0.0) for k, v in after[lane].items()}
+            if d.get("batches"):
+                lanes[lane] = {
+                    "batches": int(d["batches"]),
+                    "mean_batch": round(d["jobs"] / d["batches"], 2),
+                    "mean_work_ms": round(1000 * d["work_s"] / d["batches"], 1),
+                    "mean_wait_ms": round(1000 * d["wait_s"] / max(d["jobs"], 1), 1),
+                }
         return {
+            "lanes": lanes,
             "clients": self.cfg.mint_clients,
             "seconds": self.cfg.mint_duration_s,
             "count": len(samples),

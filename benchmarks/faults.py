@@ -434,7 +434,7 @@ class Suite:
             return
         shutil.copytree(cfg.library, workdir / "library", ignore=shutil.ignore_patterns(".lock"))
         full = FullDiskServer(cfg, workdir)
-        full.key = self.server.key
+        full.keys, full.key = self.server.keys, self.server.key
         await full.start_server("under a 4 MB file-size limit")
         main, self.server = self.server, full
         try:

@@ -68,9 +68,10 @@ class Encoder:
             raise ModelError(f"cannot load encoder {self.config.name!r} from {source!r}: {exc}") from exc
         self.dim = int(self.model.get_embedding_dimension())
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        # one caller at a time in the model (a fast tokenizer raises "Already borrowed" when two threads use
-        # it at once); the cache has its own lock, so a cached text never waits for another caller's batch
-        self._model_lock, self._cache_lock = threading.Lock(), threading.Lock()
+        # one caller at a time in the tokenizer (a fast tokenizer raises "Already borrowed" when two threads
+        # use it at once); the forward passes of several callers run at once (the weights are only read), and
+        # the cache has its own lock, so a cached text never waits for another caller's batch
+        self._tokenizer_lock, self._cache_lock = threading.Lock(), threading.Lock()
 
     @property
     def name(self) -> str:
@@ -87,19 +88,31 @@ class Encoder:
             known = {t: self._cache[t] for t in texts if t in self._cache}
         missing = [t for t in dict.fromkeys(texts) if t not in known]
         if missing:
-            with self._model_lock:
-                vecs = self.model.encode(
-                    missing,
-                    batch_size=self.config.batch_size,
-                    convert_to_numpy=True,
-                    normalize_embeddings=True,
-                )
-            known.update(zip(missing, vecs.astype(np.float32), strict=True))
+            known.update(zip(missing, self._embed(missing), strict=True))
         with self._cache_lock:
             for text in dict.fromkeys(texts):
                 self._remember(text, known[text])
         out = np.stack([known[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
         return out[0] if single else out
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """[n, dim] float32 unit rows, as `SentenceTransformer.encode` computes them (the same length-sorted
+        batches), with only the tokenizer under a lock: two threads' batches run through the model at once."""
+        import torch
+        import torch.nn.functional as F
+        from sentence_transformers.util import batch_to_device
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        rows: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, len(order), self.config.batch_size):
+                batch = [texts[i] for i in order[start : start + self.config.batch_size]]
+                with self._tokenizer_lock:
+                    features = self.model.preprocess(batch)
+                out = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
+                rows.append(F.normalize(out.float(), p=2, dim=1).cpu())
+        vecs = torch.cat(rows).numpy()
+        return vecs[np.argsort(order, kind="stable")]
 
     def encode_task(self, description: str, examples: Sequence[str] = ()) -> np.ndarray:
         """[dim] unit vector for a description, optionally pulled towards the mean of a few example texts."""

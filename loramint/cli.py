@@ -777,6 +777,7 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
             LORAMINT_API_KEYS=key1,key2.
         log_level: uvicorn's log level.
     """
+    import torch
     import uvicorn
 
     from loramint.service import create_app
@@ -785,6 +786,7 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
 
     config = (service or ServiceConfig()).with_env()
     steady_allocator()
+    torch.set_num_threads(config.thread_count())
     try:
         config.check_auth()
     except ValueError as exc:

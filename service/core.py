@@ -226,6 +226,8 @@ class MintedStore:
         self.sweep()
         nbytes, now = adapter.nbytes(), self.clock()
         with self._lock:
+            if adapter_id in self._entries:  # kept already, or being added by another thread right now
+                raise AlreadyExistsError(f"a kept minted adapter {adapter_id!r} exists already")
             mine = [(e, n) for o, n, e in self._entries.values() if o == owner]
             if sum(n for _, n in mine) + nbytes > self.quota_bytes:
                 wait = max(1, int(min((e for e, _ in mine), default=now + 1) - now) + 1)
@@ -343,7 +345,9 @@ class Service:
                 max_wait_s=wait,
                 **lane,
             ),
-            "files": Lane("files", _call_each, executor=self._pools["files"], **lane),
+            # two at once: a kept mint's hashing and checks overlap another's write (the library serialises
+            # only the move into place and the row)
+            "files": Lane("files", _call_each, executor=self._pools["files"], workers=2, **lane),
             # the runtime's one thread: checks of minted adapters on solved examples run between passes
             "check": Lane("check", _call_each, executor=self._pools["runtime"], **lane),
         }
@@ -611,7 +615,13 @@ class Service:
         if keep == "kept":
             assert self.kept is not None
             embedding = self.library.encoder.encode(req.description)  # cached: the mint encoded it already
-            kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
+            try:
+                kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
+            except AlreadyExistsError:
+                # the same adapter kept by a request that ran at the same time (files jobs run in parallel)
+                if req.id is not None or (kept := self.kept.get(adapter_id)) is None:
+                    raise
+                return kept_info(kept)
             self.minted.pop(adapter_id)
             self.metrics.minted.labels("kept").inc()
             return kept_info(kept)

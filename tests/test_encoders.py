@@ -32,13 +32,36 @@ def test_single_text_and_empty_batch(encoder):
 def test_cache_avoids_recomputation(encoder, monkeypatch):
     encoder.encode(["a cached sentence", "another one"])
     seen = []
-    original = encoder.model.encode
-    monkeypatch.setattr(
-        encoder.model, "encode", lambda texts, **kw: seen.extend(texts) or original(texts, **kw)
-    )
+    original = encoder._embed
+    monkeypatch.setattr(encoder, "_embed", lambda texts: seen.extend(texts) or original(texts))
     out = encoder.encode(["another one", "a new sentence", "a cached sentence", "a new sentence"])
     assert seen == ["a new sentence"], "only the uncached text, once, reaches the model"
     np.testing.assert_array_equal(out[1], out[3])
+
+
+def test_same_vectors_as_sentence_transformers(encoder):
+    texts = [
+        "Classify the sentiment of a review",
+        "Add two numbers",
+        "x",
+        "Translate English into French " * 9,
+    ]
+    expected = encoder.model.encode(texts, batch_size=2, normalize_embeddings=True, convert_to_numpy=True)
+    fresh = Encoder(EncoderConfig(batch_size=2, cache_size=0))
+    np.testing.assert_allclose(fresh.encode(texts), expected, atol=1e-6)
+
+
+def test_threads_encode_at_once(encoder):
+    """Callers on several threads share the model (only the tokenizer is locked) and get their own rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"Answer questions about topic number {i} in one word" for i in range(24)]
+    expected = Encoder(EncoderConfig(cache_size=0)).encode(texts)
+    fresh = Encoder(EncoderConfig(cache_size=0, batch_size=3))
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(fresh.encode, [texts[i : i + 6] for i in range(0, 24, 6)] * 3))
+    for k, rows in enumerate(got):
+        np.testing.assert_allclose(rows, expected[(k % 4) * 6 : (k % 4) * 6 + 6], atol=1e-6)
 
 
 def test_lru_cache_is_bounded():

@@ -26,7 +26,7 @@ from safetensors.torch import save
 from test_generator import SMALL, _clustered_library
 
 from loramint.adapters import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, apply_lora
-from loramint.errors import GeneratorError, NotFoundError
+from loramint.errors import AlreadyExistsError, GeneratorError, NotFoundError
 from loramint.gen.minter import Minter
 from loramint.runtime.runtime import Runtime
 from loramint.service import ServiceConfig, create_app
@@ -970,6 +970,8 @@ def test_a_row_that_cannot_load_fails_alone(client):
         ({"LORAMINT_PORT": "9001", "LORAMINT_TIMEOUT_S": "2.5"}, {"port": 9001, "timeout_s": 2.5}),
         ({"LORAMINT_GENERATOR": "", "LORAMINT_AUTH": "none"}, {"generator": None, "auth": "none"}),
         ({"LORAMINT_DEVICE": "cpu", "LORAMINT_CACHE": "/elsewhere"}, {"device": "cpu"}),
+        ({"LORAMINT_TORCH_THREADS": "3"}, {"torch_threads": 3}),
+        ({"LORAMINT_TORCH_THREADS": ""}, {"torch_threads": None}),
     ],
 )
 def test_config_from_env(env, expected):
@@ -985,6 +987,7 @@ def test_config_from_env(env, expected):
         ({"api_keys": ["short"]}, "at least 8"),
         ({"queue_size": 0}, "queue_size must be >= 1"),
         ({"top_k": 100}, "cannot exceed capacity"),
+        ({"torch_threads": 0}, "torch_threads must be"),
     ],
 )
 def test_config_is_validated(changes, message):
@@ -992,6 +995,13 @@ def test_config_is_validated(changes, message):
         ServiceConfig(**changes)
     with pytest.raises(ValueError, match="LORAMINT_PORT"):
         ServiceConfig().with_env({"LORAMINT_PORT": "eighty"})
+
+
+def test_torch_threads_share_the_cores_between_mint_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert ServiceConfig(mint_workers=2).thread_count() == 4
+    assert ServiceConfig(mint_workers=16).thread_count() == 1
+    assert ServiceConfig(mint_workers=2, torch_threads=3).thread_count() == 3
 
 
 def test_mint_under_a_chosen_id_never_replaces_anything(client, world):
@@ -1298,6 +1308,34 @@ def test_kept_mints_expire_and_stay_under_each_keys_quota(world, tmp_path):
             ).status_code
             == 201
         )
+
+
+def test_the_same_mint_kept_twice_at_once_gets_one_id(world):
+    """Kept mints are written by two files workers at once: the same description minted by two requests at
+    the same moment gets the same content id and both requests succeed; a racing add of an id being kept
+    never drops the first one's entry."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loramint.service.core import Service
+    from loramint.service.schemas import MintRequest
+
+    service = Service.load(world["config"], library=world["library"], minter=world["minter"])
+    try:
+        for attempt in range(4):
+            req = MintRequest(description=f"Count the vowels, attempt {attempt}.")
+            adapter = world["minter"].mint(req.description)
+            drawn = {"experts": [], "confidence": 1.0}
+            with ThreadPoolExecutor(2) as pool:
+                jobs = [pool.submit(service._keep, req, adapter, drawn, "alice") for _ in range(2)]
+                infos = [job.result() for job in jobs]
+            assert infos[0].id == infos[1].id and infos[0].id in service.kept
+            vec = world["library"].encoder.encode(req.description)
+            fields = {"name": "m", "description": req.description, "family": "minted"}
+            with pytest.raises(AlreadyExistsError):
+                service.kept.add(adapter, infos[0].id, "alice", vec, **fields)
+            assert service.kept.get(infos[0].id) is not None  # the racing add left the kept one alone
+    finally:
+        service.close()
 
 
 def test_the_runtime_serves_the_modules_in_use(world, tiny):
