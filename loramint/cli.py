@@ -455,6 +455,7 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     cache_dir: Path | None = None,
+    split_layer: int | None = None,
     top_k: int = 3,
     topk_weights: str = "similarity",
     tau: float = 0.1,
@@ -490,6 +491,10 @@ def evaluate(
         n_bootstrap: bootstrap resamples per confidence interval.
         seed: bootstrap seed.
         cache_dir: folder keeping each task's per-example scores, so a rerun scores only what changed.
+        split_layer: methods that change only the layers from this one on (LoRAs on the top layers, e.g.
+            22 for experts on SmolLM2's top 8 of 30) reuse the lower layers' states of each task's answer
+            likelihood pass instead of recomputing them (same scores; tasks are scored one at a time, every
+            method on each).
         top_k: experts mixed by `topk`.
         topk_weights: `similarity` (cosines normalised to sum 1) or `softmax` (softmax(cos / tau)).
         tau: softmax temperature.
@@ -525,6 +530,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        split_layer=split_layer,
         cache_dir=cache_dir,
     )
     options = MethodConfig(

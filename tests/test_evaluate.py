@@ -217,6 +217,32 @@ def test_score_cache_is_reused_and_keyed_by_the_intervention(tiny, suite, tmp_pa
         )
 
 
+def test_split_scoring_reuses_the_lower_layers_and_gives_the_same_scores(tiny, suite, monkeypatch):
+    """With `split_layer`, base and top-layer LoRAs share one computation of a task's lower-layer states and
+    score as whole passes do; a LoRA on a lower layer gets whole passes."""
+    from loramint.training import evaluate as harness
+    from loramint.training import fast
+
+    calls = []
+    real_cache = fast.cache
+    monkeypatch.setattr(fast, "cache", lambda *a, **k: calls.append(1) or real_cache(*a, **k))
+    full = LoraAdapter.random("tiny-llama", r=2, seed=3, std=0.05)
+    top = LoraAdapter(full.config, {m: w for m, w in full.weights.items() if ".layers.1." in m})
+    split = replace(SCORING, split_layer=1)
+    for name in UNSEEN:  # free text and multiple choice
+        task = suite[name]
+        for intervention in (Intervention(), Intervention(mixture=[(top, 1.0)])):
+            whole = score_task(tiny, task, intervention, SCORING)
+            halves = score_task(tiny, task, intervention, split)
+            assert whole.values.keys() == halves.values.keys()
+            for metric, values in whole.values.items():
+                np.testing.assert_allclose(halves.values[metric], values, rtol=1e-4, atol=1e-5)
+    assert len(calls) == len(UNSEEN), "one lower-layer pass per task, shared by base and the top-layer LoRA"
+    assert harness.split_layer(Intervention(mixture=[(full, 1.0)]), split) is None  # changes layer 0
+    assert harness.split_layer(Intervention(mixture=[(top, 0.5)]), split) == 1
+    assert harness.split_layer(Intervention(mixture=[(top, 0.5)]), SCORING) is None
+
+
 def test_mixture_equals_the_weighted_sum_of_deltas_and_the_base_comes_back_exactly(tiny):
     adapters = [
         LoraAdapter.random("tiny-llama", r=4, seed=1, std=0.05),

@@ -66,12 +66,15 @@ def quality_card(base: BaseModel, task: Task, adapter: LoraAdapter, scoring: Sco
     the paired 95% bootstrap CI of the metric's gain. `beats_base`: that CI lies above 0."""
     import numpy as np
 
-    from loramint.training.evaluate import cached_score
+    from loramint.training.evaluate import cached_score, lowest_layer
     from loramint.training.methods import Intervention
     from loramint.training.metrics import bootstrap_ci
 
     longest = max(len(base.tokenizer(ex.output)["input_ids"]) for ex in task.examples)
-    scoring = replace(scoring, max_new_tokens=min(scoring.max_new_tokens, longest + 2))
+    # the expert's likelihood pass reuses the base pass's states below the expert's lowest layer
+    scoring = replace(
+        scoring, max_new_tokens=min(scoring.max_new_tokens, longest + 2), split_layer=lowest_layer(adapter)
+    )
     hashes: dict[int, str] = {}
     started = time.perf_counter()
     before = cached_score(base, task, Intervention(), scoring, hashes)

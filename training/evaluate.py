@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loramint.adapters import apply_mixture
+from loramint.adapters import LoraAdapter, apply_mixture
 from loramint.errors import TaskError
 from loramint.index.library import ExpertLibrary
 from loramint.models import BaseModel, left_pad
@@ -92,6 +94,10 @@ class ScoringConfig:
     """Bootstrap resamples for every confidence interval."""
     seed: int = 0
     """Seed of the bootstrap resampling."""
+    split_layer: int | None = None
+    """Score answer likelihoods in two halves at this decoder layer and keep the lower half's states of the
+    task last scored: methods that change only layers from here on (LoRAs on the top layers) and show the
+    same prompts then run only the upper layers. Same scores (to float rounding); None: whole passes."""
     cache_dir: Path | None = None
     """Keep each (task, intervention)'s per-example scores here, so a rerun (after a crash, or with a method
     added) scores only what is new. Keyed by the task's content, the adapters' content hashes, the
@@ -105,6 +111,7 @@ class ScoringConfig:
             "n_generate": self.n_generate >= 0,
             "max_examples": self.max_examples is None or self.max_examples >= 1,
             "max_new_tokens": self.max_new_tokens >= 1,
+            "split_layer": self.split_layer is None or self.split_layer >= 1,
             "n_bootstrap": self.n_bootstrap >= 10,
         }
         if bad := [name for name, ok in checks.items() if not ok]:
@@ -143,14 +150,51 @@ def answer_logprobs(
     items: Sequence[tuple[Example, str | None]],
     max_length: int = 512,
     batch_size: int = 8,
+    split: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sum of log-probabilities [n], token count [n]) of each answer (None: the reference) after its prompt.
 
     Logits are computed only where answer tokens are predicted (`data.answer_logits`): the vocabulary
-    projection of every prompt position would dominate the cost.
+    projection of every prompt position would dominate the cost. `split`: run the layers below it once per
+    set of sequences (`lower_states`, kept for the next call on the same sequences) and the rest here; only
+    for a model whose layers below `split` are the base model's.
     """
     encoded = [encode_example(base.tokenizer, task, ex, max_length, answer) for ex, answer in items]
-    return answer_logprob_sums(base.model, encoded, base.tokenizer.pad_token_id, batch_size)
+    if split is None:
+        return answer_logprob_sums(base.model, encoded, base.tokenizer.pad_token_id, batch_size)
+    from loramint.training.fast import cache, cached_nll_sums
+
+    digest = hashlib.sha256(json.dumps([[e.input_ids, e.labels] for e in encoded]).encode()).hexdigest()
+    kept = _LOWER.get(base.model)
+    if kept is None or kept[0] != (split, digest):
+        kept = (split, digest), cache(base.model, encoded, split, base.tokenizer.pad_token_id)
+        _LOWER[base.model] = kept  # one set per model: the task scored last
+    sums, counts = cached_nll_sums(base.model, kept[1], split, batch_size)
+    return -sums, counts
+
+
+_LOWER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> ((split layer, digest of the scored sequences), their states entering that layer)."""
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def lowest_layer(adapter: LoraAdapter) -> int | None:
+    """The lowest decoder layer an adapter changes (None: it changes a module outside the decoder layers)."""
+    layers = [_LAYER.search(module) for module in adapter.weights]
+    return None if not layers or None in layers else min(int(m.group(1)) for m in layers)
+
+
+def split_layer(intervention: Intervention, config: ScoringConfig) -> int | None:
+    """`config.split_layer` when the intervention changes no layer below it (a mixture of LoRAs on layers
+    from there on, or nothing), else None (per-token routing attaches to the whole model: whole passes)."""
+    split = config.split_layer
+    if split is None or intervention.routing is not None:
+        return None
+    for adapter, _ in intervention.mixture:
+        lowest = lowest_layer(adapter)
+        if lowest is None or lowest < split:
+            return None
+    return split
 
 
 ANSWER_MARGIN = 8
@@ -214,17 +258,19 @@ def score_task(base: BaseModel, task: Task, intervention: Intervention, config: 
         else apply_mixture(base.model, intervention.mixture)
     )
     with applied:
-        values, samples = score(base, intervention.shown(task), examples, config)
+        values, samples = score(
+            base, intervention.shown(task), examples, config, split_layer(intervention, config)
+        )
     seconds = {"score_s": round(time.perf_counter() - started, 3)}
     return TaskScores(values, dict(intervention.info), samples, seconds)
 
 
 def _score_choices(
-    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig
+    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig, split: int | None
 ) -> tuple[dict[str, np.ndarray], list]:
     """answer_nll of the correct choice and accuracy of the best choice by mean log-probability per token."""
     items = [(ex, choice) for ex in examples for choice in ex.choices]
-    sums, counts = answer_logprobs(base, task, items, config.max_length, config.batch_size)
+    sums, counts = answer_logprobs(base, task, items, config.max_length, config.batch_size, split)
     nll, correct, at = [], [], 0
     for ex in examples:
         mean_logp = sums[at : at + len(ex.choices)] / counts[at : at + len(ex.choices)]  # [n choices]
@@ -235,11 +281,11 @@ def _score_choices(
 
 
 def _score_free_text(
-    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig
+    base: BaseModel, task: Task, examples: Sequence[Example], config: ScoringConfig, split: int | None
 ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
     """answer_nll of the reference on every example; exact match and ROUGE-L of greedy answers on a prefix."""
     sums, counts = answer_logprobs(
-        base, task, [(ex, None) for ex in examples], config.max_length, config.batch_size
+        base, task, [(ex, None) for ex in examples], config.max_length, config.batch_size, split
     )
     values = {"answer_nll": -sums / counts}
     generated = examples[: config.n_generate]
@@ -344,12 +390,13 @@ def score_methods(
     split: str = "",
 ) -> dict[str, dict[str, TaskScores]]:
     """{method: {task: scores}}; `setup_s` times the method itself (retrieval, training), `score_s` the scoring."""
-    raw: dict[str, dict[str, TaskScores]] = {}
+    raw: dict[str, dict[str, TaskScores]] = {name: {} for name in methods}
     hashes: dict[int, str] = {}  # id(adapter) -> content hash; methods hand out the same adapter objects
+    # task by task, every method on each: a task's lower-layer states (ScoringConfig.split_layer) are
+    # computed once for all the methods that can share them
     with tqdm(total=len(methods) * len(tasks), desc=f"eval {split}".strip(), unit="task") as bar:
-        for name, method in methods.items():
-            raw[name] = {}
-            for task in tasks:
+        for task in tasks:
+            for name, method in methods.items():
                 bar.set_postfix_str(f"{name} · {task.name[:40]}")
                 started = time.perf_counter()
                 intervention = method(task)

@@ -142,10 +142,11 @@ def cache_examples(
 
 
 @torch.no_grad()
-def cached_nll_per_example(
+def cached_nll_sums(
     model: nn.Module, items: Sequence[Cached], first_layer: int, batch_size: int = 16
-) -> np.ndarray:
-    """[n]: each cached item's NLL per answer token (== data.answer_nll_per_example of the same examples)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the answer tokens' NLL [n], answer token count [n]) of each cached item, from its states
+    entering `first_layer` (== data.answer_logprob_sums of the same examples, negated)."""
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     sums, counts = np.zeros(len(items)), np.zeros(len(items))
@@ -156,6 +157,14 @@ def cached_nll_per_example(
             model, batch["hidden"], batch["attention_mask"], batch["labels"], first_layer, "none"
         )  # [N]
         sums[rows], counts[rows] = per_row(nll, answer_targets(batch["labels"])[0])
+    return sums, counts
+
+
+def cached_nll_per_example(
+    model: nn.Module, items: Sequence[Cached], first_layer: int, batch_size: int = 16
+) -> np.ndarray:
+    """[n]: each cached item's NLL per answer token (== data.answer_nll_per_example of the same examples)."""
+    sums, counts = cached_nll_sums(model, items, first_layer, batch_size)
     return sums / counts
 
 
