@@ -400,10 +400,8 @@ def train_experts(
     chosen = sorted((t for t in load_tasks(tasks) if only is None or t.name in only), key=prompt_chars)
     task_list = interleave_families(chosen)
     if shard is not None:
-        index, _, count = shard.partition("/")
-        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-            raise LoramintError(f"shard must be 'i/n' with 0 <= i < n, got {shard!r}")
-        task_list = task_list[int(index) :: int(count)]
+        index, count = parse_shard(shard)
+        task_list = task_list[index::count]
     library = library.expanduser()
     config = train or ExpertTrainConfig()
     base = load_base_model(base_model)
@@ -470,6 +468,7 @@ def evaluate(
     top_k_tokens: int = 2,
     min_test: int = 0,
     user_phrasings: Path | None = None,
+    shard: str | None = None,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
 
@@ -513,6 +512,10 @@ def evaluate(
         min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
             confidence interval as wide as the effects it should show).
         user_phrasings: JSON {task name: what a user would type} for minted-user.
+        shard: "i/n": score only every n-th task, from the i-th, into the score cache and write no report,
+            so that n processes share the work (one thread each); shard 0 alone trains and scores the
+            multi-task LoRA. A run without `shard` afterwards scores what is missing (the multi-task LoRA on
+            the other shards' tasks) and writes the report.
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
@@ -548,27 +551,36 @@ def evaluate(
         top_k_tokens=top_k_tokens,
         user_phrasings=user_phrasings,
     )
+    methods = list(methods or harness.ALL_METHODS)
+    index, count = parse_shard(shard) if shard is not None else (0, 1)
+    if index and "multitask" in methods:  # one multi-task LoRA, trained by shard 0
+        methods.remove("multitask")
     base = load_base_model(base_model)
     with _open(library) as lib:
         for split in splits:
+            scored = [  # those with min_test examples; the methods still see the whole seen split
+                by_name[n]
+                for n in names[split]
+                if not min_test or len(harness.eval_split(by_name[n])[1]) >= min_test
+            ]
             result = harness.evaluate(
                 base,
-                [  # scored: those with min_test examples; the methods still see the whole seen split
-                    by_name[n]
-                    for n in names[split]
-                    if not min_test or len(harness.eval_split(by_name[n])[1]) >= min_test
-                ],
-                methods or harness.ALL_METHODS,
+                scored[index::count],
+                methods,
                 library=lib,
                 seen=[by_name[n] for n in names["seen"]],
                 scoring=scoring,
                 method_config=options,
-                out=out,
+                out=None if shard else out,
                 split=split,
                 extra_config={"suite": suite and str(suite), "tasks_file": tasks and str(tasks)},
             )
-            console.print(harness.markdown(result))
-    console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
+            if not shard:
+                console.print(harness.markdown(result))
+    if shard:
+        console.print(f"shard {shard}: scores cached in {cache_dir}; run without --shard for the report")
+    else:
+        console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
 
 
 def eval_assemble(
@@ -752,6 +764,14 @@ def train_router(
     console.print(
         f"trained a router over {len(experts)} experts in {info['wall_s']:.0f}s ({info['steps']} steps) -> {out}"
     )
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), with 0 <= i < n."""
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise LoramintError(f"shard must be 'i/n' with 0 <= i < n, got {shard!r}")
+    return int(index), int(count)
 
 
 def steady_allocator() -> None:

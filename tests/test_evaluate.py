@@ -476,6 +476,48 @@ def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
     assert "fraction of oracle gain" in capsys.readouterr().out
 
 
+def test_cli_shards_score_their_tasks_and_a_final_run_only_writes_the_table(
+    run, suite, tmp_path, capsys, monkeypatch
+):
+    from loramint.training import evaluate as harness
+
+    tasks = tmp_path / "tasks.jsonl"
+    save_tasks(suite.values(), tasks)
+    args = [
+        "eval",
+        "--tasks",
+        str(tasks),
+        "--unseen",
+        json.dumps(UNSEEN),
+        "--library",
+        str(run["library"].root),
+    ]
+    args += [
+        "--base_model",
+        "tiny-llama",
+        "--methods",
+        '["base", "top1", "multitask"]',
+        "--out",
+        str(tmp_path),
+    ]
+    args += ["--max_length", "64", "--n_generate", "4", "--max_new_tokens", "4", "--n_bootstrap", "100"]
+    args += ["--cache_dir", str(tmp_path / "cache"), "--multitask_dir", str(tmp_path / "multitask")]
+    args += ["--multitask_steps", "4", "--split_layer", "1"]
+    for shard in ("0/2", "1/2"):
+        assert main([*args, "--shard", shard]) == 0
+    assert not (tmp_path / "eval_unseen.json").exists(), "a shard writes no report"
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.json"))
+    # shard 0 scored the first task with every method, shard 1 the second without the multi-task LoRA
+    assert cached == sorted([UNSEEN[0]] * 3 + [UNSEEN[1]] * 2)
+    scored = []
+    real = harness.score_task
+    monkeypatch.setattr(harness, "score_task", lambda *a: scored.append(a[1].name) or real(*a))
+    assert main(args) == 0
+    assert scored == [UNSEEN[1]], "the final run scores only the multi-task LoRA on shard 1's task"
+    out = json.loads((tmp_path / "eval_unseen.json").read_text())
+    assert list(out["methods"]) == ["base", "top1", "multitask"] and out["tasks"] == UNSEEN
+
+
 # ---- one table from several runs (training.assemble) ---------------------------------------------------------
 
 
