@@ -454,10 +454,10 @@ def test_unknown_method_is_refused(tiny):
 # ---- CLI -------------------------------------------------------------------------------------------------
 
 
-def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
+def eval_args(run, suite, tmp_path: Path, methods_: list[str]) -> list[str]:
+    """`loramint eval` on the tiny suite's unseen tasks with small scoring settings, out to tmp_path."""
     tasks = tmp_path / "tasks.jsonl"
     save_tasks(suite.values(), tasks)
-    config = run["config"]
     args = [
         "eval",
         "--tasks",
@@ -467,9 +467,13 @@ def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
         "--library",
         str(run["library"].root),
     ]
-    args += ["--base_model", "tiny-llama", "--methods", '["base", "top1", "oracle"]', "--out", str(tmp_path)]
-    args += ["--max_length", "64", "--n_generate", "4", "--max_new_tokens", "4", "--n_bootstrap", "100"]
-    args += ["--oracle_library", str(config.oracle_library)]
+    args += ["--base_model", "tiny-llama", "--methods", json.dumps(methods_), "--out", str(tmp_path)]
+    return args + ["--max_length", "64", "--n_generate", "4", "--max_new_tokens", "4", "--n_bootstrap", "100"]
+
+
+def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
+    args = eval_args(run, suite, tmp_path, ["base", "top1", "oracle"])
+    args += ["--oracle_library", str(run["config"].oracle_library)]
     assert main(args) == 0
     out = json.loads((tmp_path / "eval_unseen.json").read_text())
     assert list(out["methods"]) == ["base", "top1", "oracle"] and out["tasks"] == UNSEEN
@@ -481,26 +485,7 @@ def test_cli_shards_score_their_tasks_and_a_final_run_only_writes_the_table(
 ):
     from loramint.training import evaluate as harness
 
-    tasks = tmp_path / "tasks.jsonl"
-    save_tasks(suite.values(), tasks)
-    args = [
-        "eval",
-        "--tasks",
-        str(tasks),
-        "--unseen",
-        json.dumps(UNSEEN),
-        "--library",
-        str(run["library"].root),
-    ]
-    args += [
-        "--base_model",
-        "tiny-llama",
-        "--methods",
-        '["base", "top1", "multitask"]',
-        "--out",
-        str(tmp_path),
-    ]
-    args += ["--max_length", "64", "--n_generate", "4", "--max_new_tokens", "4", "--n_bootstrap", "100"]
+    args = eval_args(run, suite, tmp_path, ["base", "top1", "multitask"])
     args += ["--cache_dir", str(tmp_path / "cache"), "--multitask_dir", str(tmp_path / "multitask")]
     args += ["--multitask_steps", "4", "--split_layer", "1"]
     for shard in ("0/2", "1/2"):
