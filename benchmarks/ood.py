@@ -13,9 +13,13 @@ difference). A result is "worse than base" when that CI lies below 0. Two result
 Each mint's confidence (`Minter.provenance`) and check are recorded next to it.
 
     python benchmarks/ood.py [--generator data/generator/ni-family] [--n-tasks 24] [--max-examples 60]
+    python benchmarks/ood.py --generator data/generator/corpus --suite configs/suites/corpus.yaml
 
-Tasks: the corpus's multiple-choice tasks of human-written sources (base accuracy is above 0, so a harmful
-adapter shows), smallest prompts first, one per family before a second. Writes benchmarks/results/ood.json.
+Tasks, smallest prompts first, one per family before a second: without `--suite`, the corpus's multiple-
+choice tasks of human-written sources (for a generator whose library holds none of them; base accuracy is
+above 0, so a harmful adapter shows); with `--suite`, the held-out tasks of the suite's held-out families
+(families with no seen task: the generator and its library never saw them), in each task's own metric.
+Writes benchmarks/results/ood.json (`--out`).
 """
 
 from __future__ import annotations
@@ -39,15 +43,20 @@ from loramint.training.data import answer_logprob_sums
 from loramint.training.evaluate import ScoringConfig, cached_score
 from loramint.training.methods import Intervention
 from loramint.training.metrics import bootstrap_ci
+from loramint.training.suites import load_suite
 
 
-def pick_tasks(corpus: Corpus, n: int, min_test: int) -> list:
-    tasks = [
-        t
-        for t in corpus.tasks([s for s, e in corpus.sources.items() if e.shipped and s != "procedural"])
-        if t.metric == "accuracy" and t.splits["test"] >= min_test
-    ]
-    tasks.sort(key=prompt_chars)
+def pick_tasks(n: int, min_test: int, suite: str | None = None) -> list:
+    if suite is None:
+        corpus = Corpus()
+        sources = [s for s, e in corpus.sources.items() if e.shipped and s != "procedural"]
+        tasks = [t for t in corpus.tasks(sources) if t.metric == "accuracy"]
+    else:
+        fixed = load_suite(suite)
+        by_name = fixed.tasks()
+        seen_families = {by_name[name].family for name in fixed.seen}
+        tasks = [by_name[name] for name in fixed.unseen if by_name[name].family not in seen_families]
+    tasks = sorted((t for t in tasks if t.splits["test"] >= min_test), key=prompt_chars)
     return interleave_families(tasks)[:n]
 
 
@@ -59,7 +68,7 @@ def solved_pairs(task, n: int) -> list[tuple[str, str]]:
 def compare(before: np.ndarray, after: np.ndarray) -> dict:
     diff = bootstrap_ci(after - before)
     return {
-        "accuracy": round(float(np.mean(after)), 4),
+        "score": round(float(np.mean(after)), 4),
         "diff": [round(diff["mean"], 4), round(diff["ci_low"], 4), round(diff["ci_high"], 4)],
         "worse_than_base": diff["ci_high"] < 0,
         "better_than_base": diff["ci_low"] > 0,
@@ -92,6 +101,7 @@ def main() -> None:
     parser.add_argument("--n-tasks", type=int, default=24)
     parser.add_argument("--max-examples", type=int, default=60, help="test examples scored per task")
     parser.add_argument("--shots", type=int, default=5, help="solved examples sent with each description")
+    parser.add_argument("--suite", default=None, help="take the held-out families of this suite")
     parser.add_argument("--out", default="ood")
     args = parser.parse_args()
 
@@ -102,7 +112,7 @@ def main() -> None:
     scoring = ScoringConfig(
         max_examples=args.max_examples, batch_size=8, cache_dir=cache_dir("scores", "ood")
     )
-    tasks = pick_tasks(Corpus(), args.n_tasks, min_test=30)
+    tasks = pick_tasks(args.n_tasks, min_test=30, suite=args.suite)
     rows, hashes = [], {}
     for task in tasks:
         started = time.perf_counter()
@@ -113,13 +123,15 @@ def main() -> None:
 
         check = check_examples(base.tokenizer, scorer(base, adapter), task.description, pairs)
         decision = decide(policy, drawn["confidence"], check)
-        before = cached_score(base, task, Intervention(), scoring, hashes).values["accuracy"]
+        metric = task.metric
+        before = cached_score(base, task, Intervention(), scoring, hashes).values[metric]
         after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
-        minted = compare(before, after.values["accuracy"])
-        served = compare(before, before if decision.fell_back else after.values["accuracy"])
+        minted = compare(before, after.values[metric])
+        served = compare(before, before if decision.fell_back else after.values[metric])
         rows.append({
             "task": task.name,
             "family": task.family,
+            "metric": metric,
             "n": int(len(before)),
             "confidence": drawn["confidence"],
             "nearest": drawn["experts"][0]["id"],
@@ -140,10 +152,11 @@ def main() -> None:
         "minted_better_than_base": sum(r["minted"]["better_than_base"] for r in rows),
         "policy": {"min_confidence": policy.min_confidence, "min_gain": policy.min_gain},
         "definition": "each task's description with its solved examples minted and scored against the base "
-        "model on the task's test split (accuracy); worse/better: the paired 95% bootstrap CI of the "
+        "model on the task's test split in its own metric; worse/better: the paired 95% bootstrap CI of the "
         "difference lies below/above 0; `served` is the service's answer with the fallback, `minted` the "
         "adapter as minted",
         "generator": args.generator,
+        "tasks_from": f"held-out families of {args.suite}" if args.suite else "human-written corpus MC tasks",
         "scoring": {"max_examples": args.max_examples, "shots": args.shots},
         "tasks": rows,
         "machine": machine(),
@@ -155,8 +168,9 @@ def main() -> None:
             "confidence": r["confidence"],
             "check gain": r["check"]["gain"],
             "base": r["base"],
-            "minted": r["minted"]["accuracy"],
-            "served": r["served"]["accuracy"],
+            "metric": r["metric"],
+            "minted": r["minted"]["score"],
+            "served": r["served"]["score"],
             "fell back": r["fell_back"],
         }
         for r in rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -331,7 +332,6 @@ def library_summary(library: Path = DEFAULT_LIBRARY, out: Path | None = None) ->
         library: library folder.
         out: also write it as JSON here (e.g. benchmarks/results/library.json).
     """
-    import json
 
     from loramint.paths import atomic_write_bytes
     from loramint.training.build import library_summary as summarize
@@ -468,6 +468,8 @@ def evaluate(
     top_k_tokens: int = 2,
     min_test: int = 0,
     user_phrasings: Path | None = None,
+    ood: Path | None = None,
+    report: str | None = None,
     shard: str | None = None,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
@@ -512,6 +514,9 @@ def evaluate(
         min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
             confidence interval as wide as the effects it should show).
         user_phrasings: JSON {task name: what a user would type} for minted-user.
+        ood: result of `benchmarks/ood.py` (out-of-domain requests with the fallback) whose summary goes into
+            the report as `ood` (n, worse_than_base, better_than_base, fell_back, and the file).
+        report: name of the report files, eval_<report>.json/.md/.png (default: the split; one split only).
         shard: "i/n": score only every n-th task, from the i-th, into the score cache and write no report,
             so that n processes share the work (one thread each); shard 0 alone trains and scores the
             multi-task LoRA. A run without `shard` afterwards scores what is missing (the multi-task LoRA on
@@ -551,6 +556,18 @@ def evaluate(
         top_k_tokens=top_k_tokens,
         user_phrasings=user_phrasings,
     )
+    attach = {}
+    if ood is not None and not shard:  # read for the report, which shards do not write
+        try:
+            found = json.loads(Path(ood).read_text())
+            keys = ("n", "worse_than_base", "better_than_base", "fell_back", "minted_worse_than_base")
+            attach["ood"] = {k: found[k] for k in keys} | {"file": str(ood)}
+        except KeyError as exc:
+            raise LoramintError(f"ood: {ood} is not a result of benchmarks/ood.py (no {exc})") from exc
+        except (OSError, ValueError) as exc:
+            raise LoramintError(f"ood: cannot read {ood}: {exc}") from exc
+    if report is not None and len(splits) > 1:
+        raise LoramintError("report names the files of one split: give one split with it")
     methods = list(methods or harness.ALL_METHODS)
     index, count = parse_shard(shard) if shard is not None else (0, 1)
     if index and "multitask" in methods:  # one multi-task LoRA, trained by shard 0
@@ -574,13 +591,16 @@ def evaluate(
                 out=None if shard else out,
                 split=split,
                 extra_config={"suite": suite and str(suite), "tasks_file": tasks and str(tasks)},
+                attach=attach,
+                report=report,
             )
             if not shard:
                 console.print(harness.markdown(result))
     if shard:
         console.print(f"shard {shard}: scores cached in {cache_dir}; run without --shard for the report")
     else:
-        console.print(f"wrote {', '.join(f'eval_{s}.json' for s in splits)} (+ .md, .png) to {out}")
+        names_ = [report] if report else splits
+        console.print(f"wrote {', '.join(f'eval_{s}.json' for s in names_)} (+ .md, .png) to {out}")
 
 
 def eval_assemble(
@@ -625,7 +645,6 @@ def train_generator(
         report: write the training report (steps, validation curve, sizes, wall time, machine) as JSON here.
         plot: write the learning curve (validation metrics per step) as a PNG here.
     """
-    import json
 
     from loramint.tasks import load_tasks
     from loramint.training.generator import plot_curve

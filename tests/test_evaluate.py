@@ -474,10 +474,23 @@ def eval_args(run, suite, tmp_path: Path, methods_: list[str]) -> list[str]:
 def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
     args = eval_args(run, suite, tmp_path, ["base", "top1", "oracle"])
     args += ["--oracle_library", str(run["config"].oracle_library)]
-    assert main(args) == 0
+    ood = tmp_path / "ood.json"  # benchmarks/ood.py's summary goes into the report
+    summary = {
+        "n": 20,
+        "worse_than_base": 0,
+        "better_than_base": 3,
+        "fell_back": 9,
+        "minted_worse_than_base": 2,
+    }
+    ood.write_text(json.dumps({**summary, "tasks": []}))
+    assert main([*args, "--ood", str(ood)]) == 0
     out = json.loads((tmp_path / "eval_unseen.json").read_text())
     assert list(out["methods"]) == ["base", "top1", "oracle"] and out["tasks"] == UNSEEN
+    assert out["ood"] == {**summary, "file": str(ood)}
     assert "fraction of oracle gain" in capsys.readouterr().out
+    ood.write_text("{}")
+    assert main([*args, "--ood", str(ood)]) != 0
+    assert "is not a result of benchmarks/ood.py (no 'n')" in capsys.readouterr().out
 
 
 def test_cli_shards_score_their_tasks_and_a_final_run_only_writes_the_table(
@@ -488,8 +501,8 @@ def test_cli_shards_score_their_tasks_and_a_final_run_only_writes_the_table(
     args = eval_args(run, suite, tmp_path, ["base", "top1", "multitask"])
     args += ["--cache_dir", str(tmp_path / "cache"), "--multitask_dir", str(tmp_path / "multitask")]
     args += ["--multitask_steps", "4", "--split_layer", "1"]
-    for shard in ("0/2", "1/2"):
-        assert main([*args, "--shard", shard]) == 0
+    for shard in ("0/2", "1/2"):  # the out-of-domain summary is read for the report only
+        assert main([*args, "--shard", shard, "--ood", str(tmp_path / "not-yet.json")]) == 0
     assert not (tmp_path / "eval_unseen.json").exists(), "a shard writes no report"
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.json"))
     # shard 0 scored the first task with every method, shard 1 the second without the multi-task LoRA
@@ -497,9 +510,9 @@ def test_cli_shards_score_their_tasks_and_a_final_run_only_writes_the_table(
     scored = []
     real = harness.score_task
     monkeypatch.setattr(harness, "score_task", lambda *a: scored.append(a[1].name) or real(*a))
-    assert main(args) == 0
+    assert main([*args, "--report", "heldout"]) == 0
     assert scored == [UNSEEN[1]], "the final run scores only the multi-task LoRA on shard 1's task"
-    out = json.loads((tmp_path / "eval_unseen.json").read_text())
+    out = json.loads((tmp_path / "eval_heldout.json").read_text())
     assert list(out["methods"]) == ["base", "top1", "multitask"] and out["tasks"] == UNSEEN
 
 

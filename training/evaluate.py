@@ -344,11 +344,15 @@ def evaluate(
     out: str | Path | None = None,
     split: str = "unseen",
     extra_config: dict[str, Any] | None = None,
+    attach: dict[str, Any] | None = None,
+    report: str | None = None,
 ) -> dict[str, Any]:
     """Score every method on every task; write `<out>/eval_<split>.json|.md|_*.png` if `out` is given.
 
     `seen` are the tasks that have experts in `library` (retrieval candidates, multi-task training data).
-    `base` is always scored: every gain is measured against it.
+    `base` is always scored: every gain is measured against it. `attach`: entries put at the top level of
+    the result as they are (e.g. `ood`, the out-of-domain benchmark's summary). `report`: the files' name
+    (`eval_<report>.*`; default: the split).
     """
     scoring = scoring or ScoringConfig()
     method_config = method_config or MethodConfig()
@@ -377,8 +381,9 @@ def evaluate(
         "eval_examples": "training.data.eval_split(task)[1] (seed 0)",
         **(extra_config or {}),
     }
+    result.update(attach or {})
     if out is not None:
-        write_report(result, Path(out), split)
+        write_report(result, Path(out), report or split)
     return result
 
 
