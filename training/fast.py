@@ -9,6 +9,7 @@ computed once per example (`lower_states`, no grad) and every optimizer step run
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,13 +46,13 @@ def run_layers(
     """
     from transformers.masking_utils import create_causal_mask
 
+    # no KV cache: the argument is `cache` in newer transformers (`past_key_values` is deprecated there)
+    no_cache = {
+        "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None
+    }
     pos = torch.arange(h.shape[1], device=h.device)[None]  # [1, T]
     mask = create_causal_mask(
-        config=core.config,
-        inputs_embeds=h,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=pos,
+        config=core.config, inputs_embeds=h, attention_mask=attention_mask, position_ids=pos, **no_cache
     )
     rope = core.rotary_emb(h, position_ids=pos)  # (cos, sin): [1, T, head_dim] each
     for layer in layers:
