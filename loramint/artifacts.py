@@ -11,7 +11,9 @@ Layout of an artifacts folder (every file below 40 MB by default, so no git host
                                    plus each description's embedding ("<id>/embedding", fp16) for a check
     generator-<name>/pack.json     how each checkpoint file is restored
     generator-<name>/...           generator.json and the other small files as they are; model.safetensors
-                                   in fp16; any safetensors file above the limit split into shards
+                                   in fp16; bank.safetensors without the experts' factors when the packed
+                                   library reproduces them (derived again on restore); any safetensors file
+                                   above the limit split into shards
 
 No SQLite, FAISS or pickle files: `setup` rebuilds the library through `ExpertLibrary.add` (factors back to
 float32, description embeddings recomputed with the library's encoder) and writes the checkpoint files back
@@ -45,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from loramint import __version__
 from loramint.adapters import FP16_MAX, AdapterConfig, LoraAdapter, values_within
 from loramint.errors import LoramintError
-from loramint.paths import file_lock, sha256_file, staged_dir
+from loramint.paths import DEFAULT_GENERATOR, DEFAULT_LIBRARY, file_lock, sha256_file, staged_dir
 
 FORMAT = "loramint-artifacts"
 VERSION = 1
@@ -65,6 +67,10 @@ HEADER_PER_TENSOR = 160
 """A shard's budget for its safetensors JSON header: HEADER_BASE + HEADER_PER_TENSOR + len(key) per tensor
 (an entry takes ~70 bytes plus its key); the written file's size is checked anyway."""
 MIN_EMBEDDING_COSINE = 0.99
+# A residual generator's bank holds its experts' canonical factors: the library's experts again. When the packed
+# library reproduces them (from its fp16 factors) within this relative error, the bank is packed without them
+# and `setup` derives them from the restored library, so the library's factors are stored once.
+BANK_FROM_LIBRARY_TOLERANCE = 1e-2
 """Recomputed description embeddings below this cosine to the packed ones get a warning."""
 
 Log = Callable[[str], None]
@@ -230,7 +236,11 @@ def pack_library(
 
 
 def pack_generator(
-    generator: Path, out: Path, max_bytes: int = MAX_FILE_BYTES, log: Log = _quiet
+    generator: Path,
+    out: Path,
+    max_bytes: int = MAX_FILE_BYTES,
+    log: Log = _quiet,
+    library: Path | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint folder `generator` into the empty folder `out`: model.safetensors' float32 tensors
     in fp16 (those of at most KEEP_FP32_NUMEL numbers as they are), every other file as it is (a safetensors
@@ -240,7 +250,9 @@ def pack_generator(
     flattened to "member-0--..." in `out`), except that the members of a bfloat16-decoding ensemble keep the
     tensors minting reads exactly: its decoding linear layers in bfloat16 (which is all minting reads of
     them), the other decoding tensors in float32; and a member's bank tensors equal to member 0's are stored
-    once (the library's factors, ~48 MB, are the same in every member)."""
+    once (the library's factors, ~48 MB, are the same in every member). With `library` (the library packed
+    beside it), a bank's expert factors that the packed library reproduces are not stored at all
+    (`BANK_FROM_LIBRARY_TOLERANCE`)."""
     meta_file = generator / "generator.json"
     if not meta_file.is_file():
         raise ArtifactError(f"{generator} is not a generator checkpoint (no generator.json)")
@@ -257,12 +269,22 @@ def pack_generator(
             if not _safe_relative(rel) or "/" in rel:
                 raise ArtifactError(f"{meta_file}: bad member folder {rel!r}")
             _pack_checkpoint(
-                generator / rel, out, f"{rel}/", files, errors, max_bytes, log, bf16, reference, shared_from
+                generator / rel,
+                out,
+                f"{rel}/",
+                files,
+                errors,
+                max_bytes,
+                log,
+                bf16,
+                reference,
+                shared_from,
+                library if i == 0 else None,
             )
             if i == 0:
                 reference = load_file(str(generator / rel / "bank.safetensors"))
     else:
-        _pack_checkpoint(generator, out, "", files, errors, max_bytes, log)
+        _pack_checkpoint(generator, out, "", files, errors, max_bytes, log, library=library)
     index = {
         "format": "loramint-generator-pack",
         "version": VERSION,
@@ -284,6 +306,53 @@ def _bf16_decoding_keys(checkpoint: Path) -> set[str]:
     return {f"{name}.{p}" for name, layer in model.decoding_linears() for p, _ in layer.named_parameters()}
 
 
+def library_bank_factors(
+    library: Path, names: list[str], layout: Any, fp16: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """The bank tensors {"factors.<group>": [N, L, dim] fp16} of the experts `names` of `library` (their
+    canonical factors as layout tokens, as training stores them), or None when a name is missing or not unique.
+    `fp16`: round the factors to fp16 first, as the packed library holds them."""
+    from loramint.gen.canonical import canonicalize
+    from loramint.index import ExpertLibrary
+
+    with ExpertLibrary.open(library, create=False) as lib:
+        by_name: dict[str, list] = {}
+        for expert in lib.list():
+            by_name.setdefault(expert.name, []).append(expert)
+        if any(len(by_name.get(name, [])) != 1 for name in names):
+            return None
+        tokens = []
+        for name in names:
+            adapter = by_name[name][0].load_adapter()
+            if fp16:
+                weights = {m: (a.half().float(), b.half().float()) for m, (a, b) in adapter.weights.items()}
+                adapter = LoraAdapter(adapter.config, weights)
+            tokens.append(layout.to_tokens(canonicalize(adapter)))
+    return {f"factors.{g}": torch.stack([t[g] for t in tokens]).half() for g in layout.groups}
+
+
+def _bank_from_library(
+    checkpoint: Path, state: dict[str, torch.Tensor], library: Path, log: Log
+) -> dict[str, Any] | None:
+    """{"keys", "max_relative_error"} when the packed `library` reproduces the bank's factor tensors, else None."""
+    from loramint.gen.layout import Layout
+
+    meta = json.loads((checkpoint / "generator.json").read_text())
+    keys = sorted(k for k in state if k.startswith("factors."))
+    if not keys:
+        return None
+    derived = library_bank_factors(library, list(meta["bank"]), Layout.from_json(meta["layout"]), fp16=True)
+    if derived is None or sorted(derived) != keys:
+        log(f"  generator: {checkpoint.name}: the library does not hold the bank's experts; bank kept whole")
+        return None
+    error = max(_relative_error(state[k].float(), derived[k].float()) for k in keys)
+    if error > BANK_FROM_LIBRARY_TOLERANCE:
+        log(f"  generator: the library reproduces the bank's factors only to {error:.2e}; bank kept whole")
+        return None
+    log(f"  generator: bank factors derived from the packed library on restore (relative error {error:.1e})")
+    return {"keys": keys, "max_relative_error": error}
+
+
 def _pack_checkpoint(
     checkpoint: Path,
     out: Path,
@@ -295,6 +364,7 @@ def _pack_checkpoint(
     bf16_decoding: bool = False,
     reference: dict[str, torch.Tensor] | None = None,
     shared_from: str = "",
+    library: Path | None = None,
 ) -> None:
     decoding = _bf16_decoding_keys(checkpoint) if bf16_decoding else set()
     for path in sorted(checkpoint.iterdir()):
@@ -304,7 +374,8 @@ def _pack_checkpoint(
         flat = name.replace("/", "--")
         model = path.name == "model.safetensors"
         shared = reference is not None and path.name == "bank.safetensors"
-        if not model and not shared and path.stat().st_size <= max_bytes:
+        derived = library is not None and path.name == "bank.safetensors"
+        if not model and not shared and not derived and path.stat().st_size <= max_bytes:
             shutil.copyfile(path, out / flat)
             files[name] = {"copy": flat}
             continue
@@ -331,6 +402,9 @@ def _pack_checkpoint(
                     errors[key] = _relative_error(tensor, half)
                     state[key] = half
                     upcast.append(key)
+        if derived and (found := _bank_from_library(checkpoint, state, library, log)):
+            state = {k: t for k, t in state.items() if k not in found["keys"]}
+            entry["from_library"] = found
         if shared:
             same = [k for k, t in state.items() if k in reference and torch.equal(t, reference[k])]
             state = {k: t for k, t in state.items() if k not in same}
@@ -346,8 +420,8 @@ def _pack_checkpoint(
 
 
 def pack_defaults(
-    library: str | Path = "data/library-ni-family",
-    generator: str | Path | None = "data/generator/ni-family",
+    library: str | Path = DEFAULT_LIBRARY,
+    generator: str | Path | None = DEFAULT_GENERATOR,
     out: str | Path = "artifacts",
     data: str | Path = "data",
     max_bytes: int = MAX_FILE_BYTES,
@@ -357,8 +431,8 @@ def pack_defaults(
     """Pack a library and a generator checkpoint (None: the library alone) into `out` (+ MANIFEST.json);
     returns a summary.
 
-    Each bundle restores (`setup`) to its path relative to `data` (e.g. data/library-ni-family ->
-    "library-ni-family"), or to its folder name when it lies outside `data`.
+    Each bundle restores (`setup`) to its path relative to `data` (e.g. data/library-corpus ->
+    "library-corpus"), or to its folder name when it lies outside `data`.
     """
     library, out, data = Path(library), Path(out), Path(data)
     generator = Path(generator) if generator is not None else None
@@ -380,7 +454,7 @@ def pack_defaults(
             if kind == "library":
                 summary[kind] = pack_library(library, folder, max_bytes, log)
             else:
-                summary[kind] = pack_generator(generator, folder, max_bytes, log)
+                summary[kind] = pack_generator(generator, folder, max_bytes, log, library)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             path.chmod(0o644)  # safetensors writes 0600
@@ -411,8 +485,8 @@ def pack_defaults(
 
 
 def _prefixed(kind: str, path: Path) -> str:
-    """The bundle's folder in the artifacts: data/library-ni-family -> library-ni-family,
-    data/generator/ni-family -> generator-ni-family."""
+    """The bundle's folder in the artifacts: data/library-corpus -> library-corpus,
+    data/generator/corpus -> generator-corpus."""
     return path.name if path.name.startswith(kind) else f"{kind}-{path.name}"
 
 
@@ -552,7 +626,8 @@ def setup(
                 if kind == "library":
                     info, encoder = _restore_library(source, tmp, manifest, bundle["dir"], log, progress)
                 else:
-                    info = _restore_generator(source, tmp, manifest, bundle["dir"], encoder, log)
+                    library = plan["library"][0] if "library" in plan else None
+                    info = _restore_generator(source, tmp, manifest, bundle["dir"], encoder, log, library)
                 marker = {
                     "bundle_sha256": bundle_digest(manifest, kind),
                     "manifest_sha256": digest,
@@ -707,8 +782,15 @@ def _restore_library(
 
 
 def _restore_generator(
-    source: Path, tmp: Path, manifest: dict[str, Any], bundle_dir: str, encoder: Any, log: Log
+    source: Path,
+    tmp: Path,
+    manifest: dict[str, Any],
+    bundle_dir: str,
+    encoder: Any,
+    log: Log,
+    library: Path | None = None,
 ) -> dict[str, Any]:
+    from loramint.gen.layout import Layout
     from loramint.gen.minter import Minter
 
     index = _read_index(manifest, source, bundle_dir, GENERATOR_INDEX, "loramint-generator-pack")
@@ -725,6 +807,17 @@ def _restore_generator(
                 raise ArtifactError(f"{bundle_dir}/{GENERATOR_INDEX}: {name} shares from {shared['from']!r}")
             other = load_file(str(tmp / shared["from"]))
             state = {**{k: other[k] for k in shared["keys"]}, **state}
+        if derived := entry.get("from_library"):  # the bank's factors, from the library restored before it
+            folder = name.rpartition("/")[0]
+            meta_entry = index["files"].get(f"{folder}/generator.json" if folder else "generator.json", {})
+            if "copy" not in meta_entry or library is None or not (library / MARKER).is_file():
+                raise ArtifactError(f"{bundle_dir}: {name} needs the library restored beside it")
+            meta = json.loads(_member(manifest, source, bundle_dir, meta_entry["copy"]).read_text())
+            factors = library_bank_factors(library, list(meta["bank"]), Layout.from_json(meta["layout"]))
+            if factors is None or sorted(factors) != sorted(derived["keys"]):
+                raise ArtifactError(f"{bundle_dir}: the restored library lacks experts of {name}")
+            state = {**state, **factors}
+            log(f"generator: {name}: {len(meta['bank'])} experts' factors from the library")
         for key in entry.get("upcast", []):
             state[key] = state[key].float()
         save_file(state, str(tmp / name), metadata=entry.get("metadata"))

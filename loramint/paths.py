@@ -20,6 +20,11 @@ from loramint.errors import FetchError, InvalidIdError
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
+# The shipped library and generator (artifacts/, restored by `loramint setup`; rebuilt from the corpus with
+# `make library` and configs/generator/corpus.yaml): every command and the service default to them.
+DEFAULT_LIBRARY = "data/library-corpus"
+DEFAULT_GENERATOR = "data/generator/corpus"
+
 
 def cache_dir(*parts: str) -> Path:
     """The user cache dir (override with LORAMINT_CACHE), with `parts` appended and created."""

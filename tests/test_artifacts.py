@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loramint.adapters import LoraAdapter
 from loramint.artifacts import (
@@ -18,6 +18,7 @@ from loramint.artifacts import (
     MANIFEST,
     MARKER,
     ArtifactError,
+    library_bank_factors,
     pack_defaults,
     read_shards,
     setup,
@@ -127,6 +128,15 @@ def test_pack_writes_small_checksummed_files_and_no_databases(packed):
     assert [e["id"] for e in index["experts"]] == [f"{f}_{j}" for j, (f, _) in enumerate(TEXTS)]
     assert 0 < summary["library"]["fp16_max_relative_delta_error"] < FP16_TOLERANCE
     assert summary["bank_missing"] == []  # the generator's bank names the packed library's experts
+    # the bank's expert factors are the library's: packed once, in the library
+    pack = json.loads((artifacts / "generator-tiny" / "pack.json").read_text())
+    derived = pack["files"]["bank.safetensors"]["from_library"]
+    assert derived["keys"] and all(k.startswith("factors.") for k in derived["keys"])
+    assert 0 <= derived["max_relative_error"] < FP16_TOLERANCE
+    stored = read_shards(
+        [artifacts / "generator-tiny" / n for n in pack["files"]["bank.safetensors"]["shards"]]
+    )
+    assert {"keys", "mu", "logvar"} <= stored.keys() and not any(k.startswith("factors.") for k in stored)
     # generator.json ships byte for byte
     original = (packed["data"] / "generator" / "tiny" / "generator.json").read_bytes()
     assert (artifacts / "generator-tiny" / "generator.json").read_bytes() == original
@@ -167,7 +177,15 @@ def test_setup_round_trip_restores_library_and_generator(packed, tmp_path, capsy
     for name in ("generator.json", "normalizer.safetensors"):
         assert (restored / name).read_bytes() == (original / name).read_bytes(), name
     bank_old, bank_new = load_file(original / "bank.safetensors"), load_file(restored / "bank.safetensors")
-    assert bank_new.keys() == bank_old.keys() and all(torch.equal(bank_new[k], bank_old[k]) for k in bank_old)
+    assert bank_new.keys() == bank_old.keys()
+    for (
+        key
+    ) in bank_old:  # retrieval keys and latents as stored; the experts' factors from the restored library
+        if key.startswith("factors."):
+            rel = (bank_new[key].float() - bank_old[key].float()).norm() / bank_old[key].float().norm()
+            assert bank_new[key].dtype == torch.float16 and 0 <= float(rel) < FP16_TOLERANCE, key
+        else:
+            assert torch.equal(bank_new[key], bank_old[key]), key
     model_old, model_new = (
         load_file(original / "model.safetensors"),
         load_file(restored / "model.safetensors"),
@@ -361,12 +379,20 @@ def test_an_empty_library_left_by_serve_before_setup_is_replaced_but_a_used_one_
 
 
 def test_an_ensemble_packs_once_per_bank_and_restores_minting_exactly(packed, tmp_path):
-    """A bfloat16-decoding ensemble: its members' shared bank tensors are packed once, and the restored
-    ensemble mints exactly (bit for bit) what the packed one minted."""
+    """A bfloat16-decoding ensemble: its members' shared bank tensors are packed once (the experts' factors not
+    at all: the library holds them), and the restored ensemble mints exactly (bit for bit) what the packed one
+    mints over the packed library's factors."""
     from loramint.gen.ensemble import save_ensemble
+    from loramint.gen.layout import Layout
 
     data = packed["data"]
-    member = data / "generator" / "tiny"
+    member = shutil.copytree(data / "generator" / "tiny", tmp_path / "member")
+    meta = json.loads((member / "generator.json").read_text())
+    bank = load_file(member / "bank.safetensors")
+    bank |= library_bank_factors(
+        data / "library-tiny", meta["bank"], Layout.from_json(meta["layout"]), fp16=True
+    )
+    save_file(bank, str(member / "bank.safetensors"))  # the factors the packed (fp16) library gives
     ensemble = save_ensemble(
         tmp_path / "src" / "generator" / "ens", [member, member], own_expert=True, decode_dtype="bfloat16"
     )
@@ -381,6 +407,7 @@ def test_an_ensemble_packs_once_per_bank_and_restores_minting_exactly(packed, tm
     index = json.loads((tmp_path / "artifacts" / "generator-ens" / "pack.json").read_text())
     bank = index["files"]["member-1/bank.safetensors"]
     assert bank["shared"]["from"] == "member-0/bank.safetensors" and not bank["shards"]  # all shared
+    assert index["files"]["member-0/bank.safetensors"]["from_library"]["max_relative_error"] == 0.0
     assert any(k.startswith("heads.") for k in index["files"]["member-0/model.safetensors"]["upcast"])
     summary = setup(tmp_path / "artifacts", tmp_path / "restored")
     assert summary["generator"]["status"] == "restored"
