@@ -1,6 +1,6 @@
 """Mint latency and throughput: description -> PEFT files on disk, for a trained generator checkpoint.
 
-    python benchmarks/bench_mint.py                                   # data/generator/ni-family, 200 mints
+    python benchmarks/bench_mint.py                                   # the shipped generator, 200 mints
     python benchmarks/bench_mint.py --generator path/to/ckpt --n 50   # any checkpoint
 
 One mint = embed the description (sentence-transformers, its text cache OFF: every description is new) +
@@ -29,6 +29,7 @@ from common import machine, markdown_table, write_result  # noqa: E402
 from loramint.encoders import Encoder  # noqa: E402
 from loramint.encoders.text import EncoderConfig  # noqa: E402
 from loramint.gen.minter import Minter  # noqa: E402
+from loramint.paths import DEFAULT_GENERATOR  # noqa: E402
 
 TARGET_P50_MS = 50.0
 SUBJECTS = ["recipes", "contracts", "poems", "tweets", "emails", "reviews", "proofs", "jokes", "news", "code"]
@@ -102,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--generator", type=Path, default=Path("data/generator/ni-family"))
+    parser.add_argument("--generator", type=Path, default=Path(DEFAULT_GENERATOR))
     parser.add_argument("--n", type=int, default=200, help="timed single mints")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])

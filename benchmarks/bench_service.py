@@ -2,7 +2,7 @@
 during the load and restarted, then every adapter it acknowledged as stored is checked.
 
     python benchmarks/bench_service.py                  # 8 minting clients for 30 s, then 32 mixed clients for
-                                                        # 60 s, the ni-family library + generator
+                                                        # 60 s, the shipped library + generator
     python benchmarks/bench_service.py --quick          # 8 clients, 12 s (a smoke run)
     python benchmarks/bench_service.py --library L --generator G --base-model tiny-llama --clients 4 --duration 3
 
@@ -58,6 +58,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, machine  # noqa: E402
+
+from loramint.paths import DEFAULT_GENERATOR, DEFAULT_LIBRARY  # noqa: E402
 
 ROOT = HERE.parent
 FRESH_CLONE = RESULTS / "fresh_clone.json"
@@ -649,8 +651,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--library", default="data/library-ni-family", help="copied; never written")
-    parser.add_argument("--generator", default="data/generator/ni-family", help="'' to serve without one")
+    parser.add_argument("--library", default=DEFAULT_LIBRARY, help="copied; never written")
+    parser.add_argument("--generator", default=DEFAULT_GENERATOR, help="'' to serve without one")
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument(
         "--config",

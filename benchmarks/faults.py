@@ -48,6 +48,8 @@ sys.path.insert(0, str(HERE))
 from bench_service import LoadConfig, LoadTest  # noqa: E402
 from common import RESULTS, machine  # noqa: E402
 
+from loramint.paths import DEFAULT_GENERATOR, DEFAULT_LIBRARY  # noqa: E402
+
 OK_4XX = {400, 401, 404, 409, 413, 422, 429}
 
 
@@ -676,8 +678,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--library", default="data/library-ni-family", help="copied; never written")
-    parser.add_argument("--generator", default="data/generator/ni-family")
+    parser.add_argument("--library", default=DEFAULT_LIBRARY, help="copied; never written")
+    parser.add_argument("--generator", default=DEFAULT_GENERATOR)
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--kill-rounds", type=int, default=10)
     parser.add_argument("--soak", type=float, default=600.0, help="seconds of 8-client mixed load")

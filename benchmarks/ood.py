@@ -12,7 +12,7 @@ difference). A result is "worse than base" when that CI lies below 0. Two result
 
 Each mint's confidence (`Minter.provenance`) and check are recorded next to it.
 
-    python benchmarks/ood.py [--generator data/generator/ni-family] [--n-tasks 24] [--max-examples 60]
+    python benchmarks/ood.py [--generator data/generator/corpus] [--n-tasks 24] [--max-examples 60]
     python benchmarks/ood.py --generator data/generator/corpus --suite configs/suites/corpus.yaml
 
 Tasks, smallest prompts first, one per family before a second: without `--suite`, the corpus's multiple-
@@ -36,7 +36,7 @@ from loramint.corpus import Corpus
 from loramint.fallback import FallbackPolicy, check_examples, decide
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
-from loramint.paths import cache_dir
+from loramint.paths import DEFAULT_GENERATOR, cache_dir
 from loramint.service.config import ServiceConfig
 from loramint.training.build import interleave_families, prompt_chars
 from loramint.training.data import answer_logprob_sums
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--generator", default="data/generator/ni-family")
+    parser.add_argument("--generator", default=DEFAULT_GENERATOR)
     parser.add_argument("--base-model", default="smollm2-135m")
     parser.add_argument("--n-tasks", type=int, default=24)
     parser.add_argument("--max-examples", type=int, default=60, help="test examples scored per task")

@@ -1,6 +1,6 @@
 """Minting: a trained generator checkpoint + a description (optionally a few examples) -> a PEFT adapter.
 
-`Minter.from_pretrained("data/generator/ni-family").mint("Answer questions about how long events last")`
+`Minter.from_pretrained("data/generator/corpus").mint("Answer questions about how long events last")`
 embeds the description, retrieves the K nearest library experts from the checkpoint's bank (their
 description embeddings and latent posteriors), forms the semantic prior, decodes the learned prior's mean
 (or a seeded sample) in one batched pass, de-normalises and returns a `LoraAdapter` (`.save(dir)` writes a

@@ -334,7 +334,8 @@ def library_bank_factors(
 def _bank_from_library(
     checkpoint: Path, state: dict[str, torch.Tensor], library: Path, log: Log
 ) -> dict[str, Any] | None:
-    """{"keys", "max_relative_error"} when the packed `library` reproduces the bank's factor tensors, else None."""
+    """{"keys", "max_relative_error"} when the packed `library` reproduces the bank's experts (their ΔW), else
+    None."""
     from loramint.gen.layout import Layout
 
     meta = json.loads((checkpoint / "generator.json").read_text())
@@ -345,7 +346,17 @@ def _bank_from_library(
     if derived is None or sorted(derived) != keys:
         log(f"  generator: {checkpoint.name}: the library does not hold the bank's experts; bank kept whole")
         return None
-    error = max(_relative_error(state[k].float(), derived[k].float()) for k in keys)
+    layout = Layout.from_json(meta["layout"])
+
+    def adapter(tensors: dict[str, torch.Tensor], i: int) -> LoraAdapter:
+        return layout.from_tokens({g: tensors[f"factors.{g}"][i].float() for g in layout.groups})
+
+    # what minting uses is each expert's ΔW = B·A (canonical factors of a nearly repeated singular value are
+    # not unique, so the factors themselves may differ by a rotation that leaves ΔW as it is)
+    error = 0.0
+    for i in range(len(meta["bank"])):
+        stored, again = adapter(state, i), adapter(derived, i)
+        error = max(error, *(_relative_error(stored.delta(m), again.delta(m)) for m in stored.modules))
     if error > BANK_FROM_LIBRARY_TOLERANCE:
         log(f"  generator: the library reproduces the bank's factors only to {error:.2e}; bank kept whole")
         return None

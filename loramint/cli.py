@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from loramint.errors import LoramintError
+from loramint.paths import DEFAULT_GENERATOR, DEFAULT_LIBRARY
 from loramint.service.config import ServiceConfig
 from loramint.training.config import ExpertTrainConfig, GeneratorTrainConfig, RouterTrainConfig
 
 # Piped output (CI logs, `| less`) gets wide rows instead of rich's 80-column default.
 console = Console() if sys.stdout.isatty() else Console(width=200)
-DEFAULT_LIBRARY = Path("data/library")
+USER_LIBRARY = Path("data/library")  # where train-experts and the library commands work by default
 
 
 # ---- models -------------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def suite_prepare(suite_file: Path, force_split: bool = False) -> None:
     """Import a suite's tasks (if missing) and fix its seen/unseen split file (written once, then enforced).
 
     Args:
-        suite_file: suite YAML, e.g. configs/suites/ni-family.yaml.
+        suite_file: suite YAML, e.g. configs/suites/corpus.yaml.
         force_split: rewrite the split file even if it disagrees (only for a new study: experts and the
             generator trained on the old split become invalid).
     """
@@ -268,7 +269,7 @@ def library_add(
     name: str | None = None,
     family: str = "",
     id: str | None = None,
-    library: Path = DEFAULT_LIBRARY,
+    library: Path = USER_LIBRARY,
 ) -> None:
     """Validate a PEFT LoRA folder and add it to the library as an expert.
 
@@ -286,7 +287,7 @@ def library_add(
 
 
 def library_list(
-    library: Path = DEFAULT_LIBRARY, family: str | None = None, limit: int = 50, offset: int = 0
+    library: Path = USER_LIBRARY, family: str | None = None, limit: int = 50, offset: int = 0
 ) -> None:
     """List experts.
 
@@ -306,9 +307,7 @@ def library_list(
     console.print(f"{len(experts)} of {total} experts")
 
 
-def library_search(
-    query: str, k: int = 5, library: Path = DEFAULT_LIBRARY, family: str | None = None
-) -> None:
+def library_search(query: str, k: int = 5, library: Path = USER_LIBRARY, family: str | None = None) -> None:
     """Find the experts whose descriptions are closest to `query` (cosine of sentence embeddings).
 
     Args:
@@ -325,7 +324,7 @@ def library_search(
     console.print(table)
 
 
-def library_summary(library: Path = DEFAULT_LIBRARY, out: Path | None = None) -> None:
+def library_summary(library: Path = USER_LIBRARY, out: Path | None = None) -> None:
     """What a library holds: experts, families, how many converged and beat the base model, build rate.
 
     Args:
@@ -343,7 +342,7 @@ def library_summary(library: Path = DEFAULT_LIBRARY, out: Path | None = None) ->
     console.print_json(json.dumps({k: v for k, v in summary.items() if k != "definitions"}))
 
 
-def library_remove(id: str, library: Path = DEFAULT_LIBRARY) -> None:
+def library_remove(id: str, library: Path = USER_LIBRARY) -> None:
     """Remove an expert (its row, its vector and its adapter folder).
 
     Args:
@@ -358,7 +357,7 @@ def library_remove(id: str, library: Path = DEFAULT_LIBRARY) -> None:
 # ---- training -----------------------------------------------------------------------------------------------
 def train_experts(
     tasks: Path = Path("data/tasks/tasks.jsonl"),
-    library: Path = DEFAULT_LIBRARY,
+    library: Path = USER_LIBRARY,
     base_model: str = "smollm2-135m",
     train: ExpertTrainConfig | None = None,
     only: list[str] | None = None,
@@ -441,7 +440,7 @@ def evaluate(
     seen: list[str] | None = None,
     unseen: list[str] | None = None,
     splits: list[str] | None = None,
-    library: Path = DEFAULT_LIBRARY,
+    library: Path = USER_LIBRARY,
     base_model: str = "smollm2-135m",
     methods: list[str] | None = None,
     out: Path = Path("benchmarks/results"),
@@ -682,7 +681,7 @@ def train_generator(
 def mint(
     description: str,
     out: Path = Path("minted-adapter"),
-    generator: Path = Path("data/generator/ni-family"),
+    generator: Path = Path(DEFAULT_GENERATOR),
     examples: list[str] | None = None,
     seed: int | None = None,
     rank: int | None = None,
@@ -749,7 +748,7 @@ def ensemble_generator(
 
 def train_router(
     suite: Path,
-    library: Path = DEFAULT_LIBRARY,
+    library: Path = USER_LIBRARY,
     out: Path = Path("data/router"),
     base_model: str = "smollm2-135m",
     train: RouterTrainConfig | None = None,
@@ -854,8 +853,8 @@ def serve(service: ServiceConfig | None = None, log_level: str = "info") -> None
 
 # ---- default artifacts -------------------------------------------------------------------------------------
 def pack_defaults(
-    library: Path = Path("data/library-ni-family"),
-    generator: Path | None = Path("data/generator/ni-family"),
+    library: Path = Path(DEFAULT_LIBRARY),
+    generator: Path | None = Path(DEFAULT_GENERATOR),
     out: Path = Path("artifacts"),
     data: Path = Path("data"),
     max_file_mb: float = 40.0,
@@ -903,7 +902,7 @@ def setup(artifacts: Path = Path("artifacts"), data: Path = Path("data"), force:
 
     Args:
         artifacts: the artifacts folder (from `loramint pack-defaults`).
-        data: the data root; e.g. data/library-ni-family and data/generator/ni-family are written.
+        data: the data root; e.g. data/library-corpus and data/generator/corpus are written.
         force: replace targets that exist but were not set up from these artifacts (their contents are lost).
     """
     from loramint.artifacts import setup as run_setup

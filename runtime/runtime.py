@@ -1,6 +1,6 @@
 """The runtime's Python API: a base model with resident experts, generating and scoring mixed batches.
 
-    rt = Runtime("smollm2-135m", library="data/library-ni-family")
+    rt = Runtime("smollm2-135m", library="data/library-corpus")
     rt.generate(["Q1", "Q2", "Q3"], adapters=["expert-a", {"expert-a": 0.5, "expert-b": 0.5}, "auto"])
 
 Per row, `adapters` may be None (the base model), an expert id, a mixture {id: weight}, or "auto" (the

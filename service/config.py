@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_type_hints
 
 from loramint.fallback import FallbackPolicy
+from loramint.paths import DEFAULT_GENERATOR, DEFAULT_LIBRARY
 
 Auth = Literal["writes", "all", "none"]
 ENV_PREFIX = "LORAMINT_"
@@ -22,9 +23,9 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 for every interface)."""
     port: int = 8000
-    library: str = "data/library-ni-family"
+    library: str = DEFAULT_LIBRARY
     """Expert library folder (created when missing)."""
-    generator: str | None = "data/generator/ni-family"
+    generator: str | None = DEFAULT_GENERATOR
     """Generator checkpoint (`loramint train-generator`); None serves without minting (POST /v1/adapters: 503)."""
     base_model: str = "smollm2-135m"
     """Registry name, HF id or local path; the generator and every served adapter must be made for it."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from loramint.gen.config import GeneratorConfig
+from loramint.paths import DEFAULT_LIBRARY
 
 Objective = Literal["recon", "functional", "both"]
 
@@ -90,7 +91,7 @@ class ExpertTrainConfig:
 
 @dataclass
 class GeneratorTrainConfig:
-    library: str = "data/library-ni-family"
+    library: str = DEFAULT_LIBRARY
     """Expert library to learn from (every expert whose task is in `tasks`, or all of them)."""
     out: str = ""
     """Checkpoint folder (replaced atomically when training ends). Required, and never defaulted: a training
