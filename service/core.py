@@ -196,6 +196,7 @@ class MintedStore:
         self.ttl_s, self.quota_bytes, self.on_drop, self.clock = ttl_s, quota_bytes, on_drop, clock
         self._lock = threading.Lock()
         self._entries: dict[str, tuple[str, int, float]] = {}  # id -> (owner, nbytes, expires_at)
+        self._adding: dict[str, threading.Event] = {}  # ids being written now: set when the write has ended
         for expert in self.lib.list():
             minted = expert.metrics.get("minted", {})
             self._entries[expert.id] = (
@@ -239,6 +240,7 @@ class MintedStore:
                 )
             expires = now + self.ttl_s
             self._entries[adapter_id] = (owner, nbytes, expires)  # reserved: a racing add counts it
+            done = self._adding[adapter_id] = threading.Event()
         metrics = dict(fields.pop("metrics", {}))
         metrics["minted"] = {**metrics.get("minted", {}), "owner": owner, "expires_at": expires}
         try:
@@ -247,6 +249,18 @@ class MintedStore:
             with self._lock:
                 self._entries.pop(adapter_id, None)
             raise
+        finally:
+            with self._lock:
+                self._adding.pop(adapter_id, None)
+            done.set()
+
+    def settled(self, adapter_id: str, timeout_s: float = 60.0) -> Expert | None:
+        """`get(adapter_id)` once an add of it under way in another thread has ended (None: it failed)."""
+        with self._lock:
+            done = self._adding.get(adapter_id)
+        if done is not None:
+            done.wait(timeout_s)
+        return self.get(adapter_id)
 
     def get(self, adapter_id: str) -> Expert | None:
         with self._lock:
@@ -619,7 +633,7 @@ class Service:
                 kept = self.kept.add(adapter, adapter_id, owner, embedding, **fields)
             except AlreadyExistsError:
                 # the same adapter kept by a request that ran at the same time (files jobs run in parallel)
-                if req.id is not None or (kept := self.kept.get(adapter_id)) is None:
+                if req.id is not None or (kept := self.kept.settled(adapter_id)) is None:
                     raise
                 return kept_info(kept)
             self.minted.pop(adapter_id)

@@ -1320,6 +1320,13 @@ def test_the_same_mint_kept_twice_at_once_gets_one_id(world):
     from loramint.service.schemas import MintRequest
 
     service = Service.load(world["config"], library=world["library"], minter=world["minter"])
+    write = service.kept.lib.add
+
+    def slow_write(*args, **kwargs):  # a slow disk: the second request arrives while the first one writes
+        time.sleep(0.3)
+        return write(*args, **kwargs)
+
+    service.kept.lib.add = slow_write
     try:
         for attempt in range(4):
             req = MintRequest(description=f"Count the vowels, attempt {attempt}.")
