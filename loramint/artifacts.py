@@ -67,11 +67,11 @@ HEADER_PER_TENSOR = 160
 """A shard's budget for its safetensors JSON header: HEADER_BASE + HEADER_PER_TENSOR + len(key) per tensor
 (an entry takes ~70 bytes plus its key); the written file's size is checked anyway."""
 MIN_EMBEDDING_COSINE = 0.99
-# A residual generator's bank holds its experts' canonical factors: the library's experts again. When the packed
-# library reproduces them (from its fp16 factors) within this relative error, the bank is packed without them
-# and `setup` derives them from the restored library, so the library's factors are stored once.
-BANK_FROM_LIBRARY_TOLERANCE = 1e-2
 """Recomputed description embeddings below this cosine to the packed ones get a warning."""
+BANK_FROM_LIBRARY_TOLERANCE = 1e-2
+"""A residual generator's bank holds its experts' canonical factors: the library's experts again. When the
+packed library reproduces every bank expert's ΔW (from its fp16 factors) within this relative error, the bank
+is packed without them and `setup` derives them from the restored library: the factors are stored once."""
 
 Log = Callable[[str], None]
 
@@ -342,11 +342,11 @@ def _bank_from_library(
     keys = sorted(k for k in state if k.startswith("factors."))
     if not keys:
         return None
-    derived = library_bank_factors(library, list(meta["bank"]), Layout.from_json(meta["layout"]), fp16=True)
+    layout = Layout.from_json(meta["layout"])
+    derived = library_bank_factors(library, list(meta["bank"]), layout, fp16=True)
     if derived is None or sorted(derived) != keys:
         log(f"  generator: {checkpoint.name}: the library does not hold the bank's experts; bank kept whole")
         return None
-    layout = Layout.from_json(meta["layout"])
 
     def adapter(tensors: dict[str, torch.Tensor], i: int) -> LoraAdapter:
         return layout.from_tokens({g: tensors[f"factors.{g}"][i].float() for g in layout.groups})

@@ -21,7 +21,8 @@ from loramint.errors import FetchError, InvalidIdError
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 # The shipped library and generator (artifacts/, restored by `loramint setup`; rebuilt from the corpus with
-# `make library` and configs/generator/corpus.yaml): every command and the service default to them.
+# `make library` and configs/generator/corpus.yaml): the service, `loramint mint`, `pack-defaults`, generator
+# training and the benchmarks default to them (the library commands work on the user's data/library).
 DEFAULT_LIBRARY = "data/library-corpus"
 DEFAULT_GENERATOR = "data/generator/corpus"
 
