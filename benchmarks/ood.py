@@ -7,8 +7,8 @@ difference). A result is "worse than base" when that CI lies below 0. Two result
 
 - `minted`: the adapter as minted;
 - `served`: what the service answers (`loramint.fallback`, the service's default policy): the adapter, or the
-  base model when its check on the solved examples (answer loss against the base model's) fails or nothing
-  in the library is near. `worse_than_base` counts the served results.
+  base model when its check on the solved examples (answer likelihood and greedy answers against the base
+  model's) fails or nothing in the library is near. `worse_than_base` counts the served results.
 
 Each mint's confidence (`Minter.provenance`) and check are recorded next to it.
 
@@ -33,14 +33,14 @@ from common import machine, markdown_table, write_result
 
 from loramint.adapters import apply_lora
 from loramint.corpus import Corpus
-from loramint.fallback import FallbackPolicy, check_examples, decide
+from loramint.fallback import FallbackPolicy, check_examples, decide, solved_task
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
 from loramint.paths import DEFAULT_GENERATOR, cache_dir
 from loramint.service.config import ServiceConfig
 from loramint.training.build import interleave_families, prompt_chars
 from loramint.training.data import answer_logprob_sums
-from loramint.training.evaluate import ScoringConfig, cached_score
+from loramint.training.evaluate import ScoringConfig, cached_score, generate_answers
 from loramint.training.methods import Intervention
 from loramint.training.metrics import bootstrap_ci
 from loramint.training.suites import load_suite
@@ -92,6 +92,21 @@ def scorer(base, adapter):
     return score
 
 
+def answerer(base, adapter):
+    """The check's greedy answers on a plain model, with the adapter applied or not (what the service's
+    runtime generates in one mixed pass)."""
+
+    def answer(prompts, minted, limits):
+        task = solved_task("answer", [(p, "-") for p in prompts])  # only the inputs are read
+        out = []
+        for example, flag, limit in zip(task.examples, minted, limits, strict=True):
+            with apply_lora(base.model, adapter) if flag else contextlib.nullcontext():
+                out += generate_answers(base, task, [example], limit, max_length=2048)
+        return out
+
+    return answer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +136,9 @@ def main() -> None:
         adapter = minter.mint(task.description, texts).compact()  # as the service serves it
         (drawn,) = minter.provenance([task.description], [texts])
 
-        check = check_examples(base.tokenizer, scorer(base, adapter), task.description, pairs)
+        check = check_examples(
+            base.tokenizer, scorer(base, adapter), task.description, pairs, answer=answerer(base, adapter)
+        )
         decision = decide(policy, drawn["confidence"], check)
         metric = task.metric
         before = cached_score(base, task, Intervention(), scoring, hashes).values[metric]

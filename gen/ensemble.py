@@ -152,10 +152,10 @@ class EnsembleMinter:
     def retrieve(self, cond: torch.Tensor):
         return self.members[0].retrieve(cond)  # one bank for all (checked at load)
 
-    def decode(self, cond: torch.Tensor, seed: int | None = None) -> list[dict[str, torch.Tensor]]:
+    def decode(self, cond: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Each member's decoded tokens {group: [B, L, dim]} (in bfloat16 when `decode_dtype` says so)."""
         with self._autocast(cond.device.type):
-            return [m.decode(cond, seed) for m in self.members]
+            return [m.decode(cond) for m in self.members]
 
     def row(self, tokens: list[dict[str, torch.Tensor]], i: int) -> list[dict[str, torch.Tensor]]:
         return [{g: t[i] for g, t in member.items()} for member in tokens]
@@ -192,7 +192,6 @@ class EnsembleMinter:
         self,
         descriptions: Sequence[str],
         examples: Sequence[Sequence[str] | None] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> list[LoraAdapter]:
         _check_rank(rank, self.max_rank)
@@ -211,12 +210,12 @@ class EnsembleMinter:
         minted: dict[int, LoraAdapter] = {}
         if rest and self.fast:
             sub = cond[rest]
-            tokens, retrieved = self.decode(sub, seed), self.retrieve(sub)
+            tokens, retrieved = self.decode(sub), self.retrieve(sub)
             minted = {i: self.adapter(self.row(tokens, j), retrieved[j]) for j, i in enumerate(rest)}
         elif rest:
             shots = [examples[i] for i in rest] if examples is not None else None
             with self._autocast(cond.device.type):
-                per = [m.mint_many([descriptions[i] for i in rest], shots, seed) for m in self.members]
+                per = [m.mint_many([descriptions[i] for i in rest], shots) for m in self.members]
             minted = {i: average([p[j] for p in per], self.weights) for j, i in enumerate(rest)}
         out = [
             minted[i] if o is None else self.members[0].bank.expert(self.layout, o) for i, o in enumerate(own)
@@ -227,10 +226,9 @@ class EnsembleMinter:
         self,
         description: str,
         examples: Sequence[str] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> LoraAdapter:
-        return self.mint_many([description], [examples], seed, rank)[0]
+        return self.mint_many([description], [examples], rank)[0]
 
     def fuse(
         self, descriptions: Sequence[str], weights: Sequence[float] | None = None, rank: int | None = None

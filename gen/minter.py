@@ -3,7 +3,7 @@
 `Minter.from_pretrained("data/generator/corpus").mint("Answer questions about how long events last")`
 embeds the description, retrieves the K nearest library experts from the checkpoint's bank (their
 description embeddings and latent posteriors), forms the semantic prior, decodes the learned prior's mean
-(or a seeded sample) in one batched pass, de-normalises and returns a `LoraAdapter` (`.save(dir)` writes a
+in one batched pass, de-normalises and returns a `LoraAdapter` (`.save(dir)` writes a
 stock PEFT folder). `fuse` mixes the latents of several descriptions into one multi-task adapter.
 
 A checkpoint is a folder: `generator.json` (format, model config, layout, encoder id, prior settings, the
@@ -225,7 +225,6 @@ class Minter:
         self,
         descriptions: Sequence[str],
         examples: Sequence[Sequence[str] | None] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> list[LoraAdapter]:
         """One adapter per description, decoded in one batched pass."""
@@ -233,17 +232,17 @@ class Minter:
             return []
         cond = self.condition(descriptions, examples)
         sem_mu, sem_logvar = self.prior_inputs(cond)
-        tokens = self.model.generate(cond, sem_mu, sem_logvar, seed=_check_seed(seed))
+        tokens = self.model.generate(cond, sem_mu, sem_logvar)
         retrieved = self.retrieve(cond)
         return [
             self.adapter({g: t[i] for g, t in tokens.items()}, retrieved[i], rank)
             for i in range(len(descriptions))
         ]
 
-    def decode(self, cond: torch.Tensor, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """The decoded tokens {group: [B, L, dim]} of conditions [B, C]: the prior's mean, or a seeded sample."""
+    def decode(self, cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The decoded tokens {group: [B, L, dim]} of conditions [B, C] (the learned prior's mean)."""
         with torch.no_grad():
-            return self.model.generate(cond, *self.prior_inputs(cond), seed=_check_seed(seed))
+            return self.model.generate(cond, *self.prior_inputs(cond))
 
     def row(self, tokens: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         """Row i of `decode`'s tokens, for `adapter`."""
@@ -278,12 +277,11 @@ class Minter:
         self,
         description: str,
         examples: Sequence[str] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> LoraAdapter:
-        """An adapter for the task `description` says (and `examples` show): the prior's mean, or a seeded
-        sample; `rank` below the library's keeps the strongest components (same scale)."""
-        return self.mint_many([description], [examples], seed, rank)[0]
+        """An adapter for the task `description` says (and `examples` show); `rank` below the library's
+        keeps the strongest components (same scale)."""
+        return self.mint_many([description], [examples], rank)[0]
 
     @torch.no_grad()
     def fuse(
@@ -394,9 +392,3 @@ def truncate(adapter: LoraAdapter, rank: int) -> LoraAdapter:
     return LoraAdapter(
         config, {m: (a[:rank].clone(), b[:, :rank].clone()) for m, (a, b) in canon.weights.items()}
     )
-
-
-def _check_seed(seed: int | None) -> int | None:
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-        raise GeneratorError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return seed

@@ -174,17 +174,9 @@ class LoraCVAE(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self,
-        cond: torch.Tensor,
-        sem_mu: torch.Tensor,
-        sem_logvar: torch.Tensor,
-        seed: int | None = None,
+        self, cond: torch.Tensor, sem_mu: torch.Tensor, sem_logvar: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Mint from the prior: its mean (seed None, deterministic) or a seeded sample. Normalised tokens."""
-        mu, logvar = self.prior(cond, sem_mu, sem_logvar)
-        if seed is not None:
-            gen = torch.Generator(device=mu.device).manual_seed(seed)
-            mu = mu + (0.5 * logvar).exp() * torch.randn(
-                mu.shape, generator=gen, device=mu.device, dtype=mu.dtype
-            )
+        """Mint: decode the learned prior's mean (deterministic; no sampling: the shipped objective never
+        trains the prior's variance). Normalised tokens."""
+        mu, _ = self.prior(cond, sem_mu, sem_logvar)
         return self.decode(mu, cond)

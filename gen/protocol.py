@@ -43,8 +43,8 @@ class MintingModel(Protocol):
     def retrieve(self, cond: torch.Tensor) -> list:
         """Per row: the retrieved experts and their similarities."""
 
-    def decode(self, cond: torch.Tensor, seed: int | None = None) -> Any:
-        """The network's output for a batch of conditions (the learned prior's mean, or a seeded sample)."""
+    def decode(self, cond: torch.Tensor) -> Any:
+        """The network's output for a batch of conditions (the learned prior's mean)."""
 
     def row(self, tokens: Any, i: int) -> Any:
         """Row `i` of `decode`'s output."""
@@ -56,7 +56,6 @@ class MintingModel(Protocol):
         self,
         descriptions: Sequence[str],
         examples: Sequence[Sequence[str] | None] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> list[LoraAdapter]:
         """One adapter per description, in one decoder pass."""
@@ -65,7 +64,6 @@ class MintingModel(Protocol):
         self,
         description: str,
         examples: Sequence[str] | None = None,
-        seed: int | None = None,
         rank: int | None = None,
     ) -> LoraAdapter:
         """One adapter."""

@@ -462,7 +462,6 @@ def evaluate(
     oracle_library: Path = Path("data/eval/oracle-library"),
     generator: Path | None = None,
     n_shots: int = 5,
-    n_samples: int = 8,
     router: Path | None = None,
     top_k_tokens: int = 2,
     min_test: int = 0,
@@ -503,11 +502,9 @@ def evaluate(
         multitask_steps: steps of the multi-task LoRA (default: n_seen * the experts' steps, the library's budget).
         multitask_dir: PEFT folder caching the multi-task LoRA.
         oracle_library: expert library caching the oracle LoRAs.
-        generator: generator checkpoint for the methods minted, minted-sampled, minted+examples,
-            minted-user and reconstructed.
-        n_shots: training examples a user shows (minted+examples conditions on them, minted-sampled picks
-            its best sample by their loss).
-        n_samples: seeded samples minted-sampled chooses among (plus the mean).
+        generator: generator checkpoint for the methods minted, minted+examples, minted-user and
+            reconstructed.
+        n_shots: training examples a user shows (minted+examples conditions on them).
         router: learned per-token router (`loramint train-router`) for route-token.
         top_k_tokens: experts per token for arrow.
         min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
@@ -550,7 +547,6 @@ def evaluate(
         oracle_library=oracle_library,
         generator=generator,
         n_shots=n_shots,
-        n_samples=n_samples,
         router=router,
         top_k_tokens=top_k_tokens,
         user_phrasings=user_phrasings,
@@ -683,7 +679,6 @@ def mint(
     out: Path = Path("minted-adapter"),
     generator: Path = Path(DEFAULT_GENERATOR),
     examples: list[str] | None = None,
-    seed: int | None = None,
     rank: int | None = None,
     fuse: list[str] | None = None,
 ) -> None:
@@ -694,7 +689,6 @@ def mint(
         out: the adapter folder to write (adapter_config.json + adapter_model.safetensors).
         generator: a checkpoint from `loramint train-generator`.
         examples: a few example texts of the task (input and answer) to condition on.
-        seed: sample the latent with this seed (default: the prior's mean, deterministic).
         rank: keep only the strongest `rank` components of each module.
         fuse: more task descriptions: one adapter for all of them (their latents mixed equally), e.g.
             `--fuse+ "Summarise the text." --fuse+ "Translate it."` or `--fuse '["A", "B"]'`.
@@ -708,7 +702,7 @@ def mint(
     if fuse:
         adapter = minter.fuse([description, *fuse], rank=rank)
     else:
-        adapter = minter.mint(description, examples=examples, seed=seed, rank=rank)
+        adapter = minter.mint(description, examples=examples, rank=rank)
     adapter.save(out)
     ms = (time.perf_counter() - started) * 1000
     console.print(

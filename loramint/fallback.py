@@ -5,10 +5,13 @@ whether to trust them:
 
 - `confidence`: the best cosine similarity between the request and a library expert's description
   (`gen.minter.provenance`). Below `FallbackPolicy.min_confidence` nothing in the library is near.
-- a check on the request's solved examples (input and expected output), base model and minted adapter in
-  one pass (`check_examples`): how much better the adapter tells each example's output from the other
-  examples' outputs (`Check.gain`, nats per answer token). An adapter that does not gain more than
-  `min_gain` is not served.
+- a check on the request's solved examples (input and expected output), base model and minted adapter side
+  by side (`check_examples`), on two grounds. Likelihood: how much better the adapter tells each example's
+  output from the other examples' outputs (`Check.gain`, nats per answer token); an adapter that does not
+  gain more than `min_gain` is not served. Answers: the greedy answers of both to the examples' inputs,
+  scored against the expected outputs (ROUGE-L, `Check.base_answers` / `Check.minted_answers`); an adapter
+  whose answers score below the base model's is not served, whatever its likelihood gain (a free-text
+  adapter can make the right output likelier and still write worse answers).
 
     policy = FallbackPolicy(min_confidence=0.3, min_gain=0.0)
     decision = decide(policy, confidence=0.52, check=check)   # Decision(fell_back=..., reason=...)
@@ -31,6 +34,12 @@ if TYPE_CHECKING:  # the policy is imported by configuration code: no torch unti
 
 Scorer = Callable[[Sequence["Encoded"], Sequence[bool]], "np.ndarray"]
 """(encoded examples, whether each row runs with the minted adapter) -> each row's mean answer NLL [n]."""
+Answerer = Callable[[Sequence[str], Sequence[bool], Sequence[int]], Sequence[str]]
+"""(prompts as the model reads them before its chat template, whether each row runs with the minted adapter,
+new-token limit of each row) -> each row's greedy answer."""
+ANSWER_MARGIN = 8
+"""New tokens an answer may take beyond its expected output's length."""
+MAX_ANSWER_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,14 @@ class Check:
     base_correct: int | None = None
     minted_correct: int | None = None
     """Examples whose own output scored above every distractor."""
+    base_answers: float | None = None
+    minted_answers: float | None = None
+    """Mean ROUGE-L of the greedy answers against the expected outputs (None: answers not generated)."""
+
+    @property
+    def answers_worse(self) -> bool:
+        """Whether the adapter's answers to the examples score below the base model's."""
+        return self.minted_answers is not None and self.minted_answers < self.base_answers  # type: ignore[operator]
 
     @property
     def gain(self) -> float:
@@ -90,6 +107,11 @@ class Check:
                 "base_correct": self.base_correct,
                 "minted_correct": self.minted_correct,
             }
+        if self.minted_answers is not None:
+            out |= {
+                "base_answers": round(self.base_answers, 4),
+                "minted_answers": round(self.minted_answers, 4),
+            }
         return out
 
 
@@ -101,7 +123,7 @@ class Decision:
 
 def decide(policy: FallbackPolicy, confidence: float, check: Check | None = None) -> Decision:
     """Fall back when the library holds nothing near (confidence), or when solved examples were given and
-    the adapter does not do better than the base model on them."""
+    the adapter does not do better than the base model on them (likelihood), or answers them worse."""
     if confidence < policy.min_confidence:
         return Decision(
             True,
@@ -113,6 +135,12 @@ def decide(policy: FallbackPolicy, confidence: float, check: Check | None = None
             True,
             f"on the {check.n} solved examples the minted adapter did not beat the base model "
             f"({_what(check)})",
+        )
+    if check is not None and check.answers_worse:
+        return Decision(
+            True,
+            f"on the {check.n} solved examples the minted adapter's answers scored below the base model's "
+            f"(ROUGE-L {check.minted_answers:.3f} vs {check.base_answers:.3f})",
         )
     return Decision(False)
 
@@ -144,9 +172,11 @@ def check_examples(
     description: str,
     pairs: Sequence[tuple[str, str]],
     max_length: int = 256,
+    answer: Answerer | None = None,
 ) -> Check:
     """Score the solved examples (input, expected output) with the base model and with the minted adapter,
-    each output against the other examples' outputs when there are different ones (`Check`)."""
+    each output against the other examples' outputs when there are different ones (`Check`); with `answer`,
+    also both models' greedy answers to them."""
     import numpy as np
 
     from loramint.tasks import Example
@@ -166,8 +196,9 @@ def check_examples(
     nll = np.asarray(score(items + items, [False] * len(items) + [True] * len(items)), dtype=np.float64)
     base, minted = nll[: len(items)], nll[len(items) :]
     own = [start for start, _ in spans]
+    answers = {} if answer is None else _answer_scores(tokenizer, answer, task, pairs)
     if not contrastive:
-        return Check(len(pairs), float(base[own].mean()), float(minted[own].mean()), False)
+        return Check(len(pairs), float(base[own].mean()), float(minted[own].mean()), False, **answers)
 
     def margins(values: np.ndarray) -> np.ndarray:  # own output's log-prob minus the best distractor's
         return np.array([values[s + 1 : s + k].min() - values[s] for s, k in spans])
@@ -182,4 +213,19 @@ def check_examples(
         float(m.mean()),
         int((b > 0).sum()),
         int((m > 0).sum()),
+        **answers,
     )
+
+
+def _answer_scores(tokenizer, answer: Answerer, task: Task, pairs: Sequence[tuple[str, str]]) -> dict:
+    """{"base_answers", "minted_answers"}: mean ROUGE-L of each model's greedy answers to the examples."""
+    from loramint.tasks import Example
+    from loramint.training.metrics import rouge_l
+
+    prompts = [task.prompt(Example(input=text, target=out)) for text, out in pairs]
+    lengths = [len(ids) for ids in tokenizer([o for _, o in pairs], add_special_tokens=False).input_ids]
+    limits = [min(MAX_ANSWER_TOKENS, n + ANSWER_MARGIN) for n in lengths]
+    n = len(pairs)
+    got = list(answer(prompts + prompts, [False] * n + [True] * n, limits + limits))
+    scores = [rouge_l(a, [o]) for a, (_, o) in zip(got, [*pairs, *pairs], strict=True)]
+    return {"base_answers": sum(scores[:n]) / n, "minted_answers": sum(scores[n:]) / n}

@@ -497,23 +497,22 @@ class Service:
 
     # ---- minting (the mint threads) ---------------------------------------------------------------------
     def mint_batch(self, items: Sequence[MintRequest | MintJob]) -> list[AdapterInfo | Exception]:
-        """Mint every request: those without a seed and with the same rank in one `mint_many` call each (a
-        seeded sample depends on its batch, so seeded requests run alone and stay reproducible)."""
+        """Mint every request, those with the same rank in one `mint_many` call each."""
         jobs = [item if isinstance(item, MintJob) else MintJob(item) for item in items]
         requests = [job.request for job in jobs]
         if self.minter is None:
             error = UnavailableError("this service has no generator configured: minting is off")
             return [error] * len(requests)
 
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[int | None, list[int]] = {}
         for i, req in enumerate(requests):
-            groups.setdefault((req.rank, i if req.seed is not None else None), []).append(i)
+            groups.setdefault(req.rank, []).append(i)
         results: list[AdapterInfo | Exception | None] = [None] * len(requests)
-        for (rank, _), members in groups.items():
+        for rank, members in groups.items():
             batch = [requests[i] for i in members]
             texts, shots = [r.description for r in batch], [r.example_texts() or None for r in batch]
             try:
-                adapters = self.minter.mint_many(texts, shots, batch[0].seed, rank)
+                adapters = self.minter.mint_many(texts, shots, rank)
                 reports = self.minter.provenance(texts, shots)  # what each draws on, for the whole batch
             except Exception as exc:
                 if len(members) == 1:
@@ -523,7 +522,7 @@ class Service:
             for at, (i, adapter, drawn) in enumerate(zip(members, adapters, reports, strict=True)):
                 try:
                     if adapter is None:  # retried alone
-                        adapter = self.minter.mint(texts[at], shots[at], requests[i].seed, rank)
+                        adapter = self.minter.mint(texts[at], shots[at], rank)
                         (drawn,) = self.minter.provenance([texts[at]], [shots[at]])
                     results[i] = self._decide(jobs[i], adapter, drawn)
                 except Exception as exc:
@@ -542,8 +541,8 @@ class Service:
 
     def check(self, pending: PendingCheck) -> AdapterInfo | Callable[[], AdapterInfo]:
         """(The runtime thread.) Score the minted adapter against the base model on the request's solved
-        examples; serve the base model when it does not do better, else keep it (returned as a call for the
-        files lane)."""
+        examples, their answers' likelihood and the greedy answers of both; serve the base model when the
+        adapter does not do better, else keep it (returned as a call for the files lane)."""
         req, adapter = pending.job.request, pending.adapter.compact()  # checked as it would be served
         probe = f"check-{uuid.uuid4().hex}"
         self.runtime.add(probe, adapter)
@@ -553,6 +552,9 @@ class Service:
                 lambda items, minted: self.runtime.answer_nll(items, [probe if m else None for m in minted]),
                 req.description,
                 req.solved(),
+                answer=lambda prompts, minted, limits: self.runtime.generate(
+                    prompts, [probe if m else None for m in minted], max_new_tokens=limits
+                ),
             )
         finally:
             self.runtime.remove(probe)
@@ -615,9 +617,7 @@ class Service:
             if keep == "memory" and (item := self.minted.get(adapter_id)) is not None:
                 return item[1]
         # which library experts it draws on, and how well the best one fits (gen.minter.provenance)
-        metrics = {
-            "minted": {"seed": req.seed, "rank": req.rank, "examples": len(req.examples or []), **drawn}
-        }
+        metrics = {"minted": {"rank": req.rank, "examples": len(req.examples or []), **drawn}}
         fields = dict(
             name=req.name or adapter_id, description=req.description, family=req.family, metrics=metrics
         )

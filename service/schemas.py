@@ -46,9 +46,6 @@ class MintRequest(BaseModel):
         "examples the minted adapter is also checked on them against the base model, and the base model is "
         "served instead when the adapter does not do better (`fell_back`).",
     )
-    seed: StrictInt | None = Field(
-        None, ge=0, le=2**63 - 1, description="Sample the latent (default: the prior's mean)."
-    )
     rank: StrictInt | None = Field(
         None, ge=1, le=256, description="Keep only the strongest `rank` components."
     )

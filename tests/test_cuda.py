@@ -86,11 +86,6 @@ def test_minting_on_the_gpu_equals_minting_on_the_cpu(checkpoint):
         _close(a, b)
     _close(gpu.mint(texts[1], rank=3), cpu.mint(texts[1], rank=3))
     _close(gpu.fuse(texts[1:]), cpu.fuse(texts[1:]))
-    # a seeded sample draws its noise on the GPU: reproducible there, and a different adapter than the mean
-    s1, s2 = gpu.mint(texts[1], seed=3), gpu.mint(texts[1], seed=3)
-    _close(s1, s2)
-    mean = gpu.mint(texts[1])
-    assert any(not torch.allclose(s1.delta(m), mean.delta(m)) for m in mean.modules)
 
 
 @pytest.mark.parametrize("dense_max", [0, 64])

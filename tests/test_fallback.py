@@ -114,3 +114,45 @@ def test_a_bad_policy_is_refused(kwargs):
 def test_the_check_needs_examples(tokenizer):
     with pytest.raises(ValueError, match="at least one solved example"):
         check_examples(tokenizer, lambda items, flags: np.zeros(len(items)), "d", [])
+
+
+def test_an_adapter_whose_answers_are_worse_falls_back_whatever_its_likelihood_gain(tokenizer):
+    _encode_all(tokenizer, PAIRS)
+    outs = [o for _, o in PAIRS]
+    base = {(t, c): 2.0 for t, _ in PAIRS for c in outs}
+    minted = {(t, c): 2.0 if c != o else 1.0 for t, o in PAIRS for c in outs}  # right outputs likelier
+    seen = []
+
+    def answer(prompts, flags, limits):
+        seen.append((list(prompts), list(flags), list(limits)))
+        right = {t: o for t, o in PAIRS}
+        return [f"it is {right[p]}" if not m else "no idea" for p, m in zip(prompts, flags, strict=True)]
+
+    check = check_examples(tokenizer, table_scorer(base, minted), "add", PAIRS, answer=answer)
+    assert check.gain == pytest.approx(1.0)  # the likelihood check alone would serve it
+    ((prompts, flags, limits),) = seen
+    assert prompts == [t for t, _ in PAIRS] * 2 and flags == [False] * 3 + [True] * 3
+    assert all(8 < n <= 64 for n in limits)
+    assert check.base_answers == pytest.approx(0.5) and check.minted_answers == 0.0  # "it is 4" vs "4"
+    assert check.as_dict()["minted_answers"] == 0.0
+    decision = decide(FallbackPolicy(), confidence=0.9, check=check)
+    assert decision.fell_back and "answers scored below" in decision.reason
+
+
+def test_answers_as_good_as_the_base_models_pass(tokenizer):
+    _encode_all(tokenizer, PAIRS)
+    outs = [o for _, o in PAIRS]
+    base = {(t, c): 2.0 for t, _ in PAIRS for c in outs}
+    minted = {(t, c): 2.0 if c != o else 1.0 for t, o in PAIRS for c in outs}
+    right = dict(PAIRS)
+    check = check_examples(
+        tokenizer,
+        table_scorer(base, minted),
+        "add",
+        PAIRS,
+        answer=lambda prompts, flags, limits: [
+            right[p] if m else "" for p, m in zip(prompts, flags, strict=True)
+        ],
+    )
+    assert (check.base_answers, check.minted_answers) == (0.0, 1.0) and not check.answers_worse
+    assert not decide(FallbackPolicy(), confidence=0.9, check=check).fell_back

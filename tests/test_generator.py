@@ -1,6 +1,6 @@
 """training/generator.py + gen/minter.py + gen/phrasings.py: the generator learns to mint held-out experts of a
 clustered library, the functional objective lowers the task loss of minted adapters on tiny-llama, and the
-checkpoint mints deterministic, seeded, truncated and fused adapters that stock PEFT loads."""
+checkpoint mints deterministic, truncated and fused adapters that stock PEFT loads."""
 
 from __future__ import annotations
 
@@ -125,11 +125,11 @@ def test_minter_mints_from_the_checkpoint(trained, tmp_path):
     assert _delta_distance(adapter, arith) < 0.5 * _delta_distance(adapter, write)
     poem = minter.mint("Write a poem about the mountains.")
     assert _delta_distance(poem, write) < 0.5 * _delta_distance(poem, arith)
-    # deterministic by default; a seed samples, reproducibly
+    # deterministic: the learned prior's mean, never a sample
     again = minter.mint("Add up the numbers and report the total.")
     assert all(torch.equal(adapter.weights[m][0], again.weights[m][0]) for m in adapter.modules)
-    s1, s1b, s2 = (minter.mint("Add up the numbers.", seed=s) for s in (1, 1, 2))
-    assert _delta_distance(s1, s1b) == 0 and _delta_distance(s1, s2) > 0
+    with pytest.raises(TypeError):
+        minter.mint("Add up the numbers.", seed=1)  # type: ignore[call-arg]
     # batched minting equals one at a time
     many = minter.mint_many(["Add up the numbers and report the total.", "Write a poem about the mountains."])
     assert _delta_distance(many[0], adapter) < 1e-4 and _delta_distance(many[1], poem) < 1e-4
@@ -162,7 +162,6 @@ def test_minter_mints_from_the_checkpoint(trained, tmp_path):
         (lambda m: m.mint(""), "non-empty string"),
         (lambda m: m.mint("x" * 9000), "limit"),
         (lambda m: m.mint("Add.", rank=3), "rank must be"),
-        (lambda m: m.mint("Add.", seed=-1), "seed must be"),
         (lambda m: m.mint("Add.", examples=[""]), "examples must be"),
         (lambda m: m.fuse(["Add.", "Write."], weights=[1.0, -1.0]), "weights must be"),
         (lambda m: m.fuse([]), "at least one"),
@@ -322,7 +321,6 @@ def test_minted_methods_in_the_harness(functional, tiny):
     names = [
         "base",
         "minted",
-        "minted-sampled",
         "minted+examples",
         "minted-user",
         "minted-unrelated",
@@ -331,7 +329,7 @@ def test_minted_methods_in_the_harness(functional, tiny):
         "topk",
         "minted+topk",
     ]
-    config = MethodConfig(generator=functional["root"] / "generator", n_samples=3, top_k=2)
+    config = MethodConfig(generator=functional["root"] / "generator", top_k=2)
     unseen = [t for t in functional["tasks"] if t.name in UNSEEN]
     with ExpertLibrary.open(functional["root"] / "lib") as library:
         result = evaluate(
@@ -357,10 +355,6 @@ def test_minted_methods_in_the_harness(functional, tiny):
     methods = result["methods"]
     assert set(methods) == set(names) and all(set(m["per_task"]) == set(UNSEEN) for m in methods.values())
     for name in UNSEEN:
-        sampled = methods["minted-sampled"]["per_task"][name]["info"]
-        assert len(sampled["shot_nll"]) == 4  # the mean and 3 seeds, judged on 5 training examples only
-        chosen = sampled["shot_nll"][[None, 0, 1, 2].index(sampled["seed"])]
-        assert chosen == pytest.approx(min(sampled["shot_nll"]), abs=1e-4)
         assert methods["minted+examples"]["per_task"][name]["info"]["n_shots"] == 5
         hybrid = methods["minted+topk"]["per_task"][name]["info"]
         assert hybrid["minted_weight"] == 0.5 and len(hybrid["experts"]) == 2
@@ -381,7 +375,7 @@ def test_minted_methods_in_the_harness(functional, tiny):
     )
     assert result["short_description_gain_loss"]["definition"].startswith("1 - gain(minted-user)")
     table = (functional["root"] / "out" / "eval_unseen.md").read_text()
-    assert "`minted-sampled` against each method" in table
+    assert "`minted+examples` against each method" in table
     # the functionally trained generator helps the seen tasks it learned from
     assert seen["methods"]["reconstructed"]["mean"] < seen["methods"]["base"]["mean"]
 

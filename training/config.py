@@ -9,7 +9,7 @@ from typing import Literal
 from loramint.gen.config import GeneratorConfig
 from loramint.paths import DEFAULT_LIBRARY
 
-Objective = Literal["recon", "functional", "both"]
+Objective = Literal["recon", "functional"]
 
 
 @dataclass
@@ -98,7 +98,9 @@ class GeneratorTrainConfig:
     run must not silently replace a generator that a service is using."""
     model: GeneratorConfig = field(default_factory=GeneratorConfig)
     objective: Objective = "recon"
-    """`recon`, `functional` or `both` (`training.generator`)."""
+    """`functional` (what the shipped generator trains on) or `recon` (cheap: no base model; for quick checks
+    of a library). The sum of both lost to `functional` alone on the corpus library and was removed
+    (docs/generator.md)."""
     steps: int = 3000
     """Optimiser steps (at most; early stopping may end sooner)."""
     batch_size: int = 16
@@ -110,9 +112,9 @@ class GeneratorTrainConfig:
     grad_clip: float = 1.0
     """Clip the gradient's global norm to this (0: no clipping); steps with a non-finite loss are skipped."""
     beta: float = 1e-3
-    """Weight of KL(q || learned prior) per latent dimension."""
+    """`recon`: weight of KL(q || learned prior) per latent dimension."""
     prior_weight: float = 1.0
-    """Weight of reconstructing from the learned prior's mean (the minting path)."""
+    """`recon`: weight of reconstructing from the learned prior's mean (the minting path)."""
     top_k: int = 5
     """Retrieved experts forming the semantic prior (training and minting)."""
     tau: float = 0.05
@@ -151,7 +153,7 @@ class GeneratorTrainConfig:
         if isinstance(self.model, dict):
             self.model = GeneratorConfig.from_dict(self.model)
         checks = {
-            "objective": self.objective in ("recon", "functional", "both"),
+            "objective": self.objective in ("recon", "functional"),
             "steps": self.steps >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
@@ -177,7 +179,7 @@ class GeneratorTrainConfig:
     @property
     def needs_base(self) -> bool:
         """The base model (and the tasks' data) is needed: the functional loss or the validation NLL."""
-        return self.objective in ("functional", "both") or self.val_examples > 0
+        return self.objective == "functional" or self.val_examples > 0
 
 
 @dataclass

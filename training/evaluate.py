@@ -59,7 +59,6 @@ METRIC = "answer_nll"
 BASELINES = ("base", "base+description", "few-shot", "top1", "topk", "uniform", "multitask", "oracle")
 MINTED = (
     "minted",
-    "minted-sampled",
     "minted+examples",
     "minted-user",
     "minted+topk",

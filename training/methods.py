@@ -66,12 +66,10 @@ class MethodConfig:
     """JSON {task name: what a user would type} for `minted-user` (every scored task must be in it); None:
     the task's shortest one-sentence phrasing."""
     n_shots: int = 5
-    """Training examples a user is assumed to show: `minted+examples` conditions on them and
-    `minted-sampled` picks its best sample by their answer loss (never by evaluation examples)."""
+    """Training examples a user is assumed to show: `minted+examples` conditions on them (never on evaluation
+    examples)."""
     n_demos: int = 3
     """Solved training examples `few-shot` puts before each input."""
-    n_samples: int = 8
-    """Seeded samples `minted-sampled` chooses among (plus the mean)."""
     router: Path | None = None
     """Learned per-token router (`loramint train-router`) for `route-token`."""
     top_k_tokens: int = 2
@@ -93,10 +91,8 @@ class MethodConfig:
             self.user_phrasings = Path(self.user_phrasings)
         if self.router is not None:
             self.router = Path(self.router)
-        if self.n_shots < 1 or self.n_samples < 1 or self.n_demos < 1:
-            raise ValueError(
-                f"n_shots, n_samples and n_demos must be >= 1, got {self.n_shots}, {self.n_samples}, {self.n_demos}"
-            )
+        if self.n_shots < 1 or self.n_demos < 1:
+            raise ValueError(f"n_shots and n_demos must be >= 1, got {self.n_shots}, {self.n_demos}")
 
 
 @dataclass
@@ -554,27 +550,6 @@ def minted_examples_method(ctx: MethodContext) -> Method:
     def method(task: Task) -> Intervention:
         texts = [example_text(task, ex) for ex in shots(task, ctx.config.n_shots)]
         return _minted(ctx.minter().mint(task.description, examples=texts), n_shots=len(texts))
-
-    return method
-
-
-@register("minted-sampled")
-def minted_sampled_method(ctx: MethodContext) -> Method:
-    """Best of the mean and n seeded samples by answer loss on the n_shots training examples a user shows."""
-    from loramint.adapters import apply_lora
-    from loramint.training.data import answer_nll
-
-    def method(task: Task) -> Intervention:
-        minter, base = ctx.minter(), ctx.base
-        seeds = [None, *range(ctx.config.n_samples)]
-        adapters = [minter.mint(task.description, seed=seed) for seed in seeds]
-        examples = shots(task, ctx.config.n_shots)
-        losses = []
-        for adapter in adapters:
-            with apply_lora(base.model, adapter):
-                losses.append(answer_nll(base.model, base.tokenizer, task, examples, 256))
-        best = min(range(len(adapters)), key=losses.__getitem__)
-        return _minted(adapters[best], seed=seeds[best], shot_nll=[round(x, 4) for x in losses])
 
     return method
 
