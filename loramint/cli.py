@@ -468,6 +468,7 @@ def evaluate(
     user_phrasings: Path | None = None,
     ood: Path | None = None,
     report: str | None = None,
+    headline: str = "answer_nll",
     shard: str | None = None,
 ) -> None:
     """Score the baselines on held-out examples of unseen (or seen) tasks; write <out>/eval_<split>.json/.md/.png.
@@ -513,6 +514,8 @@ def evaluate(
         ood: result of `benchmarks/ood.py` (out-of-domain requests with the fallback) whose summary goes into
             the report as `ood` (n, worse_than_base, better_than_base, fell_back, and the file).
         report: name of the report files, eval_<report>.json/.md/.png (default: the split; one split only).
+        headline: answer_nll, or task_metric: the result led by each task's own metric (accuracy, exact match
+            or ROUGE-L), with `recovered` (fraction of the oracle's gain) and the held-out families counted.
         shard: "i/n": score only every n-th task, from the i-th, into the score cache and write no report,
             so that n processes share the work (one thread each); shard 0 alone trains and scores the
             multi-task LoRA. A run without `shard` afterwards scores what is missing (the multi-task LoRA on
@@ -520,6 +523,7 @@ def evaluate(
     """
     from loramint.models import load_base_model
     from loramint.training import evaluate as harness
+    from loramint.training.build import expert_id
     from loramint.training.methods import MethodConfig, train_config_from_yaml
 
     by_name, names = harness.select_tasks(suite, tasks, seen, unseen)
@@ -569,6 +573,8 @@ def evaluate(
         methods.remove("multitask")
     base = load_base_model(base_model)
     with _open(library) as lib:
+        # the library's tasks: what retrieval draws on and the multi-task LoRA trains on
+        seen_tasks = [by_name[n] for n in names["seen"] if lib is None or expert_id(by_name[n]) in lib]
         for split in splits:
             scored = [  # those with min_test examples; the methods still see the whole seen split
                 by_name[n]
@@ -580,7 +586,7 @@ def evaluate(
                 scored[index::count],
                 methods,
                 library=lib,
-                seen=[by_name[n] for n in names["seen"]],
+                seen=seen_tasks,
                 scoring=scoring,
                 method_config=options,
                 out=None if shard else out,
@@ -588,6 +594,7 @@ def evaluate(
                 extra_config={"suite": suite and str(suite), "tasks_file": tasks and str(tasks)},
                 attach=attach,
                 report=report,
+                headline=headline,
             )
             if not shard:
                 console.print(harness.markdown(result))

@@ -350,6 +350,30 @@ def test_result_json_has_the_required_shape(run):
     assert "| oracle |" in (run["root"] / "out" / "eval_unseen.md").read_text()
 
 
+def test_a_task_metric_headline_leads_with_each_tasks_own_metric(run, tmp_path):
+    from loramint.training.evaluate import task_metric_headline, write_report
+
+    result = run["result"]
+    led = task_metric_headline(result, ["arith", "classify"])
+    assert led["metric"] == "task_metric" and led["n_tasks"] == len(UNSEEN)
+    assert (led["n_families_heldout"], led["families_heldout"]) == (2, ["arith", "classify"])
+    for name, method in led["methods"].items():
+        before = result["methods"][name]
+        assert {k: method[k] for k in ("mean", "ci_low", "ci_high")} == {
+            k: before["task_metric"][k] for k in ("mean", "ci_low", "ci_high")
+        }
+        assert method["answer_nll"] == {k: before[k] for k in ("mean", "ci_low", "ci_high")}
+        assert method["per_task"] == before["per_task"]
+    assert set(led["recovered"]) == set(ALL_METHODS) - {"base", "oracle"}
+    assert led["recovered"]["top1"] == result["methods"]["top1"]["recovered"]
+    paths = write_report(led, tmp_path, "heldout")
+    assert {p.name for p in paths} >= {"eval_heldout.md", "eval_heldout_task_metric.png"}
+    table = (tmp_path / "eval_heldout.md").read_text()
+    assert "2 held-out families" in table and "| task metric [95% CI] |" in table
+    with pytest.raises(ValueError, match="no task-metric"):
+        task_metric_headline({**result, "methods": {"base": {"mean": 1.0}}}, [])
+
+
 def test_oracle_lowers_the_unseen_tasks_nll(run):
     base, oracle = per_task(run, "base"), per_task(run, "oracle")
     for name in UNSEEN:

@@ -345,14 +345,19 @@ def evaluate(
     extra_config: dict[str, Any] | None = None,
     attach: dict[str, Any] | None = None,
     report: str | None = None,
+    headline: str = METRIC,
 ) -> dict[str, Any]:
     """Score every method on every task; write `<out>/eval_<split>.json|.md|_*.png` if `out` is given.
 
     `seen` are the tasks that have experts in `library` (retrieval candidates, multi-task training data).
     `base` is always scored: every gain is measured against it. `attach`: entries put at the top level of
     the result as they are (e.g. `ood`, the out-of-domain benchmark's summary). `report`: the files' name
-    (`eval_<report>.*`; default: the split).
+    (`eval_<report>.*`; default: the split). `headline`: `answer_nll`, or `task_metric` for a result led by
+    each task's own metric (`task_metric_headline`; its held-out families are the tasks' families that no
+    `seen` task has).
     """
+    if headline not in (METRIC, "task_metric"):
+        raise ValueError(f"headline must be {METRIC!r} or 'task_metric', got {headline!r}")
     scoring = scoring or ScoringConfig()
     method_config = method_config or MethodConfig()
     if not tasks:
@@ -381,9 +386,39 @@ def evaluate(
         **(extra_config or {}),
     }
     result.update(attach or {})
+    if headline == "task_metric":
+        result = task_metric_headline(result, sorted({t.family for t in tasks} - {t.family for t in seen}))
     if out is not None:
         write_report(result, Path(out), report or split)
     return result
+
+
+def task_metric_headline(result: dict[str, Any], heldout_families: Sequence[str]) -> dict[str, Any]:
+    """`result` led by each task's own metric: `metric` is `task_metric`; each method's `mean`, `ci_low`,
+    `ci_high` are its mean over tasks of the task's metric (accuracy, exact match or ROUGE-L; 95% CI), its
+    answer-NLL numbers move under `answer_nll`; `recovered` gives each method's fraction of the oracle's
+    task-metric gain over base (None where the oracle gains nothing on average); `n_tasks`, `n_families_heldout` and `families_heldout` say what was scored."""
+    methods, recovered = {}, {}
+    for name, m in result["methods"].items():
+        if "task_metric" not in m:
+            raise ValueError(f"{name} has no task-metric scores (free-text tasks need n_generate > 0)")
+        nll = {k: m[k] for k in ("mean", "ci_low", "ci_high")}
+        rest = {k: v for k, v in m.items() if k not in nll and k != "task_metric"}
+        methods[name] = {**m["task_metric"], "answer_nll": nll, **rest}
+        if name not in ("base", "oracle") and "recovered" in m:  # None: the oracle gains nothing
+            recovered[name] = m["recovered"]
+    families = sorted(set(heldout_families))
+    return {
+        **result,
+        "metric": "task_metric",
+        "metric_definition": "each task's own metric (task_metrics: accuracy for multiple choice, exact match "
+        "or ROUGE-L for free text), mean over tasks; 95% CI by bootstrap over each task's examples",
+        "n_tasks": len(result["tasks"]),
+        "n_families_heldout": len(families),
+        "families_heldout": families,
+        "methods": methods,
+        "recovered": recovered,
+    }
 
 
 def score_methods(
@@ -602,7 +637,20 @@ def _ci(entry: dict | None, digits: int = 3) -> str:
 
 def markdown(result: dict) -> str:
     methods = result["methods"]
-    lines = [
+    lines = []
+    if result["metric"] == "task_metric":
+        lines += [
+            f"## {len(result['tasks'])} {result.get('split', '')} tasks ({result['n_families_heldout']} held-out "
+            "families) · metric: each task's own (accuracy, exact match or ROUGE-L; higher is better)",
+            "",
+            "| method | task metric [95% CI] | gain vs base [95% CI] | fraction of oracle gain [95% CI] |",
+            "|---|---|---|---|",
+        ]
+        for name, m in methods.items():
+            gain, rec = _ci(m.get("task_metric_vs_base")), _ci(m.get("recovered"), 2)
+            lines.append(f"| {name} | {_ci(m)} | {gain} | {rec} |")
+        lines.append("")
+    lines += [
         f"## {len(result['tasks'])} {result.get('split', '')} tasks · metric: answer NLL per token (lower is better)",
         "",
         "| method | answer NLL [95% CI] | gain vs base [95% CI] | tasks better / worse | accuracy (MC) "
@@ -613,7 +661,7 @@ def markdown(result: dict) -> str:
         vs = m["vs_base"]
         cells = [
             name,
-            _ci(m),
+            _ci(m.get("answer_nll", m)),
             _ci(vs),
             f"{vs['n_tasks_better']} / {vs['n_tasks_worse']}",
             _ci(m.get("accuracy")),
@@ -671,9 +719,9 @@ def plot(result: dict, stem: Path) -> list[Path]:
         paths.append(stem.with_name(stem.name + "_tasks.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
-    fractions = {
-        k: v["frac_oracle_gain"] for k, v in methods.items() if v.get("frac_oracle_gain") and k != "oracle"
-    }
+    task_metric = result["metric"] == "task_metric"
+    key = "recovered" if task_metric else "frac_oracle_gain"
+    fractions = {k: v[key] for k, v in methods.items() if v.get(key) and k != "oracle"}
     if fractions:
         fig, ax = plt.subplots(figsize=(max(4.0, 1.0 * len(fractions) + 1.5), 4))
         mean = np.array([f["mean"] for f in fractions.values()])
@@ -683,11 +731,26 @@ def plot(result: dict, stem: Path) -> list[Path]:
         ax.axhline(1, color="tab:green", linestyle="--", linewidth=1, label="oracle")
         ax.axhline(0, color="black", linewidth=0.8, label="base")
         ax.set_ylabel("fraction of oracle gain recovered")
-        ax.set_title(f"Answer NLL gain / oracle gain ({result.get('split', '')} tasks)")
+        what = "Task-metric" if task_metric else "Answer NLL"
+        ax.set_title(f"{what} gain / oracle gain ({result.get('split', '')} tasks)")
         ax.tick_params(axis="x", labelrotation=30)
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(stem.with_name(stem.name + "_oracle_gain.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if task_metric:
+        every = result["methods"]
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(every) + 1.5), 4))
+        mean = np.array([m["mean"] for m in every.values()])
+        err = [mean - [m["ci_low"] for m in every.values()], [m["ci_high"] for m in every.values()] - mean]
+        colors = ["tab:gray" if k == "base" else "tab:blue" for k in every]
+        ax.bar(list(every), mean, yerr=err, capsize=3, color=colors)
+        ax.set_ylabel("task metric, mean over tasks (95% CI)")
+        ax.set_title(f"{result['n_tasks']} tasks, {result['n_families_heldout']} held-out families")
+        ax.tick_params(axis="x", labelrotation=45)
+        fig.tight_layout()
+        paths.append(stem.with_name(stem.name + "_task_metric.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths

@@ -76,7 +76,8 @@ class MethodConfig:
     """Experts per token for `arrow`."""
 
     def __post_init__(self) -> None:
-        self.multitask_dir, self.oracle_library = Path(self.multitask_dir), Path(self.oracle_library)
+        self.multitask_dir = Path(self.multitask_dir).expanduser()
+        self.oracle_library = Path(self.oracle_library).expanduser()
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.topk_weights not in ("similarity", "softmax"):
