@@ -40,6 +40,7 @@ new-token limit of each row) -> each row's greedy answer."""
 ANSWER_MARGIN = 8
 """New tokens an answer may take beyond its expected output's length."""
 MAX_ANSWER_TOKENS = 64
+"""The longest answer either model may give in the check."""
 
 
 @dataclass(frozen=True)
