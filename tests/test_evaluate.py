@@ -684,7 +684,7 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
         config=SimpleNamespace(multitask_steps=None, multitask_dir=Path("/nonexistent/multitask")),
         train_config=lambda: config,
     )
-    with pytest.raises(RuntimeError, match="would train 240 384 16 128"):  # 128 a task: MULTITASK_EXAMPLES
+    with pytest.raises(RuntimeError, match="would train 240 192 16 64"):  # 64 a task: MULTITASK_EXAMPLES
         multitask_adapter(ctx)
 
 

@@ -407,10 +407,11 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     return adapter, {**info, "cached": False}
 
 
-MULTITASK_EXAMPLES = 128
+MULTITASK_EXAMPLES = 64
 """Training examples per task in the multi-task LoRA's pool (at most; an expert draws up to 300): every
-task is represented, and the pool's cached lower-layer states (~2.3 KB per token) stay in memory: 322
-corpus tasks x 128 examples is about 9 GB."""
+task is represented, and the pool's cached lower-layer states (~2.3 KB per token) stay in memory. The
+corpus eval's 2,000 steps of 8 draw 16,000 examples, about one pass over 200 library tasks x 64; computing
+the lower layers' states of 128 per task took over 40 minutes of a shared 2-core machine."""
 
 
 def library_budget(ctx: MethodContext, config: ExpertTrainConfig) -> int:
