@@ -567,6 +567,8 @@ def evaluate(
             raise LoramintError(f"ood: cannot read {ood}: {exc}") from exc
     if report is not None and len(splits) > 1:
         raise LoramintError("report names the files of one split: give one split with it")
+    if headline not in (harness.METRIC, "task_metric"):
+        raise LoramintError(f"headline must be {harness.METRIC!r} or 'task_metric', got {headline!r}")
     methods = list(methods or harness.ALL_METHODS)
     index, count = parse_shard(shard) if shard is not None else (0, 1)
     if index and "multitask" in methods:  # one multi-task LoRA, trained by shard 0

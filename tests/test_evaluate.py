@@ -512,6 +512,14 @@ def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
     assert list(out["methods"]) == ["base", "top1", "oracle"] and out["tasks"] == UNSEEN
     assert out["ood"] == {**summary, "file": str(ood)}
     assert "fraction of oracle gain" in capsys.readouterr().out
+    # the library's tasks are the seen ones: what retrieval and the multi-task LoRA draw on
+    assert out["config"]["seen"] == [n for n in suite if n not in UNSEEN and f"expert-{n}" in run["library"]]
+    assert main([*args, "--headline", "task_metric", "--report", "heldout"]) == 0
+    led = json.loads((tmp_path / "eval_heldout.json").read_text())
+    assert led["metric"] == "task_metric" and led["n_tasks"] == len(UNSEEN) and "recovered" in led
+    assert (tmp_path / "eval_heldout_task_metric.png").stat().st_size > 0
+    assert main([*args, "--headline", "accuracy"]) != 0
+    assert "headline must be 'answer_nll' or 'task_metric'" in capsys.readouterr().out
     ood.write_text("{}")
     assert main([*args, "--ood", str(ood)]) != 0
     assert "is not a result of benchmarks/ood.py (no 'n')" in capsys.readouterr().out
