@@ -546,14 +546,18 @@ class Service:
         req, adapter = pending.job.request, pending.adapter.compact()  # checked as it would be served
         probe = f"check-{uuid.uuid4().hex}"
         self.runtime.add(probe, adapter)
+
+        def routes(minted: Sequence[bool]) -> list[str | None]:  # each row: the probe adapter or the base
+            return [probe if m else None for m in minted]
+
         try:
             check = check_examples(
                 self.base.tokenizer,
-                lambda items, minted: self.runtime.answer_nll(items, [probe if m else None for m in minted]),
+                lambda items, minted: self.runtime.answer_nll(items, routes(minted)),
                 req.description,
                 req.solved(),
                 answer=lambda prompts, minted, limits: self.runtime.generate(
-                    prompts, [probe if m else None for m in minted], max_new_tokens=limits
+                    prompts, routes(minted), max_new_tokens=limits
                 ),
             )
         finally:
