@@ -11,6 +11,9 @@ What it does:
   end) and starts `python -m loramint.cli serve` on a random free loopback port, every
   path and one fresh API key per client (concurrent users: each its own rate limit and storage quota) passed
   as LORAMINT_* environment variables (which override the config file and flags);
+- before the mixed load: `--mint-clients` clients only minting for `--mint-duration` s, then
+  `--checked-mints` mints with 5 solved examples each, one at a time (the service checks each adapter
+  against the base model on them before serving it; `checked_mint_p50_ms`, how many `fell_back`);
 - runs `--clients` closed-loop asyncio + httpx clients for `--duration` seconds of load: a mix of
   POST /v1/adapters (mint; `--store-fraction` of them with `store: true` and an explicit id),
   POST /v1/retrieve and POST /v1/completions (`--max-tokens` new tokens; `model` a minted id, "auto" or the
@@ -71,6 +74,34 @@ so an id cannot have left the service's in-memory LRU by the time its completion
 
 SUBJECTS = ["recipes", "contracts", "poems", "tweets", "emails", "reviews", "proofs", "jokes", "news", "code"]
 ACTIONS = ["Summarise", "Classify", "Translate", "Answer questions about", "Rewrite", "Find errors in"]
+CHECK_SHOTS = 5
+"""Solved examples per checked mint (what benchmarks/ood.py sends with each held-out task)."""
+
+
+def solved_examples(rng: random.Random) -> tuple[str, list[dict[str, str]]]:
+    """A small task a user could describe, with `CHECK_SHOTS` solved examples: (description, examples)."""
+    kind = rng.randrange(4)
+    examples = []
+    for _ in range(CHECK_SHOTS):
+        a, b = rng.randrange(2, 99), rng.randrange(2, 99)
+        word = rng.choice(SUBJECTS)
+        if kind == 0:
+            examples.append({"input": f"Is {a} even?", "output": "yes" if a % 2 == 0 else "no"})
+        elif kind == 1:
+            examples.append({"input": f"{a} + {b} =", "output": str(a + b)})
+        elif kind == 2:
+            examples.append({"input": f"Spell '{word}' backwards.", "output": word[::-1]})
+        else:
+            examples.append({"input": f"Which is larger, {a} or {b}?", "output": str(max(a, b))})
+    what = [
+        "Say whether a number is even",
+        "Add two numbers",
+        "Spell a word backwards",
+        "Pick the larger of two numbers",
+    ][kind]
+    return f"{what} (request {rng.randrange(10**9)}).", examples
+
+
 PROMPTS = [
     "Question: How long does it take to brush your teeth?\nAnswer:",
     "Translate to French: The cat sleeps on the sofa.\n",
@@ -107,6 +138,9 @@ class LoadConfig:
     mint_clients: int = 8
     """Clients of the mint-only phase before the mixed load (0: none): `mint_p50_ms` / `mint_p99_ms`."""
     mint_duration_s: float = 30.0
+    checked_mints: int = 30
+    """Mints with `CHECK_SHOTS` solved examples, one at a time, after the mint-only phase (0: none):
+    `checked_mint_p50_ms` / `checked_mint_p99_ms` (the adapter is checked against the base model first)."""
     server_env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the server (e.g. OMP_NUM_THREADS)."""
 
@@ -166,6 +200,7 @@ class LoadTest:
         self._counter = 0
         self.rss_rest_mb = self.rss_after_mint_mb = self.rss_end_mb = None
         self.mint_only: dict | None = None
+        self.checked: dict | None = None
 
     # ---- the server ----------------------------------------------------------------------------------------
     def _command(self) -> list[str]:
@@ -442,12 +477,49 @@ class LoadTest:
             "per_s": round(len(ok) / self.cfg.mint_duration_s, 2),
         }
 
+    async def checked_phase(self) -> dict:
+        """`checked_mints` mints with solved examples, one after another: what a user waits for a checked
+        adapter on an idle server, and how often it fell back to the base model."""
+        samples: list[float] = []
+        fell_back = 0
+        rng = random.Random(self.cfg.seed + 1)
+        headers = {"Authorization": f"Bearer {self.keys[0]}"}
+        for _ in range(self.cfg.checked_mints):
+            description, examples = solved_examples(rng)
+            body = {"description": description, "examples": examples, "store": False}
+            started = time.perf_counter()
+            try:
+                response = await self.http.post(ENDPOINTS["mint"], json=body, headers=headers)
+            except Exception as exc:  # counted as unexpected
+                self._unexpected("checked-phase", "unstored", "exception", repr(exc))
+                continue
+            ms = (time.perf_counter() - started) * 1000
+            if response.status_code not in (200, 201):
+                self._unexpected("checked-phase", "unstored", str(response.status_code), response.text[:300])
+                continue
+            minted = response.json().get("metrics", {}).get("minted", {})
+            if "check" not in minted:
+                self._unexpected("checked-phase", "unstored", "unchecked", response.text[:300])
+                continue
+            samples.append(ms)
+            fell_back += bool(minted.get("fell_back"))
+        return {
+            "count": self.cfg.checked_mints,
+            "ok": len(samples),
+            "shots": CHECK_SHOTS,
+            "fell_back": fell_back,
+            "p50_ms": percentile(samples, 50),
+            "p99_ms": percentile(samples, 99),
+            "mean_ms": round(float(np.mean(samples)), 1) if samples else None,
+        }
+
     async def run(self) -> dict:
         cfg = self.cfg
         await self.start_server("initial")
         await asyncio.sleep(2.0)
         self.rss_rest_mb = self.rss_mb()  # loaded, nothing served yet
         self.mint_only = await self.mint_phase() if cfg.mint_clients and cfg.generator else None
+        self.checked = await self.checked_phase() if cfg.checked_mints and cfg.generator else None
         self.rss_after_mint_mb = self.rss_mb()
         self.go()
         clients = [asyncio.create_task(self.client(i)) for i in range(cfg.clients)]
@@ -551,6 +623,9 @@ class LoadTest:
             "mint_p50_ms": (self.mint_only or {}).get("p50_ms"),
             "mint_p99_ms": (self.mint_only or {}).get("p99_ms"),
             "mint_only": self.mint_only,
+            "checked_mint_p50_ms": (self.checked or {}).get("p50_ms"),
+            "checked_mint_p99_ms": (self.checked or {}).get("p99_ms"),
+            "checked_mints": self.checked,
             "mixed_mint_p50_ms": endpoints["mint"]["p50_ms"],
             "mixed_mint_p99_ms": endpoints["mint"]["p99_ms"],
             "retrieve_p50_ms": endpoints["retrieve"]["p50_ms"],
@@ -677,6 +752,9 @@ def main() -> None:
         "--mint-clients", type=int, default=8, help="clients of the mint-only phase (0: skip)"
     )
     parser.add_argument("--mint-duration", type=float, default=30.0)
+    parser.add_argument(
+        "--checked-mints", type=int, default=30, help="mints with solved examples, one at a time (0: skip)"
+    )
     parser.add_argument("--quick", action="store_true", help="8 clients, 12 s")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_service.json")
     args = parser.parse_args()
@@ -698,6 +776,7 @@ def main() -> None:
         seed=args.seed,
         mint_clients=args.mint_clients,
         mint_duration_s=args.mint_duration if not args.quick else min(args.mint_duration, 8.0),
+        checked_mints=args.checked_mints if not args.quick else min(args.checked_mints, 5),
     )
     result = run_load_test(cfg)
     result["quick"] = args.quick

@@ -465,6 +465,7 @@ def evaluate(
     router: Path | None = None,
     top_k_tokens: int = 2,
     min_test: int = 0,
+    max_per_family: int | None = None,
     user_phrasings: Path | None = None,
     ood: Path | None = None,
     report: str | None = None,
@@ -510,6 +511,8 @@ def evaluate(
         top_k_tokens: experts per token for arrow.
         min_test: score only the tasks with at least this many evaluation examples (a task with 10 gives a
             confidence interval as wide as the effects it should show).
+        max_per_family: score at most this many tasks of each family (the first ones in the suite's order,
+            after min_test), so that no family dominates the mean over tasks (default: all).
         user_phrasings: JSON {task name: what a user would type} for minted-user.
         ood: result of `benchmarks/ood.py` (out-of-domain requests with the fallback) whose summary goes into
             the report as `ood` (n, worse_than_base, better_than_base, fell_back, and the file).
@@ -569,6 +572,8 @@ def evaluate(
         raise LoramintError("report names the files of one split: give one split with it")
     if headline not in (harness.METRIC, "task_metric"):
         raise LoramintError(f"headline must be {harness.METRIC!r} or 'task_metric', got {headline!r}")
+    if max_per_family is not None and max_per_family < 1:
+        raise LoramintError(f"max_per_family must be >= 1 (or left out for every task), got {max_per_family}")
     methods = list(methods or harness.ALL_METHODS)
     index, count = parse_shard(shard) if shard is not None else (0, 1)
     if index and "multitask" in methods:  # one multi-task LoRA, trained by shard 0
@@ -578,11 +583,8 @@ def evaluate(
         # the library's tasks: what retrieval draws on and the multi-task LoRA trains on
         seen_tasks = [by_name[n] for n in names["seen"] if lib is None or expert_id(by_name[n]) in lib]
         for split in splits:
-            scored = [  # those with min_test examples; the methods still see the whole seen split
-                by_name[n]
-                for n in names[split]
-                if not min_test or len(harness.eval_split(by_name[n])[1]) >= min_test
-            ]
+            # the methods still see the whole seen split
+            scored = harness.pick_scored([by_name[n] for n in names[split]], min_test, max_per_family)
             result = harness.evaluate(
                 base,
                 scored[index::count],
@@ -593,7 +595,12 @@ def evaluate(
                 method_config=options,
                 out=None if shard else out,
                 split=split,
-                extra_config={"suite": suite and str(suite), "tasks_file": tasks and str(tasks)},
+                extra_config={
+                    "suite": suite and str(suite),
+                    "tasks_file": tasks and str(tasks),
+                    "min_test": min_test,
+                    "max_per_family": max_per_family,
+                },
                 attach=attach,
                 report=report,
                 headline=headline,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -52,12 +53,15 @@ def test_load_test_survives_sigkill_without_losing_stored_adapters(tiny_world):
         store_fraction=0.5,
         mint_clients=2,
         mint_duration_s=2.0,
+        checked_mints=3,
         startup_timeout_s=180,
         server_env={"OMP_NUM_THREADS": "1"},
     )
     result = run_load_test(cfg)
     assert result["unexpected_errors"] == 0, (result["unexpected"], result["server_log_tail"])
     assert result["mint_only"]["ok"] >= 1 and result["mint_p99_ms"] is not None and result["rss_rest_mb"] > 0
+    assert result["checked_mints"]["ok"] == 3 and result["checked_mint_p50_ms"] > 0
+    assert 0 <= result["checked_mints"]["fell_back"] <= 3
     assert result["stored_acknowledged"] >= 1  # the check is not vacuous
     assert result["stored_lost"] == 0 and result["stored_changed"] == 0, result["durability"]
     assert result["stored_not_retrievable"] == 0, result["durability"]
@@ -116,6 +120,35 @@ def test_the_durability_check_can_fail():
     assert result["not_retrievable"] == ["unindexed"]
     assert bench_service._zip_problem(_peft_zip()) is None
     assert "zip members" in bench_service._zip_problem(_peft_zip(("a/adapter_model.bin",)))
+
+
+def test_a_checked_mint_without_its_check_is_an_error():
+    """Solved examples must come back checked: an answer without `metrics.minted.check` or a 4xx counts as
+    unexpected and is left out of the latency; a fallback is counted as one."""
+    answers = iter(
+        [
+            {"metrics": {"minted": {"check": {}, "fell_back": True}}},
+            {"metrics": {"minted": {}}},
+            422,
+            {"metrics": {"minted": {"check": {}, "fell_back": False}}},
+        ]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.read())
+        assert len(body["examples"]) == bench_service.CHECK_SHOTS and body["store"] is False
+        assert all(set(e) == {"input", "output"} for e in body["examples"])
+        answer = next(answers)
+        if answer == 422:
+            return httpx.Response(422, json={"error": {"message": "bad"}})
+        return httpx.Response(201, json=answer)
+
+    test = _Fake(handler).test
+    test.cfg.checked_mints = 4
+    test.keys = ["k"]
+    result = asyncio.run(test.checked_phase())
+    assert result["ok"] == 2 and result["fell_back"] == 1 and result["p50_ms"] is not None
+    assert [u["status"] for u in test.unexpected] == ["unchecked", "422"]
 
 
 def test_errors_count_unless_the_benchmark_killed_the_server():

@@ -130,6 +130,23 @@ def suite():
     return {t.name: t for t in synthetic_suite(n_examples=48)}
 
 
+def test_scored_tasks_have_enough_examples_and_no_family_dominates(suite):
+    from loramint.training.evaluate import pick_scored
+
+    tasks = list(suite.values())  # 3 families of 2 tasks, 24 evaluation examples each
+    assert pick_scored(tasks) == tasks
+    assert [t.name for t in pick_scored(tasks, max_per_family=1)] == [
+        "copy_repeat",
+        "arith_add",
+        "classify_parity",
+    ]
+    small = synthetic_suite(n_examples=20)[:2]  # 10 evaluation examples each
+    assert pick_scored([*small, suite["arith_add"]], min_test=11) == [suite["arith_add"]]
+    assert pick_scored([*small, suite["copy_reverse"]], min_test=11, max_per_family=1) == [
+        suite["copy_reverse"]
+    ]
+
+
 def test_answer_logprobs_agree_with_the_training_nll(tiny, suite):
     task = suite["arith_add"]
     examples = data.eval_split(task)[1][:5]
@@ -518,8 +535,26 @@ def test_cli_writes_the_table_from_the_cached_run(run, suite, tmp_path, capsys):
     led = json.loads((tmp_path / "eval_heldout.json").read_text())
     assert led["metric"] == "task_metric" and led["n_tasks"] == len(UNSEEN) and "recovered" in led
     assert (tmp_path / "eval_heldout_task_metric.png").stat().st_size > 0
+    # the tasks split by whether the library has their family; a group of every task repeats the headline
+    groups = led["groups"]
+    assert sorted(t for g in groups.values() for t in g["tasks"]) == sorted(UNSEEN)
+    assert sum(g["n_tasks"] for g in groups.values()) == len(UNSEEN)
+    heldout = [t for t in UNSEEN if suite[t].family in led["families_heldout"]]
+    assert groups.get("heldout_families", {}).get("tasks", []) == heldout
+    for group in groups.values():
+        assert set(group["methods"]) == {"base", "top1", "oracle"}
+        assert group["methods"]["base"]["vs_base"]["mean"] == 0.0
+        if group["n_tasks"] == len(UNSEEN):
+            for name, m in group["methods"].items():
+                assert m["mean"] == pytest.approx(led["methods"][name]["mean"])
+                assert (m.get("recovered") or {}).get("mean") == (led["recovered"].get(name) or {}).get(
+                    "mean"
+                )
+    assert "By task group:" in (tmp_path / "eval_heldout.md").read_text()
     assert main([*args, "--headline", "accuracy"]) != 0
     assert "headline must be 'answer_nll' or 'task_metric'" in capsys.readouterr().out
+    assert main([*args, "--max_per_family", "0"]) != 0
+    assert "max_per_family must be >= 1" in capsys.readouterr().out
     ood.write_text("{}")
     assert main([*args, "--ood", str(ood)]) != 0
     assert "is not a result of benchmarks/ood.py (no 'n')" in capsys.readouterr().out
@@ -692,7 +727,7 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
         config=SimpleNamespace(multitask_steps=None, multitask_dir=Path("/nonexistent/multitask")),
         train_config=lambda: config,
     )
-    with pytest.raises(RuntimeError, match="would train 240 192 16 64"):  # 64 a task: MULTITASK_EXAMPLES
+    with pytest.raises(RuntimeError, match="would train 240 48 16 16"):  # 16 a task: MULTITASK_EXAMPLES
         multitask_adapter(ctx)
 
 

@@ -11,6 +11,7 @@ Gains are `base_nll - method_nll` (positive: better than the base model), with p
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -331,6 +332,21 @@ def select_tasks(
     return by_name, {"seen": list(seen), "unseen": list(unseen)}
 
 
+def pick_scored(tasks: Sequence[Task], min_test: int = 0, max_per_family: int | None = None) -> list[Task]:
+    """The tasks to score, in their order: those with at least `min_test` evaluation examples (a task with
+    10 gives a confidence interval as wide as the effects it should show), then at most `max_per_family` of
+    each family (the first ones), so that no family dominates the mean over tasks."""
+    kept, per_family = [], collections.Counter()
+    for task in tasks:
+        if min_test and len(eval_split(task)[1]) < min_test:
+            continue
+        if max_per_family is not None and per_family[task.family] >= max_per_family:
+            continue
+        per_family[task.family] += 1
+        kept.append(task)
+    return kept
+
+
 def evaluate(
     base: BaseModel,
     tasks: Sequence[Task],
@@ -354,7 +370,7 @@ def evaluate(
     the result as they are (e.g. `ood`, the out-of-domain benchmark's summary). `report`: the files' name
     (`eval_<report>.*`; default: the split). `headline`: `answer_nll`, or `task_metric` for a result led by
     each task's own metric (`task_metric_headline`; its held-out families are the tasks' families that no
-    `seen` task has).
+    `seen` task has), with the same summary on those families' tasks and on the rest under `groups`.
     """
     if headline not in (METRIC, "task_metric"):
         raise ValueError(f"headline must be {METRIC!r} or 'task_metric', got {headline!r}")
@@ -387,7 +403,13 @@ def evaluate(
     }
     result.update(attach or {})
     if headline == "task_metric":
-        result = task_metric_headline(result, sorted({t.family for t in tasks} - {t.family for t in seen}))
+        heldout = sorted({t.family for t in tasks} - {t.family for t in seen})
+        result = task_metric_headline(result, heldout)
+        groups = {
+            "heldout_families": [t.name for t in tasks if t.family in heldout],
+            "seen_families": [t.name for t in tasks if t.family not in heldout],
+        }
+        result["groups"] = task_metric_groups(raw, groups, task_metrics, scoring)
     if out is not None:
         write_report(result, Path(out), report or split)
     return result
@@ -419,6 +441,32 @@ def task_metric_headline(result: dict[str, Any], heldout_families: Sequence[str]
         "methods": methods,
         "recovered": recovered,
     }
+
+
+def task_metric_groups(
+    raw: dict[str, dict[str, TaskScores]],
+    groups: dict[str, Sequence[str]],
+    metrics: dict[str, str],
+    scoring: ScoringConfig,
+) -> dict[str, Any]:
+    """Each method's task-metric summary on each named subset of the tasks (empty subsets left out), e.g.
+    the tasks of held-out families apart from the unseen tasks of families the library has."""
+    boot = {"n_resamples": scoring.n_bootstrap, "seed": scoring.seed}
+    out: dict[str, Any] = {}
+    for group, names in groups.items():
+        if not names:
+            continue
+        methods = {}
+        for name in raw:
+            summary = _task_metric_summary(raw, name, names, metrics, boot)
+            if summary:
+                methods[name] = {
+                    **summary["task_metric"],
+                    "vs_base": summary["task_metric_vs_base"],
+                    **({"recovered": summary["recovered"]} if "recovered" in summary else {}),
+                }
+        out[group] = {"n_tasks": len(names), "tasks": list(names), "methods": methods}
+    return out
 
 
 def score_methods(
@@ -650,6 +698,26 @@ def markdown(result: dict) -> str:
             gain, rec = _ci(m.get("task_metric_vs_base")), _ci(m.get("recovered"), 2)
             lines.append(f"| {name} | {_ci(m)} | {gain} | {rec} |")
         lines.append("")
+        groups = result.get("groups") or {}
+        if groups:
+            heads = [
+                f"{g.replace('_', ' ')} ({v['n_tasks']} tasks): task metric / fraction of oracle gain"
+                for g, v in groups.items()
+            ]
+            lines += [
+                "By task group:",
+                "",
+                "| method | " + " | ".join(heads) + " |",
+                "|---" * (len(heads) + 1) + "|",
+            ]
+            for name in methods:
+                cells = [g["methods"].get(name) for g in groups.values()]
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(f"{_ci(c)} / {_ci((c or {}).get('recovered'), 2)}" for c in cells)
+                    + " |"
+                )
+            lines.append("")
     lines += [
         f"## {len(result['tasks'])} {result.get('split', '')} tasks · metric: answer NLL per token (lower is better)",
         "",
@@ -741,14 +809,20 @@ def plot(result: dict, stem: Path) -> list[Path]:
         plt.close(fig)
     if task_metric:
         every = result["methods"]
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(every) + 1.5), 4))
-        mean = np.array([m["mean"] for m in every.values()])
-        err = [mean - [m["ci_low"] for m in every.values()], [m["ci_high"] for m in every.values()] - mean]
-        colors = ["tab:gray" if k == "base" else "tab:blue" for k in every]
-        ax.bar(list(every), mean, yerr=err, capsize=3, color=colors)
+        sets = {f"all {result['n_tasks']} tasks": every}
+        for group, g in (result.get("groups") or {}).items():
+            sets[f"{group.replace('_', ' ')} ({g['n_tasks']})"] = g["methods"]
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(every) * len(sets) + 1.5), 4.5))
+        x, width = np.arange(len(every)), 0.8 / len(sets)
+        for i, (label, by_method) in enumerate(sets.items()):
+            cells = [by_method.get(k) or {"mean": np.nan, "ci_low": np.nan, "ci_high": np.nan} for k in every]
+            mean = np.array([c["mean"] for c in cells])
+            err = [mean - [c["ci_low"] for c in cells], [c["ci_high"] for c in cells] - mean]
+            ax.bar(x + (i - (len(sets) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=label)
+        ax.set_xticks(x, list(every), rotation=45, ha="right")
+        ax.legend(fontsize=7)
         ax.set_ylabel("task metric, mean over tasks (95% CI)")
         ax.set_title(f"{result['n_tasks']} tasks, {result['n_families_heldout']} held-out families")
-        ax.tick_params(axis="x", labelrotation=45)
         fig.tight_layout()
         paths.append(stem.with_name(stem.name + "_task_metric.png"))
         fig.savefig(paths[-1], dpi=120)

@@ -407,11 +407,11 @@ def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
     return adapter, {**info, "cached": False}
 
 
-MULTITASK_EXAMPLES = 64
+MULTITASK_EXAMPLES = 16
 """Training examples per task in the multi-task LoRA's pool (at most; an expert draws up to 300): every
-task is represented, and the pool's cached lower-layer states (~2.3 KB per token) stay in memory. The
-corpus eval's 2,000 steps of 8 draw 16,000 examples, about one pass over 200 library tasks x 64; computing
-the lower layers' states of 128 per task took over 40 minutes of a shared 2-core machine."""
+task is represented, and the pool's cached lower-layer states (~2.3 KB per token) stay in memory. Measured
+on one core: the lower layers' states of 200 library tasks x 64 examples take about 100 minutes, x 16 about
+25; the corpus eval's 1,000 steps of 8 make 2.5 passes over 200 x 16."""
 
 
 def library_budget(ctx: MethodContext, config: ExpertTrainConfig) -> int:
