@@ -94,9 +94,12 @@ def rows() -> list[tuple[str, str, str, str]]:
     svc = _load("bench_service.json")
     out.append(
         (
-            "Service: 8 clients minting (kept on disk), then 32 mixed clients, killed and restarted",
+            "Service: 8 clients minting (kept on disk), 30 mints with solved examples one at a time, then 32 mixed clients, killed and restarted",
             f"mint p50 {svc['mint_p50_ms']:.0f} ms / p99 {svc['mint_p99_ms']:.0f} ms "
-            f"({svc['mint_only']['per_s']} mints/s); RSS at rest {svc['rss_rest_mb']:.0f} MB; "
+            f"({svc['mint_only']['per_s']} mints/s); with {svc['checked_mints']['shots']} solved examples "
+            f"(checked against the base model) p50 {svc['checked_mint_p50_ms'] / 1000:.1f} s / p99 "
+            f"{svc['checked_mint_p99_ms'] / 1000:.1f} s, {svc['checked_mints']['fell_back']} of "
+            f"{svc['checked_mints']['ok']} fell back; RSS at rest {svc['rss_rest_mb']:.0f} MB; "
             f"{svc['unexpected_errors']} unexpected errors; {svc['stored_lost']} of {svc['stored_acknowledged']} "
             "stored adapters lost",
             "bench_service.json",
