@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from loramint.training.metrics import format_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -57,6 +59,24 @@ def rows() -> list[tuple[str, str, str, str]]:
             f"{lib['experts_per_hour_typical']:.0f} experts an hour",
             "library.json",
             _machine(lib),
+        )
+    )
+    held = _load("eval_heldout.json")
+    m, fam = held["methods"], held["groups"]["heldout_families"]
+    baselines = [
+        k for k in ("base+description", "few-shot", "top1", "arrow", "lorahub", "multitask") if k in m
+    ]
+    best = max(baselines, key=lambda k: m[k]["mean"])
+    out.append(
+        (
+            f"{held['n_tasks']} unseen tasks ({fam['n_tasks']} in {held['n_families_heldout']} families the library "
+            "and generator never saw), task metric, mean [95% CI]",
+            f"base {format_ci(m['base'])}; best baseline ({best}) {format_ci(m[best])}; oracle {format_ci(m['oracle'])}; "
+            f"minted {format_ci(m['minted'])}, {format_ci(held['recovered'].get('minted'), 2)} of the oracle's gain "
+            f"({format_ci(fam['methods']['minted'].get('recovered'), 2)} on the held-out families); "
+            f"minted for an unrelated task {format_ci(m['minted-unrelated'])}",
+            "eval_heldout.json",
+            _machine(held),
         )
     )
     ood = _load("ood_corpus.json")

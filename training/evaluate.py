@@ -51,6 +51,7 @@ from loramint.training.metrics import (
     bootstrap_ci,
     bootstrap_task_means,
     exact_match,
+    format_ci,
     hierarchical_ci,
     interval,
     rouge_l,
@@ -675,14 +676,6 @@ def write_report(result: dict, out: Path, split: str) -> list[Path]:
     return paths
 
 
-def _ci(entry: dict | None, digits: int = 3) -> str:
-    if not entry:
-        return "–"
-    if entry.get("ci_low") is None:
-        return f"{entry['mean']:.{digits}f}"
-    return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
-
-
 def markdown(result: dict) -> str:
     methods = result["methods"]
     lines = []
@@ -695,8 +688,8 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|",
         ]
         for name, m in methods.items():
-            gain, rec = _ci(m.get("task_metric_vs_base")), _ci(m.get("recovered"), 2)
-            lines.append(f"| {name} | {_ci(m)} | {gain} | {rec} |")
+            gain, rec = format_ci(m.get("task_metric_vs_base")), format_ci(m.get("recovered"), 2)
+            lines.append(f"| {name} | {format_ci(m)} | {gain} | {rec} |")
         lines.append("")
         groups = result.get("groups") or {}
         if groups:
@@ -714,7 +707,9 @@ def markdown(result: dict) -> str:
                 cells = [g["methods"].get(name) for g in groups.values()]
                 lines.append(
                     f"| {name} | "
-                    + " | ".join(f"{_ci(c)} / {_ci((c or {}).get('recovered'), 2)}" for c in cells)
+                    + " | ".join(
+                        f"{format_ci(c)} / {format_ci((c or {}).get('recovered'), 2)}" for c in cells
+                    )
                     + " |"
                 )
             lines.append("")
@@ -729,12 +724,12 @@ def markdown(result: dict) -> str:
         vs = m["vs_base"]
         cells = [
             name,
-            _ci(m.get("answer_nll", m)),
-            _ci(vs),
+            format_ci(m.get("answer_nll", m)),
+            format_ci(vs),
             f"{vs['n_tasks_better']} / {vs['n_tasks_worse']}",
-            _ci(m.get("accuracy")),
-            _ci(m.get("rougeL")),
-            _ci(m.get("frac_oracle_gain"), 2),
+            format_ci(m.get("accuracy")),
+            format_ci(m.get("rougeL")),
+            format_ci(m.get("frac_oracle_gain"), 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per task: answer NLL (lower is better)", ""]
@@ -748,7 +743,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"`{name}` against each method: paired NLL gain (positive: {name} is better)", ""]
         lines += ["| vs | gain [95% CI] | outside the CI |", "|---|---|---|"]
         for other, c in versus.items():
-            lines.append(f"| {other} | {_ci(c)} | {'yes' if c['ci_low'] > 0 else 'no'} |")
+            lines.append(f"| {other} | {format_ci(c)} | {'yes' if c['ci_low'] > 0 else 'no'} |")
     lines += [
         "",
         "CIs: 95% percentile bootstrap over evaluation examples (within each task; the task set is fixed); "

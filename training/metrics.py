@@ -81,6 +81,15 @@ def interval(point: float, replicates: np.ndarray, level: float = 0.95) -> dict[
     return {"mean": float(point), "ci_low": float(low), "ci_high": float(high)}
 
 
+def format_ci(entry: dict | None, digits: int = 3, missing: str = "–") -> str:
+    """ "mean [low, high]" of an `interval` entry; the mean alone when it has no interval, `missing` when none."""
+    if not entry:
+        return missing
+    if entry.get("ci_low") is None:
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
+
+
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
     """Mean of `values` with a 95% percentile-bootstrap interval over them."""
     values = np.asarray(values, dtype=np.float64)
