@@ -64,7 +64,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     held = _load("eval_heldout.json")
     m, fam = held["methods"], held["groups"]["heldout_families"]
     baselines = [
-        k for k in ("base+description", "few-shot", "top1", "arrow", "lorahub", "multitask") if k in m
+        k for k in ("base+description", "few-shot", "top1", "topk", "arrow", "lorahub", "multitask") if k in m
     ]
     best = max(baselines, key=lambda k: m[k]["mean"])
     out.append(

@@ -234,6 +234,35 @@ def test_score_cache_is_reused_and_keyed_by_the_intervention(tiny, suite, tmp_pa
         )
 
 
+def test_score_cache_keys_an_adapter_by_its_content_not_by_the_object(tiny, suite, tmp_path):
+    """A freed adapter's id comes back for the next one; the cache must still tell them apart."""
+    import torch
+
+    from loramint.training import evaluate as harness
+
+    task, scoring = suite["copy_repeat"], replace(SCORING, cache_dir=tmp_path)
+    adapter = LoraAdapter.random("tiny-llama", r=2, seed=3)
+    other = LoraAdapter.random("tiny-llama", r=2, seed=4)
+
+    def now_other(t):  # the same object holding other weights, as a new adapter at a reused id would
+        with torch.no_grad():
+            for module, (a, b) in adapter.weights.items():
+                a.copy_(other.weights[module][0])
+                b.copy_(other.weights[module][1])
+        return Intervention(mixture=[(adapter, 1.0)])
+
+    methods = {"first": lambda t: Intervention(mixture=[(adapter, 1.0)]), "second": now_other}
+    raw = harness.score_methods(tiny, [task], methods, scoring)
+    alone = harness.score_task(
+        tiny, task, Intervention(mixture=[(other, 1.0)]), replace(scoring, cache_dir=None)
+    )
+    np.testing.assert_allclose(
+        raw["second"][task.name].values["answer_nll"], alone.values["answer_nll"], rtol=1e-5
+    )
+    assert not np.allclose(raw["first"][task.name].values["answer_nll"], alone.values["answer_nll"])
+    assert len(list(tmp_path.glob("copy_repeat-*.json"))) == 2
+
+
 def test_split_scoring_reuses_the_lower_layers_and_gives_the_same_scores(tiny, suite, monkeypatch):
     """With `split_layer`, base and top-layer LoRAs share one computation of a task's lower-layer states and
     score as whole passes do; a LoRA on a lower layer gets whole passes."""
@@ -729,6 +758,20 @@ def test_the_multitask_budget_is_what_the_library_experts_took(monkeypatch):
     )
     with pytest.raises(RuntimeError, match="would train 240 48 16 16"):  # 16 a task: MULTITASK_EXAMPLES
         multitask_adapter(ctx)
+
+
+def test_the_shuffled_control_changes_the_order_even_without_spaces():
+    from loramint.training.methods import shuffled_words
+
+    english = "Sort the words from shortest to longest please"
+    out = shuffled_words(english, "shuffle:x")
+    assert out != english and sorted(out.split()) == sorted(english.split())
+    assert shuffled_words(english, "shuffle:x") == out  # seeded
+    chinese = "猜字谜，根据我给的描述猜出一个字"  # one whitespace-separated "word"
+    out = shuffled_words(chinese, "shuffle:y")
+    assert out != chinese and sorted(out) == sorted(chinese)
+    assert shuffled_words("ab", "shuffle:z") == "ba"  # a two-word/two-letter text is never left as it was
+    assert shuffled_words("aaa", "shuffle:z") == "aaa"  # nothing to reorder
 
 
 def test_minted_user_mints_from_the_hand_written_phrasing(tmp_path):

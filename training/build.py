@@ -75,10 +75,9 @@ def quality_card(base: BaseModel, task: Task, adapter: LoraAdapter, scoring: Sco
     scoring = replace(
         scoring, max_new_tokens=min(scoring.max_new_tokens, longest + 2), split_layer=lowest_layer(adapter)
     )
-    hashes: dict[int, str] = {}
     started = time.perf_counter()
-    before = cached_score(base, task, Intervention(), scoring, hashes)
-    after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
+    before = cached_score(base, task, Intervention(), scoring)
+    after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring)
     b, a = before.values[task.metric], after.values[task.metric]  # [n] per example
     gain = bootstrap_ci(a - b, scoring.n_bootstrap, scoring.seed)
     return {

@@ -479,7 +479,6 @@ def score_methods(
 ) -> dict[str, dict[str, TaskScores]]:
     """{method: {task: scores}}; `setup_s` times the method itself (retrieval, training), `score_s` the scoring."""
     raw: dict[str, dict[str, TaskScores]] = {name: {} for name in methods}
-    hashes: dict[int, str] = {}  # id(adapter) -> content hash; methods hand out the same adapter objects
     # task by task, every method on each: a task's lower-layer states (ScoringConfig.split_layer) are
     # computed once for all the methods that can share them
     with tqdm(total=len(methods) * len(tasks), desc=f"eval {split}".strip(), unit="task") as bar:
@@ -489,21 +488,19 @@ def score_methods(
                 started = time.perf_counter()
                 intervention = method(task)
                 setup_s = round(time.perf_counter() - started, 3)
-                raw[name][task.name] = cached_score(base, task, intervention, scoring, hashes)
+                raw[name][task.name] = cached_score(base, task, intervention, scoring)
                 raw[name][task.name].seconds["setup_s"] = setup_s
                 bar.update()
     return raw
 
 
 def cached_score(
-    base: BaseModel, task: Task, intervention: Intervention, scoring: ScoringConfig, hashes: dict[int, str]
+    base: BaseModel, task: Task, intervention: Intervention, scoring: ScoringConfig
 ) -> TaskScores:
-    """`score_task`, read from / written to `scoring.cache_dir` when there is one."""
+    """`score_task`, read from / written to `scoring.cache_dir` when there is one. Each adapter is keyed by its
+    content hash (which it remembers itself), never by the Python object: a freed adapter's id is reused."""
     if scoring.cache_dir is None:
         return score_task(base, task, intervention, scoring)
-    for adapter, _ in intervention.mixture:
-        if id(adapter) not in hashes:
-            hashes[id(adapter)] = adapter.content_hash()
     settings = asdict(scoring)
     key = {
         "version": SCORES_VERSION,
@@ -511,7 +508,7 @@ def cached_score(
         "base": base.name,
         "task": task.to_dict(),
         "instruction": intervention.instruction,
-        "mixture": [(hashes[id(a)], float(w)) for a, w in intervention.mixture],
+        "mixture": [(a.content_hash(), float(w)) for a, w in intervention.mixture],
         **({"routing": intervention.routing.key} if intervention.routing else {}),
         "scoring": {
             k: settings[k]

@@ -532,14 +532,26 @@ def minted_unrelated_method(ctx: MethodContext) -> Method:
     return method
 
 
+def shuffled_words(text: str, seed: str) -> str:
+    """`text`'s words in a seeded random order; a text written without spaces (Chinese, Japanese) has its
+    characters shuffled instead, since there one whitespace-separated word would leave it unchanged."""
+    original = text.split()
+    sep = " " if len(original) > 1 else ""
+    original = original if sep else list(text.strip())
+    words, rng = list(original), random.Random(seed)
+    for _ in range(10):  # a short text can come back in its own order
+        rng.shuffle(words)
+        if words != original or len(set(words)) < 2:
+            break
+    return sep.join(words)
+
+
 @register("minted-shuffled")
 def minted_shuffled_method(ctx: MethodContext) -> Method:
     """Control: the task's own description with its words in a seeded random order (same words, no sense)."""
 
     def method(task: Task) -> Intervention:
-        words = task.description.split()
-        random.Random(f"shuffle:{task.name}").shuffle(words)
-        text = " ".join(words)
+        text = shuffled_words(task.description, f"shuffle:{task.name}")
         return _minted(ctx.minter().mint(text), description=text)
 
     return method
