@@ -81,10 +81,10 @@ def interval(point: float, replicates: np.ndarray, level: float = 0.95) -> dict[
     return {"mean": float(point), "ci_low": float(low), "ci_high": float(high)}
 
 
-def format_ci(entry: dict | None, digits: int = 3, missing: str = "–") -> str:
-    """ "mean [low, high]" of an `interval` entry; the mean alone when it has no interval, `missing` when none."""
+def format_ci(entry: dict | None, digits: int = 3) -> str:
+    """An `interval` entry as text, mean [low, high]; the mean alone when it has no interval, "–" when none."""
     if not entry:
-        return missing
+        return "–"
     if entry.get("ci_low") is None:
         return f"{entry['mean']:.{digits}f}"
     return f"{entry['mean']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
