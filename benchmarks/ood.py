@@ -19,14 +19,22 @@ Tasks, smallest prompts first, one per family before a second: without `--suite`
 choice tasks of human-written sources (for a generator whose library holds none of them; base accuracy is
 above 0, so a harmful adapter shows); with `--suite`, the held-out tasks of the suite's held-out families
 (families with no seen task: the generator and its library never saw them), in each task's own metric.
-Writes benchmarks/results/ood.json (`--out`).
+Writes benchmarks/results/ood.json (`--out`). Resumable and shardable: each task's row is cached under the
+user cache (keyed by the generator's files, the base model, the task and the settings), so a run goes on where
+the last one stopped, and one process per core fills the cache before a plain run writes the result:
+
+    for i in 0 1; do OMP_NUM_THREADS=1 python benchmarks/ood.py --suite ... --shard $i/2 & done; wait
+    python benchmarks/ood.py --suite ...
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 from common import machine, markdown_table, write_result
@@ -36,7 +44,7 @@ from loramint.corpus import Corpus
 from loramint.fallback import FallbackPolicy, check_examples, decide, solved_task
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
-from loramint.paths import DEFAULT_GENERATOR, cache_dir
+from loramint.paths import DEFAULT_GENERATOR, atomic_write_bytes, cache_dir
 from loramint.service.config import ServiceConfig
 from loramint.training.build import interleave_families, prompt_chars
 from loramint.training.data import answer_logprob_sums
@@ -63,6 +71,24 @@ def pick_tasks(n: int, min_test: int, suite: str | None = None) -> list:
 def solved_pairs(task, n: int) -> list[tuple[str, str]]:
     """The first `n` training examples as a user would send them: what the model reads, and the answer."""
     return [(task.prompt(ex), ex.output) for ex in task.part("train")[:n]]
+
+
+ROWS_VERSION = 1
+"""Bump when a row's computation changes: cached rows of an older version are not reused."""
+
+
+def generator_digest(path: str) -> str:
+    """sha256 over a generator checkpoint's files (names and contents): a changed bank or model is a new key."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def row_file(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir("ood-rows") / f"{digest}.json"
 
 
 def compare(before: np.ndarray, after: np.ndarray) -> dict:
@@ -118,6 +144,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5, help="solved examples sent with each description")
     parser.add_argument("--suite", default=None, help="take the held-out families of this suite")
     parser.add_argument("--out", default="ood")
+    parser.add_argument(
+        "--shard", default=None, help="i/n: score only every n-th task from the i-th (cached)"
+    )
     args = parser.parse_args()
 
     defaults = ServiceConfig()
@@ -128,8 +157,25 @@ def main() -> None:
         max_examples=args.max_examples, batch_size=8, cache_dir=cache_dir("scores", "ood")
     )
     tasks = pick_tasks(args.n_tasks, min_test=30, suite=args.suite)
-    rows, hashes = [], {}
-    for task in tasks:
+    shard, shards = (int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    if not 0 <= shard < shards:
+        parser.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
+    settings = {
+        "generator": generator_digest(args.generator),
+        "base": base.name,
+        "policy": [policy.min_confidence, policy.min_gain],
+        "shots": args.shots,
+        "max_examples": args.max_examples,
+        "version": ROWS_VERSION,
+    }
+    rows = []
+    for i, task in enumerate(tasks):
+        if i % shards != shard:
+            continue
+        cached = row_file({**settings, "task": task.to_dict()})
+        if cached.is_file():
+            rows.append(json.loads(cached.read_text()))
+            continue
         started = time.perf_counter()
         pairs = solved_pairs(task, args.shots)
         texts = [f"{i}\n{o}" for i, o in pairs]
@@ -141,8 +187,8 @@ def main() -> None:
         )
         decision = decide(policy, drawn["confidence"], check)
         metric = task.metric
-        before = cached_score(base, task, Intervention(), scoring, hashes).values[metric]
-        after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring, hashes)
+        before = cached_score(base, task, Intervention(), scoring).values[metric]
+        after = cached_score(base, task, Intervention(mixture=[(adapter, 1.0)]), scoring)
         minted = compare(before, after.values[metric])
         served = compare(before, before if decision.fell_back else after.values[metric])
         rows.append({
@@ -159,7 +205,11 @@ def main() -> None:
             "served": served,
             "seconds": round(time.perf_counter() - started, 1),
         })  # fmt: skip
+        atomic_write_bytes(cached, json.dumps(rows[-1]).encode())
         print(rows[-1], flush=True)
+    if args.shard:
+        print(f"shard {args.shard}: {len(rows)} tasks cached; run without --shard for the result")
+        return
     result = {
         "n": len(rows),
         "worse_than_base": sum(r["served"]["worse_than_base"] for r in rows),

@@ -25,7 +25,7 @@ import torch
 
 from loramint.adapters import AdapterConfig, LoraAdapter
 from loramint.errors import GeneratorError
-from loramint.gen.minter import provenance, truncate
+from loramint.gen.minter import own_adapter, own_experts, provenance, truncate
 from loramint.paths import staged_dir
 
 FORMAT = "loramint-generator-ensemble"
@@ -63,7 +63,6 @@ class EnsembleMinter:
         members: Sequence,
         weights: Sequence[float] | None = None,
         meta: dict | None = None,
-        own_expert: bool = False,
         decode_dtype: str = "float32",
     ):
         if len(members) < 2:
@@ -82,10 +81,6 @@ class EnsembleMinter:
         self.members = list(members)
         self.weights = [x / sum(w) for x in w]
         self.meta = meta or {}
-        self.own_expert = own_expert
-        """A description that is a library expert's own (top-1 cosine >= OWN_MIN_COSINE, the threshold below
-        which a generator's learned own-expert gate is exactly closed) mints that expert, as a gated
-        generator does; every other description mints the members' mean."""
         self.decode_dtype = decode_dtype
         if decode_dtype not in ("float32", "bfloat16"):
             raise GeneratorError(f"decode_dtype must be float32 or bfloat16, got {decode_dtype!r}")
@@ -134,8 +129,7 @@ class EnsembleMinter:
         names = {m.meta.get("encoder") for m in members}
         if len(names) != 1:
             raise GeneratorError(f"ensemble members were trained with different encoders: {sorted(names)}")
-        own, dtype = bool(meta.get("own_expert", False)), meta.get("decode_dtype", "float32")
-        return cls(members, meta.get("weights"), meta, own, dtype)
+        return cls(members, meta.get("weights"), meta, meta.get("decode_dtype", "float32"))
 
     @property
     def fast(self) -> bool:
@@ -198,14 +192,7 @@ class EnsembleMinter:
         if not descriptions:
             return []
         cond = self.condition(descriptions, examples)
-        own: list[int | None] = [None] * len(descriptions)
-        if self.own_expert:
-            from loramint.gen.residual import OWN_MIN_COSINE
-
-            idx, sims = self.members[0].neighbours(cond)
-            own = [
-                int(i[0]) if float(c[0]) >= OWN_MIN_COSINE else None for i, c in zip(idx, sims, strict=True)
-            ]
+        own = own_experts(self, cond)  # a library expert's own description mints that expert
         rest = [i for i, o in enumerate(own) if o is None]
         minted: dict[int, LoraAdapter] = {}
         if rest and self.fast:
@@ -217,9 +204,7 @@ class EnsembleMinter:
             with self._autocast(cond.device.type):
                 per = [m.mint_many([descriptions[i] for i in rest], shots) for m in self.members]
             minted = {i: average([p[j] for p in per], self.weights) for j, i in enumerate(rest)}
-        out = [
-            minted[i] if o is None else self.members[0].bank.expert(self.layout, o) for i, o in enumerate(own)
-        ]
+        out = [minted[i] if o is None else own_adapter(self, o) for i, o in enumerate(own)]
         return out if rank is None else [truncate(a, rank) for a in out]
 
     def mint(
@@ -252,13 +237,11 @@ def save_ensemble(
     out: str | Path,
     members: Sequence[str | Path],
     weights: Sequence[float] | None = None,
-    own_expert: bool = False,
     decode_dtype: str = "float32",
 ) -> Path:
     """Write an ensemble checkpoint at `out` over the generator checkpoints `members` (copied into it as
     member-0, member-1, ...: the folder is self-contained). The result is loaded once before it replaces
     anything at `out`, so a broken or mismatched member is refused and nothing stored is lost.
-    `own_expert`: a library expert's own description mints that expert (`EnsembleMinter.own_expert`);
     `decode_dtype` "bfloat16": the members decode under bfloat16 autocast (~4x faster on a CPU with
     native bfloat16; corrections differ from float32 by ~0.2%)."""
     out = Path(out)
@@ -280,7 +263,6 @@ def save_ensemble(
             "format": FORMAT,
             "version": VERSION,
             "members": rels,
-            "own_expert": own_expert,
             "decode_dtype": decode_dtype,
             "encoder": json.loads((members[0] / "generator.json").read_text()).get("encoder"),
         }

@@ -28,7 +28,7 @@ from loramint.gen.canonical import canonicalize
 from loramint.gen.layout import Layout, Normalizer
 from loramint.gen.model import GeneratorConfig, LoraCVAE, semantic_prior
 from loramint.gen.protocol import MintingModel
-from loramint.gen.residual import assemble, compose
+from loramint.gen.residual import OWN_MIN_COSINE, assemble, compose
 from loramint.paths import staged_dir
 
 FORMAT = "loramint-generator"
@@ -68,8 +68,10 @@ def save_generator(
     top_k: int,
     tau: float,
     extra: dict[str, Any] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a checkpoint folder; an existing one at `path` is replaced only once the new one is complete."""
+    """Write a checkpoint folder (with `files`, {name: content}, beside the tensors); an existing one at `path`
+    is replaced only once the new one is complete."""
     path = Path(path)
     with staged_dir(path, replace=True) as tmp:
         meta = {
@@ -95,6 +97,8 @@ def save_generator(
             # fp16: LoRA factors lose nothing measurable and the checkpoint halves
             tensors |= {f"factors.{g}": t.detach().cpu().half().contiguous() for g, t in bank.factors.items()}
         save_file(tensors, str(tmp / "bank.safetensors"))
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content)
     return path
 
 
@@ -228,16 +232,19 @@ class Minter:
         rank: int | None = None,
     ) -> list[LoraAdapter]:
         """One adapter per description, decoded in one batched pass."""
+        check_rank(rank, self.max_rank)
         if not descriptions:
             return []
         cond = self.condition(descriptions, examples)
-        sem_mu, sem_logvar = self.prior_inputs(cond)
-        tokens = self.model.generate(cond, sem_mu, sem_logvar)
-        retrieved = self.retrieve(cond)
-        return [
-            self.adapter({g: t[i] for g, t in tokens.items()}, retrieved[i], rank)
-            for i in range(len(descriptions))
-        ]
+        own = own_experts(self, cond)
+        rest = [i for i, o in enumerate(own) if o is None]
+        minted: dict[int, LoraAdapter] = {}
+        if rest:
+            sub = cond[rest]
+            tokens = self.model.generate(sub, *self.prior_inputs(sub))
+            retrieved = self.retrieve(sub)
+            minted = {i: self.adapter(self.row(tokens, j), retrieved[j], rank) for j, i in enumerate(rest)}
+        return [minted[i] if o is None else own_adapter(self, o, rank) for i, o in enumerate(own)]
 
     def decode(self, cond: torch.Tensor) -> dict[str, torch.Tensor]:
         """The decoded tokens {group: [B, L, dim]} of conditions [B, C] (the learned prior's mean)."""
@@ -280,7 +287,8 @@ class Minter:
         rank: int | None = None,
     ) -> LoraAdapter:
         """An adapter for the task `description` says (and `examples` show); `rank` below the library's
-        keeps the strongest components (same scale)."""
+        keeps the strongest components (same scale). A library expert's own description mints that expert
+        (`own_experts`)."""
         return self.mint_many([description], [examples], rank)[0]
 
     @torch.no_grad()
@@ -347,28 +355,52 @@ class Minter:
         return adapter if rank is None else truncate(adapter, rank)
 
 
+def own_experts(minter, cond: torch.Tensor) -> list[int | None]:
+    """Per condition row [B, C], the bank index of the library expert whose own description it is (nearest
+    expert at cosine >= `OWN_MIN_COSINE`), else None. Such a row mints that expert itself: the library
+    holds the converged adapter for this very task, and a correction over a mixture can only move away from
+    it (measured: docs/history.md). Only a residual generator's bank holds the experts to serve."""
+    if not minter.model.config.residual_k or minter.bank.factors is None:
+        return [None] * cond.shape[0]
+    best = (cond @ minter.bank.keys.T).max(dim=-1)
+    return [
+        int(i) if float(c) >= OWN_MIN_COSINE else None
+        for i, c in zip(best.indices.tolist(), best.values.tolist(), strict=True)
+    ]
+
+
+def own_adapter(minter, i: int, rank: int | None = None) -> LoraAdapter:
+    """Bank expert i as a fresh adapter (float32), at most `rank` components."""
+    adapter = minter.bank.expert(minter.layout, i)
+    return adapter if rank is None else truncate(adapter, rank)
+
+
 def provenance(
     minter, descriptions: Sequence[str], examples: Sequence[Sequence[str] | None] | None = None
 ) -> list[dict]:
     """Per description, what a mint draws on: the library experts the generator retrieves for it (name,
     cosine similarity of their descriptions and, for a residual generator, their share `weight` of the
-    mixture; best first) and `confidence`, the best of those similarities
-    (near 1: the library holds this very task; low: nothing in it fits). Works for a Minter or an ensemble."""
+    mixture; best first), `confidence`, the best of those similarities (near 1: the library holds this very
+    task; low: nothing in it fits) and `exact`, whether the mint is the nearest expert itself (a library
+    expert's own description: `own_experts`; its weight is then 1). Works for a Minter or an ensemble."""
     cond = minter.condition(descriptions, examples)  # [B, C]
     k = min(max(minter.model.config.residual_k, 1), len(minter.bank))
     top = (cond @ minter.bank.keys.T).topk(k, dim=-1)
     # each retrieved expert's share of the mixture, before the per-module gains: the fixed rule, the same
     # for every member of an ensemble
     shares = minter.model.mix(top.values).float().cpu().tolist() if minter.model.config.residual_k else None
+    own = own_experts(minter, cond)
     out = []
     for row, (idx, sims) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True)):
         experts = [
             {"id": minter.bank.names[i], "similarity": round(s, 4)} for i, s in zip(idx, sims, strict=True)
         ]
+        exact = own[row] is not None
         if shares is not None:
-            for expert, share in zip(experts, shares[row], strict=True):
+            row_shares = [1.0] + [0.0] * (len(experts) - 1) if exact else shares[row]
+            for expert, share in zip(experts, row_shares, strict=True):
                 expert["weight"] = round(float(share), 4)
-        out.append({"experts": experts, "confidence": experts[0]["similarity"]})
+        out.append({"experts": experts, "confidence": experts[0]["similarity"], "exact": exact})
     return out
 
 

@@ -33,7 +33,7 @@ def mixture_weights(sims: torch.Tensor) -> torch.Tensor:
 OWN_MIN_COSINE = 0.999
 """A description whose nearest expert is at least this close is that expert's own (a stored description
 retrieves its expert at >= 0.9999 with float16 keys; nothing else in the ni-family suite came nearer than
-0.990): an ensemble with `own_expert` mints that expert exactly (`gen.ensemble`)."""
+0.990): such a description mints that expert exactly (`gen.minter.own_experts`)."""
 
 
 def compose(

@@ -690,6 +690,24 @@ def train_generator(
     )
 
 
+def refresh_bank(generator: Path, library: Path, out: Path | None = None) -> None:
+    """Let a trained generator retrieve from the library as it is now: its bank (the experts it retrieves and
+    mixes) rebuilt from the library's retrievable experts, the network unchanged (no training).
+
+    Args:
+        generator: a generator checkpoint folder (`loramint train-generator`); an ensemble's members one by one.
+        library: the expert library to take the experts from (the one it was trained on, grown since).
+        out: write the refreshed checkpoint here (default: replace `generator` in place, once complete).
+    """
+    from loramint.training.generator import refresh_bank as run
+
+    result = run(generator, library, out)
+    console.print(
+        f"bank: {result['before']} -> {result['after']} experts ({len(result['added'])} added, "
+        f"{len(result['removed'])} removed): {out or generator}"
+    )
+
+
 def mint(
     description: str,
     out: Path = Path("minted-adapter"),
@@ -735,7 +753,6 @@ def ensemble_generator(
     out: Path,
     members: list[Path],
     weights: list[float] | None = None,
-    own_expert: bool = False,
     decode_dtype: str = "float32",
 ) -> None:
     """Combine generator checkpoints trained alike (e.g. seeds) into one that mints the mean of their
@@ -745,14 +762,12 @@ def ensemble_generator(
         out: the ensemble checkpoint folder to write (use it wherever a generator goes: --generator).
         members: two or more generator checkpoints over the same library.
         weights: one weight per member (default: equal).
-        own_expert: a library expert's own description (top-1 cosine >= 0.999) mints that expert itself,
-            as a generator with an own-expert gate does.
         decode_dtype: float32, or bfloat16 (the members decode under bfloat16 autocast: ~4x faster on a
             CPU with native bfloat16, corrections within ~0.2% of float32's).
     """
     from loramint.gen.ensemble import save_ensemble
 
-    path = save_ensemble(out, members, weights, own_expert, decode_dtype)
+    path = save_ensemble(out, members, weights, decode_dtype)
     console.print(f"ensemble of {len(members)} generators -> {path}")
 
 
@@ -949,6 +964,7 @@ COMMANDS = {
     "eval": evaluate,
     "eval-assemble": eval_assemble,
     "train-generator": train_generator,
+    "refresh-bank": refresh_bank,
     "mint": mint,
     "ensemble-generator": ensemble_generator,
     "train-router": train_router,

@@ -394,7 +394,7 @@ def test_an_ensemble_packs_once_per_bank_and_restores_minting_exactly(packed, tm
     )
     save_file(bank, str(member / "bank.safetensors"))  # the factors the packed (fp16) library gives
     ensemble = save_ensemble(
-        tmp_path / "src" / "generator" / "ens", [member, member], own_expert=True, decode_dtype="bfloat16"
+        tmp_path / "src" / "generator" / "ens", [member, member], decode_dtype="bfloat16"
     )
     shutil.copytree(data / "library-tiny", tmp_path / "src" / "library-tiny")
     pack_defaults(

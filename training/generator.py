@@ -46,7 +46,6 @@ from loramint.gen.phrasings import phrasings
 from loramint.gen.residual import assemble, delta_cosines, delta_error, mean_off_diagonal
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
-from loramint.paths import atomic_write_bytes
 from loramint.sysinfo import machine
 from loramint.tasks import Task
 from loramint.training.config import GeneratorTrainConfig
@@ -100,6 +99,17 @@ def example_conditions(
     return torch.from_numpy(np.stack(rows)).float()
 
 
+def _bank_rows(bank: Bank, rows: Sequence[int]) -> Bank:
+    idx = torch.tensor(list(rows), dtype=torch.long)
+    factors = {g: t[idx] for g, t in bank.factors.items()} if bank.factors is not None else None
+    return Bank([bank.names[i] for i in rows], bank.keys[idx], bank.mu[idx], bank.logvar[idx], factors)
+
+
+def retrievable_experts(library: ExpertLibrary) -> list:
+    """The experts whose quality card does not rule them out of retrieval (`retrievable: false`)."""
+    return [e for e in library.list() if e.metrics.get("retrievable", True) is not False]
+
+
 def load_training_data(
     library: ExpertLibrary, tasks: Sequence[Task], config: GeneratorTrainConfig
 ) -> TrainingData:
@@ -107,11 +117,7 @@ def load_training_data(
     Experts whose quality card shows no gain over the base model (`retrievable: false`) are left out: the
     generator retrieves and mixes only experts that help their own task."""
     by_name = {t.name: t for t in tasks}
-    experts = [
-        e
-        for e in library.list()
-        if (not by_name or e.name in by_name) and e.metrics.get("retrievable", True) is not False
-    ]
+    experts = [e for e in retrievable_experts(library) if not by_name or e.name in by_name]
     families = [e.family or "" for e in experts]
     val = select_val([e.name for e in experts], config.val_tasks, config.seed)
     train = [i for i in range(len(experts)) if i not in val]
@@ -574,9 +580,79 @@ def train_generator(
         top_k=config.top_k,
         tau=config.tau,
         extra={"train_config": asdict(config), "report": report},
+        files={"curve.json": json.dumps(module.curve, indent=2).encode()},
     )
-    atomic_write_bytes(Path(config.out, "curve.json"), json.dumps(module.curve, indent=2).encode())
     return report
+
+
+def refresh_bank(
+    checkpoint: str | Path, library: str | Path, out: str | Path | None = None
+) -> dict[str, Any]:
+    """Bring a generator checkpoint's bank up to `library`'s retrievable experts as they are now, the trained
+    network unchanged: experts built after the generator was trained join its retrieval (key: the stored
+    description embedding; latent: the trained encoder's posterior of its canonical factors, normalised as
+    the generator was trained), experts no longer retrievable leave it, and every expert it already held
+    keeps its entry bit for bit (so a mint that draws only on those is the same adapter as before). Writes
+    the checkpoint to `out` (default: in place, replaced only once complete); returns {"before", "after",
+    "added", "removed"} (expert names)."""
+    from loramint.errors import GeneratorError
+    from loramint.gen.minter import Minter
+
+    minter = Minter.from_pretrained(checkpoint)
+    if not isinstance(minter, Minter):
+        raise GeneratorError(f"{checkpoint} is an ensemble: refresh each member's bank, then ensemble them")
+    with ExpertLibrary.open(library) as lib:
+        if lib.encoder.name != minter.meta.get("encoder"):
+            raise GeneratorError(
+                f"library {library} embeds descriptions with {lib.encoder.name!r}, the generator was trained "
+                f"with {minter.meta.get('encoder')!r}"
+            )
+        fit = retrievable_experts(lib)
+        if len(fit) < max(minter.top_k, minter.model.config.residual_k):
+            raise GeneratorError(
+                f"library {library} has {len(fit)} retrievable experts, the generator retrieves {minter.top_k}"
+            )
+        old = minter.bank
+        names = {e.name for e in fit}
+        kept = [i for i, name in enumerate(old.names) if name in names]
+        new = [e.id for e in fit if e.name not in set(old.names)]
+        added = ExpertSet.from_library(lib, new, normalizer=minter.normalizer) if new else None
+    if added is not None and added.layout != minter.layout:
+        raise GeneratorError(
+            f"library {library} holds adapters of another layout (base model, modules or rank) than the "
+            "generator mints"
+        )
+    parts = [_bank_rows(old, kept)] + ([posterior_bank(minter.model, added)] if added is not None else [])
+    bank = Bank(
+        [n for b in parts for n in b.names],
+        *(torch.cat([getattr(b, k) for b in parts]) for k in ("keys", "mu", "logvar")),
+        factors={g: torch.cat([b.factors[g].float() for b in parts]) for g in old.factors}
+        if old.factors is not None
+        else None,
+    )
+    fixed = {"format", "version", "model", "layout", "encoder", "top_k", "tau", "bank"}
+    extra = {k: v for k, v in minter.meta.items() if k not in fixed}
+    extra["bank_source"] = {"library": str(library), "experts": len(bank)}
+    curve = Path(checkpoint, "curve.json")
+    files = {"curve.json": curve.read_bytes()} if curve.is_file() else None
+    before = list(minter.bank.names)
+    save_generator(
+        out or checkpoint,
+        minter.model,
+        minter.normalizer,
+        bank,
+        encoder=minter.meta["encoder"],
+        top_k=minter.top_k,
+        tau=minter.tau,
+        extra=extra,
+        files=files,
+    )
+    return {
+        "before": len(before),
+        "after": len(bank),
+        "added": [n for n in bank.names if n not in set(before)],
+        "removed": [n for n in before if n not in set(bank.names)],
+    }
 
 
 def plot_curve(curve: Sequence[dict[str, float]], path: str | Path) -> Path:
