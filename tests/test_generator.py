@@ -806,6 +806,11 @@ def test_refreshing_the_bank_lets_a_trained_generator_retrieve_new_experts(resid
     shutil.copytree(source, tmp_path / "inplace")
     assert main(["refresh-bank", str(tmp_path / "inplace"), str(tmp_path / "lib")]) == 0
     assert len(Minter.from_pretrained(tmp_path / "inplace").bank) == 15
+    with ExpertLibrary.open(tmp_path / "lib") as library:  # an expert removed from the library leaves
+        library.remove("write_6")
+    gone = refresh_bank(tmp_path / "inplace", tmp_path / "lib")
+    assert gone == {"before": 15, "after": 14, "added": [], "removed": ["write_6"]}
+    assert "write_6" not in Minter.from_pretrained(tmp_path / "inplace").bank.names
     ensemble = save_ensemble(tmp_path / "ens", [source, root / "r0"])
     with pytest.raises(GeneratorError, match="is an ensemble"):
         refresh_bank(ensemble, tmp_path / "lib")
