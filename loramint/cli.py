@@ -692,7 +692,8 @@ def train_generator(
 
 def refresh_bank(generator: Path, library: Path, out: Path | None = None) -> None:
     """Let a trained generator retrieve from the library as it is now: its bank (the experts it retrieves and
-    mixes) rebuilt from the library's retrievable experts, the network unchanged (no training).
+    mixes) brought up to the library's retrievable experts (new, retrained or re-described ones get a new
+    entry, the others stay as they were), the network unchanged (no training).
 
     Args:
         generator: a generator checkpoint folder (`loramint train-generator`); an ensemble's members one by one.
@@ -704,7 +705,7 @@ def refresh_bank(generator: Path, library: Path, out: Path | None = None) -> Non
     result = run(generator, library, out)
     console.print(
         f"bank: {result['before']} -> {result['after']} experts ({len(result['added'])} added, "
-        f"{len(result['removed'])} removed): {out or generator}"
+        f"{len(result['updated'])} updated, {len(result['removed'])} removed): {out or generator}"
     )
 
 

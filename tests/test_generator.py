@@ -786,7 +786,7 @@ def test_refreshing_the_bank_lets_a_trained_generator_retrieve_new_experts(resid
     source = root / "residual"
     before = (source / "bank.safetensors").read_bytes()
     result = refresh_bank(source, tmp_path / "lib", tmp_path / "refreshed")
-    assert result == {"before": 14, "after": 15, "added": ["mod_0"], "removed": []}
+    assert result == {"before": 14, "after": 15, "added": ["mod_0"], "updated": [], "removed": []}
     assert (source / "bank.safetensors").read_bytes() == before  # written to `out` only
     old, minter = Minter.from_pretrained(source), Minter.from_pretrained(tmp_path / "refreshed")
     assert (tmp_path / "refreshed" / "curve.json").read_bytes() == (source / "curve.json").read_bytes()
@@ -806,11 +806,22 @@ def test_refreshing_the_bank_lets_a_trained_generator_retrieve_new_experts(resid
     shutil.copytree(source, tmp_path / "inplace")
     assert main(["refresh-bank", str(tmp_path / "inplace"), str(tmp_path / "lib")]) == 0
     assert len(Minter.from_pretrained(tmp_path / "inplace").bank) == 15
-    with ExpertLibrary.open(tmp_path / "lib") as library:  # an expert removed from the library leaves
+    # an expert removed from the library leaves; one retrained under the same name gets a new entry
+    with ExpertLibrary.open(tmp_path / "lib") as library:
         library.remove("write_6")
-    gone = refresh_bank(tmp_path / "inplace", tmp_path / "lib")
-    assert gone == {"before": 15, "after": 14, "added": [], "removed": ["write_6"]}
-    assert "write_6" not in Minter.from_pretrained(tmp_path / "inplace").bank.names
+        library.remove("arith_1")
+        retrained = LoraAdapter.random("tiny-llama", r=2, seed=93)
+        library.add(retrained, id="arith_1", name="arith_1", description=ARITH[1])
+    changed = refresh_bank(tmp_path / "inplace", tmp_path / "lib")
+    assert changed == {
+        "before": 15, "after": 14, "added": [], "updated": ["arith_1"], "removed": ["write_6"]
+    }  # fmt: skip
+    refreshed = Minter.from_pretrained(tmp_path / "inplace")
+    assert "write_6" not in refreshed.bank.names
+    served = refreshed.mint(ARITH[1])  # its own description: the retrained expert, not the old one
+    for m in retrained.modules:
+        torch.testing.assert_close(served.delta(m), retrained.delta(m), atol=1e-3, rtol=1e-2)
+    assert refresh_bank(tmp_path / "inplace", tmp_path / "lib")["updated"] == []  # nothing left to do
     ensemble = save_ensemble(tmp_path / "ens", [source, root / "r0"])
     with pytest.raises(GeneratorError, match="is an ensemble"):
         refresh_bank(ensemble, tmp_path / "lib")

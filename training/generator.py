@@ -99,12 +99,6 @@ def example_conditions(
     return torch.from_numpy(np.stack(rows)).float()
 
 
-def _bank_rows(bank: Bank, rows: Sequence[int]) -> Bank:
-    idx = torch.tensor(list(rows), dtype=torch.long)
-    factors = {g: t[idx] for g, t in bank.factors.items()} if bank.factors is not None else None
-    return Bank([bank.names[i] for i in rows], bank.keys[idx], bank.mu[idx], bank.logvar[idx], factors)
-
-
 def retrievable_experts(library: ExpertLibrary) -> list:
     """The experts whose quality card does not rule them out of retrieval (`retrievable: false`)."""
     return [e for e in library.list() if e.metrics.get("retrievable", True) is not False]
@@ -585,16 +579,23 @@ def train_generator(
     return report
 
 
+STALE_KEY_COSINE = 0.9999
+"""A bank entry whose stored description key is less similar than this to the library's is stale."""
+STALE_DELTA_ERROR = 1e-3
+"""A bank entry whose update differs from the library expert's by more than this (relative ΔW error; float16
+storage alone gives about 1e-5) is stale: the expert was retrained under the same name."""
+
+
 def refresh_bank(
     checkpoint: str | Path, library: str | Path, out: str | Path | None = None
 ) -> dict[str, Any]:
     """Bring a generator checkpoint's bank up to `library`'s retrievable experts as they are now, the trained
-    network unchanged: experts built after the generator was trained join its retrieval (key: the stored
-    description embedding; latent: the trained encoder's posterior of its canonical factors, normalised as
-    the generator was trained), experts no longer retrievable leave it, and every expert it already held
-    keeps its entry bit for bit (so a mint that draws only on those is the same adapter as before). Writes
-    the checkpoint to `out` (default: in place, replaced only once complete); returns {"before", "after",
-    "added", "removed"} (expert names)."""
+    network unchanged: experts built (or retrained, or re-described) after the generator was trained get a
+    new entry (key: the stored description embedding; latent: the trained encoder's posterior of its
+    canonical factors, normalised as the generator was trained), experts no longer retrievable leave, and
+    every other entry is kept bit for bit (so a mint that draws only on those is the same adapter as before).
+    Writes the checkpoint to `out` (default: in place, replaced only once complete); returns {"before",
+    "after", "added", "updated", "removed"} (expert names)."""
     from loramint.errors import GeneratorError
     from loramint.gen.minter import Minter
 
@@ -612,21 +613,34 @@ def refresh_bank(
             raise GeneratorError(
                 f"library {library} has {len(fit)} retrievable experts, the generator retrieves {minter.top_k}"
             )
-        old = minter.bank
-        names = {e.name for e in fit}
-        kept = [i for i, name in enumerate(old.names) if name in names]
-        new = [e.id for e in fit if e.name not in set(old.names)]
-        added = ExpertSet.from_library(lib, new, normalizer=minter.normalizer) if new else None
-    if added is not None and added.layout != minter.layout:
+        experts = ExpertSet.from_library(lib, [e.id for e in fit], normalizer=minter.normalizer)
+    if experts.layout != minter.layout:
         raise GeneratorError(
             f"library {library} holds adapters of another layout (base model, modules or rank) than the "
             "generator mints"
         )
-    parts = [_bank_rows(old, kept)] + ([posterior_bank(minter.model, added)] if added is not None else [])
+    old, layout = minter.bank, minter.layout
+    where = {name: i for i, name in enumerate(old.names)}
+    fresh = posterior_bank(minter.model, experts)
+
+    def current(j: int, i: int) -> bool:  # bank entry i still describes library expert j
+        if float(old.keys[i] @ experts.keys[j]) < STALE_KEY_COSINE:
+            return False
+        if old.factors is None or fresh.factors is None:
+            return True
+        library_expert = layout.from_tokens({g: t[j] for g, t in fresh.factors.items()})
+        return float(delta_error(old.expert(layout, i), library_expert)) <= STALE_DELTA_ERROR
+
+    at = {name: j for j, name in enumerate(experts.names)}
+    rows = [  # the bank's order kept (a refresh with nothing to do rewrites the same bank), new experts after
+        (old, i) if current(at[name], i) else (fresh, at[name])
+        for i, name in enumerate(old.names)
+        if name in at
+    ] + [(fresh, j) for j, name in enumerate(experts.names) if name not in where]
     bank = Bank(
-        [n for b in parts for n in b.names],
-        *(torch.cat([getattr(b, k) for b in parts]) for k in ("keys", "mu", "logvar")),
-        factors={g: torch.cat([b.factors[g].float() for b in parts]) for g in old.factors}
+        [b.names[i] for b, i in rows],
+        *(torch.stack([getattr(b, k)[i] for b, i in rows]) for k in ("keys", "mu", "logvar")),
+        factors={g: torch.stack([b.factors[g][i].float() for b, i in rows]) for g in old.factors}
         if old.factors is not None
         else None,
     )
@@ -635,7 +649,6 @@ def refresh_bank(
     extra["bank_source"] = {"library": str(library), "experts": len(bank)}
     curve = Path(checkpoint, "curve.json")
     files = {"curve.json": curve.read_bytes()} if curve.is_file() else None
-    before = list(minter.bank.names)
     save_generator(
         out or checkpoint,
         minter.model,
@@ -648,10 +661,11 @@ def refresh_bank(
         files=files,
     )
     return {
-        "before": len(before),
+        "before": len(old),
         "after": len(bank),
-        "added": [n for n in bank.names if n not in set(before)],
-        "removed": [n for n in before if n not in set(bank.names)],
+        "added": [n for n in experts.names if n not in where],
+        "updated": [fresh.names[j] for b, j in rows if b is fresh and fresh.names[j] in where],
+        "removed": [n for n in old.names if n not in set(experts.names)],
     }
 
 
