@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from loramint.corpus import Corpus
 from loramint.fallback import FallbackPolicy, check_examples, decide, solved_task
 from loramint.gen.minter import Minter
 from loramint.models import load_base_model
-from loramint.paths import DEFAULT_GENERATOR, atomic_write_bytes, cache_dir
+from loramint.paths import DEFAULT_GENERATOR, atomic_write_bytes, cache_dir, json_digest, sha256_file
 from loramint.service.config import ServiceConfig
 from loramint.training.build import interleave_families, prompt_chars
 from loramint.training.data import answer_logprob_sums
@@ -78,17 +77,13 @@ ROWS_VERSION = 1
 
 
 def generator_digest(path: str) -> str:
-    """sha256 over a generator checkpoint's files (names and contents): a changed bank or model is a new key."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).rglob("*")):
-        if f.is_file():
-            h.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
+    """Over a generator checkpoint's files (names and sha256s): a changed bank or model is a new key."""
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file())
+    return json_digest([[str(f.relative_to(path)), sha256_file(f)] for f in files])
 
 
 def row_file(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir("ood-rows") / f"{digest}.json"
+    return cache_dir("ood-rows") / f"{json_digest(key)}.json"
 
 
 def compare(before: np.ndarray, after: np.ndarray) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from platformdirs import user_cache_dir
 
@@ -43,6 +45,11 @@ def validate_id(value: str, what: str = "id") -> str:
             "or digit, and no '..'"
         )
     return value
+
+
+def json_digest(value: Any) -> str:
+    """16 hex characters of the sha256 of `value` as sorted JSON: a cache key for a dict of settings."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -5,7 +5,6 @@ Resumable: an expert whose task and training config are unchanged (same `config_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import time
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 from loramint.adapters import LoraAdapter
 from loramint.index import ExpertLibrary
 from loramint.models import BaseModel
-from loramint.paths import atomic_write_bytes, validate_id
+from loramint.paths import atomic_write_bytes, json_digest, validate_id
 from loramint.tasks import Task
 from loramint.training.data import ENCODING_VERSION
 from loramint.training.experts import ExpertTrainConfig, train_expert
@@ -31,7 +30,7 @@ if TYPE_CHECKING:  # evaluate imports methods, which imports this module
 def config_hash(task: Task, base: BaseModel, config: ExpertTrainConfig) -> str:
     """Identifies one training run: same task data, base model and hyper-parameters -> same hash."""
     body = {"task": task.to_dict(), "base": base.name, "config": asdict(config), "encoding": ENCODING_VERSION}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(body)
 
 
 def expert_id(task: Task) -> str:

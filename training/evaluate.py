@@ -30,7 +30,7 @@ from loramint.adapters import LoraAdapter, apply_mixture
 from loramint.errors import TaskError
 from loramint.index.library import ExpertLibrary
 from loramint.models import BaseModel, left_pad
-from loramint.paths import atomic_write_bytes
+from loramint.paths import atomic_write_bytes, json_digest
 from loramint.sysinfo import machine
 from loramint.tasks import Example, Task, load_tasks
 from loramint.training.data import (
@@ -517,7 +517,7 @@ def cached_score(
         # free text: answers stop at the task's answer budget (multiple-choice scores are unaffected)
         **({} if task.is_multiple_choice else {"answer_margin": ANSWER_MARGIN}),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = json_digest(key)
     path = scoring.cache_dir / f"{task.name}-{digest}.json"
     if path.is_file():
         scores = TaskScores.from_dict({**json.loads(path.read_text()), "info": dict(intervention.info)})

@@ -665,7 +665,7 @@ def refresh_bank(
         "after": len(bank),
         "added": [n for n in experts.names if n not in where],
         "updated": [fresh.names[j] for b, j in rows if b is fresh and fresh.names[j] in where],
-        "removed": [n for n in old.names if n not in set(experts.names)],
+        "removed": [n for n in old.names if n not in at],
     }
 
 

@@ -24,7 +24,7 @@ import yaml
 from loramint.adapters import LoraAdapter
 from loramint.index.library import Expert, ExpertLibrary
 from loramint.models import BaseModel
-from loramint.paths import atomic_write_bytes
+from loramint.paths import atomic_write_bytes, json_digest
 from loramint.runtime.runtime import similarity_weights
 from loramint.tasks import Task
 from loramint.training.build import build_library, config_hash, expert_id
@@ -377,7 +377,7 @@ def _tasks_key(tasks: Sequence[Task], base: BaseModel, config: ExpertTrainConfig
         "tasks": [t.to_dict() for t in tasks],
         "encoding": ENCODING_VERSION,
     }
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(body)
 
 
 def multitask_adapter(ctx: MethodContext) -> tuple[LoraAdapter, dict[str, Any]]:
